@@ -1,0 +1,383 @@
+"""Typed configuration: one dataclass tree, loaded from ``params.yaml`` with dotted overrides.
+
+Every section of ``params.yaml`` maps to one dataclass below. Defaults live only here. Unknown keys
+and values of the wrong type raise :class:`ConfigError` naming the offending key, e.g.::
+
+    cfg = load_config("params.yaml", ["pretrain.lr=1e-4", "model.preset=tiny"])
+
+The ``model`` section starts from a named preset (``tiny``, ``toy``, ``base``, ``large``); any other key
+given in the section overrides the preset's value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from blip_core.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class VisionConfig:
+    """ViT image encoder (timm ``VisionTransformer``)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    ln_eps: float = 1e-6
+    drop_path_rate: float = 0.0
+    grad_ckpt_layers: int = 0  # checkpoint the last k blocks (0 = off)
+
+
+@dataclass(kw_only=True)
+class TextConfig:
+    """MED text transformer (post-LN BERT with cross-attention in every layer)."""
+
+    vocab_size: int = 30524  # 0 = take it from the tokenizer when building a model from scratch
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position: int = 512
+    ln_eps: float = 1e-12
+    dropout: float = 0.1
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The whole BLIP model: ViT + MED + projections, ITM head, momentum and queue sizes."""
+
+    preset: str = "toy"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256  # ITC projection size
+    queue_size: int = 57600
+    momentum: float = 0.995
+    alpha: float = 0.4  # momentum-distillation weight (ramped by the training loop)
+    temp: float = 0.07  # initial ITC temperature, clamped to [0.001, 0.5]
+    max_text_len: int = 30  # tokens per caption in pre-training
+    tokenizer: str = "corpus"  # "corpus" (build WordPiece from captions) or a local/s3 HF tokenizer dir
+
+
+def _preset(name: str) -> ModelConfig:
+    if name == "tiny":  # unit tests: runs in milliseconds
+        return ModelConfig(
+            preset="tiny",
+            vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2),
+            text=TextConfig(vocab_size=0, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                            max_position=64),
+            embed_dim=16, queue_size=64, max_text_len=24,
+        )
+    if name == "toy":  # the embedded CPU default: 64 px toy-web images
+        return ModelConfig(
+            preset="toy",
+            vision=VisionConfig(image_size=64, patch_size=8, width=192, depth=6, heads=3),
+            text=TextConfig(vocab_size=0, hidden_size=192, num_layers=4, num_heads=3, intermediate_size=768,
+                            max_position=64),
+            embed_dim=128, queue_size=1024, max_text_len=30,
+        )
+    if name == "base":  # ViT-B/16 + BERT-base, as the paper (252M parameters)
+        return ModelConfig(preset="base", tokenizer="bert-base-uncased")
+    if name == "large":  # ViT-L/16 (drop path 0.1 as the official code), BERT-base text with 1024-wide cross-attention
+        return ModelConfig(
+            preset="large",
+            vision=VisionConfig(width=1024, depth=24, heads=16, drop_path_rate=0.1),
+            tokenizer="bert-base-uncased",
+        )
+    raise ConfigError(f"model.preset: unknown preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
+
+
+MODEL_PRESETS = ("tiny", "toy", "base", "large")
+
+
+def model_preset(name: str) -> ModelConfig:
+    """Return a fresh :class:`ModelConfig` for a named preset (``tiny``, ``toy``, ``base``, ``large``)."""
+    return _preset(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data and stages
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """How training/evaluation data is read and augmented."""
+
+    image_size: int = 0  # 0 = the model's vision.image_size
+    max_words: int = 30  # pre_caption truncation
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    min_scale_pretrain: float = 0.2  # RandomResizedCrop lower scale at pre-training
+    min_scale_finetune: float = 0.5  # ... and at fine-tuning
+    randaugment: bool = True  # RandAugment(2, 5) in train transforms
+
+
+@dataclass(kw_only=True)
+class IngestConfig:
+    """Ingest stage: checks, cleaning and sharding of raw image-text pairs."""
+
+    source: str = "toyweb://?n=2000&noise=0.3&seed=0"
+    resolution: int = 64  # stored image size (short side resized, then center-cropped)
+    min_size: int = 16  # reject images smaller than this on either side
+    max_pixels: int = 64_000_000  # reject decompression bombs
+    shard_size: int = 1000  # samples per shard
+    max_words: int = 30
+    dedupe: bool = True
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training stage (pre-train, fine-tune captioner, fine-tune filter)."""
+
+    epochs: int = 20
+    max_steps: int = 0  # 0 = run all epochs; otherwise stop after this many optimizer steps
+    batch_size: int = 75  # per process
+    lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 3000
+    lr_decay_rate: float = 0.9  # pre-train step decay per epoch (official code; the paper says 0.85)
+    schedule: Literal["step", "cosine"] = "step"
+    weight_decay: float = 0.05
+    no_decay_norm_bias: bool = False
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # 0 = off
+    alpha_ramp_epochs: float = 2.0  # momentum-distillation alpha ramps over this many epochs
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    seed: int = 42
+    compile: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    prompt: str = ""  # captioner fine-tuning: "a picture of "
+    log_every: int = 10
+
+
+def _finetune_defaults(prompt: str) -> TrainConfig:
+    return TrainConfig(epochs=5, batch_size=32, lr=1e-5, warmup_steps=0, schedule="cosine", min_lr=0.0,
+                       alpha_ramp_epochs=1.0, prompt=prompt)
+
+
+@dataclass(kw_only=True)
+class CapFiltConfig:
+    """CapFilt: synthetic captions from the captioner, ITM filtering of web and synthetic captions."""
+
+    num_captions: int = 1
+    decoding: Literal["nucleus", "beam"] = "nucleus"
+    top_p: float = 0.9
+    num_beams: int = 3
+    max_length: int = 30
+    min_length: int = 10
+    repetition_penalty: float = 1.1
+    threshold: float = 0.5  # keep a caption when its ITM match probability is >= threshold
+    batch_size: int = 64
+    prompt: str = "a picture of "
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation: retrieval (ITC top-k re-ranked by ITM) and captioning metrics."""
+
+    k_test: int = 16
+    batch_size: int = 64
+    num_beams: int = 3
+    max_length: int = 20
+    min_length: int = 5
+    prompt: str = "a picture of "
+    metric: str = "mean_r1"  # the metric register compares against the champion
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole ``params.yaml``."""
+
+    model: ModelConfig = field(default_factory=lambda: _preset("toy"))
+    data: DataConfig = field(default_factory=DataConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    finetune_captioner: TrainConfig = field(default_factory=lambda: _finetune_defaults("a picture of "))
+    finetune_filter: TrainConfig = field(default_factory=lambda: _finetune_defaults(""))
+    capfilt: CapFiltConfig = field(default_factory=CapFiltConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover - schema bug
+
+
+def _merge_into(obj: Any, values: dict, prefix: str) -> Any:
+    """Return a copy of dataclass ``obj`` with ``values`` (a nested dict) applied on top."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {type(v).__name__} {v!r}")
+            changes[k] = _merge_into(getattr(obj, k), v, key + ".")
+        else:
+            changes[k] = _coerce(v, tp, key)
+    return dataclasses.replace(obj, **changes)
+
+
+def _build(cls: type, values: dict, key: str) -> Any:
+    prefix = f"{key}." if key else ""
+    if cls is ModelConfig:
+        values = dict(values)
+        preset = values.pop("preset", "toy")
+        if not isinstance(preset, str):
+            raise ConfigError(f"{prefix}preset: expected a string, got {preset!r}")
+        return _merge_into(_preset(preset), values, prefix)
+    return _merge_into(cls(), values, prefix)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``"a.b=value"`` into ``("a.b", value)`` with YAML typing of the value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. pretrain.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def config_from_dict(tree: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from a nested dict (the YAML content) and dotted overrides."""
+    tree = dict(tree or {})
+    if "model" in tree and tree["model"] is not None and not isinstance(tree["model"], dict):
+        raise ConfigError("model: expected a mapping")
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    for ov in overrides:
+        key, value = parse_override(ov)
+        _set_dotted(tree, key, value)
+    tree = {k: v for k, v in tree.items() if v is not None}
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``params.yaml`` (or defaults when ``path`` is None) and apply dotted ``overrides``."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    return config_from_dict(tree, overrides)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass (for JSON, MLflow params and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested dict to dotted keys (``{"a": {"b": 1}} -> {"a.b": 1}``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,66 @@
+"""The ``blip`` command: one sub-command per stage or tool, each implemented by a module's ``main(argv)``.
+
+Sub-commands are imported lazily so ``blip --help`` stays fast and a stage's heavy imports (MLflow, KFP,
+TorchX) load only when that stage runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from blip_core.errors import UserError
+
+# sub-command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("components.ingest", "clean, check and shard raw image-text pairs (local or s3://)"),
+    "pretrain": ("components.pretrain", "pre-train BLIP with ITC + ITM + LM"),
+    "finetune": ("components.finetune", "fine-tune the captioner (LM) or the filter (ITC + ITM)"),
+    "capfilt": ("components.capfilt", "caption web images and filter web + synthetic captions"),
+    "evaluate": ("components.evaluate", "retrieval and captioning metrics on the clean test split"),
+    "register": ("components.register", "register the final model in MLflow, promote if better"),
+    "convert": ("components.convert", "convert checkpoints: Hugging Face / official BLIP <-> blip_core"),
+    "caption": ("components.infer", "caption images with a checkpoint"),
+    "itm": ("components.infer", "score image-text pairs (ITM probability and ITC cosine)"),
+    "pipeline": ("pipelines.cli", "compile, submit or locally run the Kubeflow pipeline"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: blip <command> [options]", "", "commands:"]
+    for name, (_, text) in COMMANDS.items():
+        lines.append(f"  {name:<10} {text}")
+    lines += ["", "Run 'blip <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"blip: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, _ = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            print(f"blip: command {name!r} is not available in this installation", file=sys.stderr)
+            return 2
+        raise
+    entry = getattr(module, f"main_{name}", None) or module.main
+    try:
+        return int(entry(rest) or 0)
+    except UserError as e:
+        print(f"blip {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"blip {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
