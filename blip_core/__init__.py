@@ -1,0 +1,17 @@
+"""blip_core: BLIP (ViT + MED) models, objectives and data, in pure PyTorch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from blip_core.config import Config, ModelConfig, load_config, model_preset
+from blip_core.models.blip import BlipModel
+
+__all__ = ["BlipModel", "Config", "ModelConfig", "build_model", "load_config", "model_preset"]
+
+
+def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> BlipModel:
+    """Build a randomly initialised :class:`BlipModel`; ``vocab_size`` fills ``text.vocab_size`` when it is 0."""
+    if vocab_size is not None and cfg.text.vocab_size <= 0:
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
+    return BlipModel(cfg)

@@ -295,7 +295,14 @@ def _merge_into(obj: Any, values: dict, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping, got {type(v).__name__} {v!r}")
-            changes[k] = _merge_into(getattr(obj, k), v, key + ".")
+            current = getattr(obj, k)
+            if tp is ModelConfig and "preset" in v:  # a preset replaces the whole section's starting point
+                v = dict(v)
+                preset = v.pop("preset")
+                if not isinstance(preset, str):
+                    raise ConfigError(f"{key}.preset: expected a string, got {preset!r}")
+                current = _preset(preset)
+            changes[k] = _merge_into(current, v, key + ".")
         else:
             changes[k] = _coerce(v, tp, key)
     return dataclasses.replace(obj, **changes)
@@ -303,12 +310,6 @@ def _merge_into(obj: Any, values: dict, prefix: str) -> Any:
 
 def _build(cls: type, values: dict, key: str) -> Any:
     prefix = f"{key}." if key else ""
-    if cls is ModelConfig:
-        values = dict(values)
-        preset = values.pop("preset", "toy")
-        if not isinstance(preset, str):
-            raise ConfigError(f"{prefix}preset: expected a string, got {preset!r}")
-        return _merge_into(_preset(preset), values, prefix)
     return _merge_into(cls(), values, prefix)
 
 

@@ -13,7 +13,6 @@ directory format.
 from __future__ import annotations
 
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -81,15 +80,18 @@ class BlipTokenizer:
         wp = BertWordPieceTokenizer(lowercase=True, strip_accents=True, clean_text=True)
         wp.train_from_iterator(iter(texts), vocab_size=vocab_size, min_frequency=min_frequency,
                                special_tokens=BASE_SPECIAL_TOKENS, show_progress=False)
-        with tempfile.TemporaryDirectory() as d:
-            wp.save_model(d)
-            hf = BertTokenizerFast(vocab_file=str(Path(d) / "vocab.txt"), do_lower_case=True)
+        hf = BertTokenizerFast(tokenizer_object=wp._tokenizer, do_lower_case=True)
         return cls(hf)
 
     def save(self, path: str | Path) -> None:
         """Save in the Hugging Face directory format (loadable by :meth:`from_dir` and ``transformers``)."""
-        Path(path).mkdir(parents=True, exist_ok=True)
-        self.hf.save_pretrained(str(path))
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(str(out))
+        if not (out / "vocab.txt").exists():  # also the plain BERT vocabulary, for BertTokenizer users
+            vocab = self.hf.get_vocab()
+            base = sorted((i, t) for t, i in vocab.items() if t not in (DEC_TOKEN, ENC_TOKEN))
+            (out / "vocab.txt").write_text("".join(f"{t}\n" for _, t in base))
 
     # ---------------------------------------------------------------- use
     def __len__(self) -> int:

@@ -1,0 +1,154 @@
+import pytest
+import torch
+from blip_testing import IDS, tiny_batch, tiny_model
+
+from blip_core.models import FeatureQueue, MomentumEncoders
+from blip_core.objectives import (
+    CaptionerObjective,
+    FilterObjective,
+    PretrainObjective,
+    lm_labels,
+    with_first_token,
+)
+
+
+def test_one_pretrain_step_gives_every_trainable_parameter_a_gradient():
+    obj = PretrainObjective(tiny_model(), IDS)
+    out = obj(*tiny_batch(), alpha=0.4, generator=torch.Generator().manual_seed(0))
+    assert set(out.parts) == {"itc", "itm", "lm"}
+    torch.testing.assert_close(out.loss, sum(out.parts.values()))
+    out.loss.backward()
+    no_grad = [n for n, p in obj.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+    assert all(p.grad is None and not p.requires_grad for p in obj.momentum_encoders.parameters())
+    assert obj.model.temp.grad is not None
+
+
+def test_momentum_update_is_exact():
+    m = tiny_model()
+    mom = MomentumEncoders(m)
+    before = {n: p.clone() for n, p in mom.named_parameters()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    mom.update(m, 0.9)
+    student = dict(m.visual_encoder.named_parameters())
+    for n, p in mom.visual_encoder_m.named_parameters():
+        expected = 0.9 * before[f"visual_encoder_m.{n}"] + 0.1 * student[n]
+        torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
+    student_text = dict(m.text_encoder.named_parameters())
+    for n, p in mom.text_encoder_m.named_parameters():
+        expected = 0.9 * before[f"text_encoder_m.{n}"] + 0.1 * student_text[n]
+        torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
+
+
+def test_queue_wraps_around_exactly():
+    q = FeatureQueue(embed_dim=2, size=5, with_ids=True)
+    feats = [torch.full((3, 2), float(i)) for i in range(1, 4)]
+    q.enqueue(feats[0], -feats[0], torch.tensor([1, 1, 1]))
+    assert int(q.queue_ptr) == 3
+    q.enqueue(feats[1], -feats[1], torch.tensor([2, 2, 2]))  # wraps: columns 3, 4, 0
+    assert int(q.queue_ptr) == 1
+    assert q.image_queue[0].tolist() == [2, 1, 1, 2, 2]
+    assert q.text_queue[0].tolist() == [-2, -1, -1, -2, -2]
+    assert q.idx_queue[0].tolist() == [2, 1, 1, 2, 2]
+    q.enqueue(torch.arange(7.0)[:, None].repeat(1, 2), torch.zeros(7, 2), torch.arange(7))  # larger than Q
+    assert int(q.queue_ptr) == (1 + 7) % 5
+    assert sorted(q.image_queue[0].tolist()) == [2, 3, 4, 5, 6]  # the last 5 entries are kept
+    assert q.image_queue[0, int(q.queue_ptr) - 1] == 6  # the newest is just before the pointer
+
+
+@pytest.mark.parametrize("queue_size, batch", [(7, 3), (5, 4), (64, 4), (3, 4)])
+def test_any_queue_and_batch_size_work(queue_size, batch):
+    obj = PretrainObjective(tiny_model(), IDS, queue_size=queue_size)
+    for b in (batch, batch, 2):  # the last batch is short
+        image, ids, mask = tiny_batch(batch=b)
+        out = obj(image, ids, mask, alpha=0.4)
+        assert torch.isfinite(out.loss)
+        obj.enqueue(out)
+    assert int(obj.queue.queue_ptr) == (2 * batch + 2) % queue_size
+    torch.testing.assert_close(obj.queue.image_queue.norm(dim=0), torch.ones(queue_size))
+
+
+def test_gather_fn_feeds_the_queue():
+    calls = []
+
+    def gather(x):
+        calls.append(x.shape[0])
+        return torch.cat([x, x])  # as if two ranks sent the same features
+
+    obj = PretrainObjective(tiny_model(), IDS, queue_size=16, gather_fn=gather)
+    out = obj(*tiny_batch(batch=4), alpha=0.0)
+    obj.enqueue(out)
+    assert calls == [4, 4] and int(obj.queue.queue_ptr) == 8
+    torch.testing.assert_close(obj.queue.image_queue[:, :4], out.image_feat_m.T)
+    torch.testing.assert_close(obj.queue.image_queue[:, 4:8], out.image_feat_m.T)
+
+
+def test_itm_negatives_deterministic_with_generator():
+    obj = PretrainObjective(tiny_model(), IDS).eval()  # eval: no dropout
+    batch = tiny_batch()
+    with torch.no_grad():
+        a = obj(*batch, alpha=0.4, generator=torch.Generator().manual_seed(5)).parts["itm"]
+        b = obj(*batch, alpha=0.4, generator=torch.Generator().manual_seed(5)).parts["itm"]
+    assert a.item() == b.item()
+
+
+def test_lm_labels_mask_padding_and_prompt():
+    ids = torch.tensor([[98, 10, 11, 12, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    assert lm_labels(ids, mask).tolist() == [[98, 10, 11, 12, 3, -100]]
+    assert lm_labels(ids, mask, prompt_len=3).tolist() == [[-100, -100, -100, 12, 3, -100]]
+
+
+def test_filter_objective_uses_image_ids():
+    obj = FilterObjective(tiny_model(), IDS, queue_size=8)
+    image, ids, mask = tiny_batch(batch=4)
+    idx = torch.tensor([7, 7, 8, 9])
+    out = obj(image, ids, mask, alpha=0.4, image_idx=idx, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    obj.enqueue(out)
+    assert obj.queue.idx_queue[0, :4].tolist() == [7, 7, 8, 9]
+    assert set(out.parts) == {"itc", "itm"}
+
+
+def _overfit(objective, batch, steps, **kwargs):
+    opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
+    history = []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        out = objective(*batch, generator=g, **kwargs)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        objective.model.clamp_temp()
+        objective.momentum_update()
+        objective.enqueue(out)
+        history.append({k: float(v) for k, v in out.parts.items()})
+    return history
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = tiny_model()
+    objective = PretrainObjective(model, IDS, queue_size=8, momentum=0.9)
+    history = _overfit(objective, tiny_batch(batch=4), steps=150, alpha=0.4)
+    first, last = history[0], history[-1]
+    print("\nstart", first, "\nend  ", last)
+    for k in ("itc", "itm", "lm"):
+        assert last[k] < 0.5 * first[k], (k, first[k], last[k])
+
+
+def test_captioner_prompt_is_not_supervised():
+    model = tiny_model().eval()
+    image, ids, mask = tiny_batch(batch=2)
+    mask[:] = 1
+    loss = CaptionerObjective(model, IDS, prompt_len=4)(image, ids, mask).loss
+    dec = with_first_token(ids, IDS.dec)
+    logits, _ = model.decode(dec, mask, model.cross_kv(model.encode_image(image)))
+    # Targets are tokens 4.. (predicted from positions 3..); the prompt's own tokens are never targets.
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, 3:-1].reshape(-1, logits.shape[-1]), dec[:, 4:].reshape(-1), label_smoothing=0.1)
+    torch.testing.assert_close(loss, per_token)
+    full = CaptionerObjective(model, IDS, prompt_len=0)(image, ids, mask).loss
+    assert not torch.allclose(loss, full)
