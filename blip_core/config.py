@@ -124,8 +124,8 @@ class DataConfig:
 
     image_size: int = 0  # 0 = the model's vision.image_size
     max_words: int = 30  # pre_caption truncation
-    num_workers: int = 0
-    shuffle_buffer: int = 1000
+    num_workers: int = 0  # DataLoader worker processes per rank (0 = load in the training process)
+    shuffle_buffer: int = 1000  # samples held in the shuffle buffer of each (rank, worker) stream
     min_scale_pretrain: float = 0.2  # RandomResizedCrop lower scale at pre-training
     min_scale_finetune: float = 0.5  # ... and at fine-tuning
     randaugment: bool = True  # RandAugment(2, 5) in train transforms
@@ -135,13 +135,17 @@ class DataConfig:
 class IngestConfig:
     """Ingest stage: checks, cleaning and sharding of raw image-text pairs."""
 
-    source: str = "toyweb://?n=2000&noise=0.3&seed=0"
-    resolution: int = 64  # stored image size (short side resized, then center-cropped)
-    min_size: int = 16  # reject images smaller than this on either side
-    max_pixels: int = 64_000_000  # reject decompression bombs
-    shard_size: int = 1000  # samples per shard
-    max_words: int = 30
-    dedupe: bool = True
+    source: str = "toyweb://?split=web&n=2000&noise=0.3&seed=0"  # used when --source is not given
+    resolution: int = 64  # stored images: short side downscaled to this, aspect kept (never upscaled); 0 = keep
+    min_size: int = 16  # reject images with a side shorter than this (pixels)
+    max_pixels: int = 64_000_000  # reject images with more pixels than this (decompression bombs)
+    image_format: Literal["jpg", "png"] = "jpg"  # stored encoding; a JPEG needing no resize is kept byte for byte
+    jpeg_quality: int = 95  # quality when (re-)encoding JPEG
+    shard_size: int = 1000  # samples per output shard
+    max_words: int = 30  # pre_caption truncation of stored captions
+    dedupe: bool = True  # drop exact duplicates (same image bytes and same cleaned caption)
+    caption_source: Literal["web", "human", "synthetic"] = "web"  # json "source" when the input does not say
+    fetch_threads: int = 8  # parallel image reads for JSONL/CSV manifests (S3 keys, URLs, files)
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,156 @@
+"""Per-sample checks and cleaning shared by every stage that writes a data set (pure: no I/O).
+
+An image is rejected, with a reason, when it is absent (``missing_image``), empty (``zero_byte``), not a
+decodable image (``corrupt_image``), cut short (``truncated_image``), smaller than ``min_size`` on a side
+(``too_small``) or larger than ``max_pixels`` in area (``too_large``: checked from the header, before
+decoding, so a decompression bomb never gets decoded). Captions are rejected when they are not valid
+UTF-8 (``invalid_utf8``) or nothing is left after :func:`~blip_core.tokenizer.pre_caption`
+(``empty_caption``). Accepted images are converted to RGB, downscaled so the short side is at most
+``resolution`` and stored as JPEG (or PNG); a JPEG that needs no change is stored byte for byte.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from PIL import Image
+
+from blip_core.tokenizer import pre_caption
+
+REJECT_REASONS = (
+    "missing_image", "zero_byte", "corrupt_image", "truncated_image", "too_small", "too_large",
+    "invalid_utf8", "empty_caption", "bad_metadata", "duplicate", "unreadable_shard",
+)
+
+
+class Rejected(Exception):
+    """A sample failed a check; ``reason`` is one of :data:`REJECT_REASONS`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        assert reason in REJECT_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    """Image checks and the stored form of accepted images."""
+
+    resolution: int = 64  # short side downscaled to this (never upscaled); 0 = keep the size
+    min_size: int = 16  # reject images with a side shorter than this
+    max_pixels: int = 64_000_000  # reject images with more pixels than this (decompression bombs)
+    image_format: str = "jpg"  # "jpg" or "png"
+    jpeg_quality: int = 95
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """An accepted image: encoded bytes, their extension (``jpg``/``png``) and the stored size."""
+
+    data: bytes
+    ext: str
+    width: int
+    height: int
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if im.mode.startswith("I;16") or im.mode == "I":
+        return im.point(lambda v: v / 256).convert("L").convert("RGB")
+    return im.convert("RGB")
+
+
+def check_image(data: bytes | None, rules: ImageRules) -> CheckedImage:
+    """Decode, check and re-encode one image; raises :class:`Rejected` with the reason."""
+    if data is None:
+        raise Rejected("missing_image", "no image in sample")
+    if len(data) == 0:
+        raise Rejected("zero_byte", "image file is empty")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise Rejected("too_large", str(e)) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise Rejected("corrupt_image", str(e) or type(e).__name__) from None
+        w, h = im.size
+        if w * h > rules.max_pixels:
+            raise Rejected("too_large", f"{w}x{h} > {rules.max_pixels} pixels")
+        if min(w, h) < rules.min_size:
+            raise Rejected("too_small", f"{w}x{h} < {rules.min_size} px")
+        scale = rules.resolution / min(w, h) if rules.resolution else 1.0
+        target = (max(1, round(w * scale)), max(1, round(h * scale))) if scale < 1.0 else (w, h)
+        source_format = im.format
+        try:
+            if source_format == "JPEG" and target != (w, h):
+                im.draft("RGB", target)  # decode at a reduced DCT scale: much faster for large JPEGs
+            im.load()
+        except OSError as e:
+            msg = str(e)
+            reason = "truncated_image" if "truncat" in msg.lower() else "corrupt_image"
+            raise Rejected(reason, msg) from None
+        except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            raise Rejected("corrupt_image", str(e) or type(e).__name__) from None
+    want_ext = "png" if rules.image_format == "png" else "jpg"
+    if source_format == "JPEG" and want_ext == "jpg" and im.mode == "RGB" and target == (w, h):
+        return CheckedImage(data, "jpg", w, h)
+    rgb = _to_rgb(im)
+    if rgb.size != target:
+        rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    buf = io.BytesIO()
+    if want_ext == "png":
+        rgb.save(buf, format="PNG", optimize=False)
+    else:
+        rgb.save(buf, format="JPEG", quality=rules.jpeg_quality)
+    return CheckedImage(buf.getvalue(), want_ext, rgb.width, rgb.height)
+
+
+def decode_text(raw: bytes | str | None) -> str | None:
+    """Decode a caption as strict UTF-8; strings read with ``surrogateescape`` are checked the same way."""
+    if raw is None:
+        return None
+    if isinstance(raw, bytes | bytearray | memoryview):
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Rejected("invalid_utf8", f"caption is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Rejected("invalid_utf8", "caption is not UTF-8") from None
+    return raw
+
+
+def clean_captions(primary: bytes | str | None, others: Iterable[object] = (), max_words: int = 30) -> list[str]:
+    """Cleaned, de-duplicated captions with the primary first; raises :class:`Rejected` if none is left.
+
+    ``others`` are further captions of the same image (e.g. ``json["captions"]``); non-strings are
+    ignored. The primary caption being invalid UTF-8 rejects the sample; if it is empty after cleaning,
+    the next non-empty caption becomes the primary.
+    """
+    texts: list[str] = []
+    first = decode_text(primary)
+    if first is not None:
+        texts.append(first)
+    for c in others:
+        if isinstance(c, str):
+            texts.append(decode_text(c) or "")
+    out: list[str] = []
+    for t in texts:
+        cleaned = pre_caption(t, max_words)
+        if cleaned and cleaned not in out:
+            out.append(cleaned)
+    if not out:
+        raise Rejected("empty_caption", "no caption left after cleaning" if texts else "no caption")
+    return out

@@ -1,0 +1,386 @@
+"""WebDataset shards: the dataset-directory contract, deterministic writing and streaming reads.
+
+Dataset directory
+-----------------
+A dataset directory (a local directory or an ``s3://bucket/prefix``) holds::
+
+    shard-000000.tar ...   WebDataset shards (plain tar, members sorted per sample, mtime 0, no owner)
+    rejected.jsonl         one {"key", "reason", "detail", "origin"} line per rejected input sample
+    manifest.json          written LAST: a directory without it is incomplete and must not be read
+
+Each sample in a shard has ``__key__`` plus:
+
+- ``jpg`` (or ``png``): the image, RGB;
+- ``txt``: the primary caption, already cleaned with ``pre_caption``;
+- ``json``: ``{"image_id": str, "captions": [every caption of the image, primary first], "source":
+  "web"|"human"|"synthetic", "noise": null|"unrelated"|"boilerplate"|"wrong_attribute"}`` plus whatever
+  else the source's json held (``noise`` is set by toy-web only and is used by evaluation only).
+
+``manifest.json`` holds ``format``, ``source``, ``samples_in``, ``samples_out``, ``captions_out``,
+``rejected`` (reason -> count, with ``samples_in == samples_out + sum(rejected.values())``), ``shards``
+(each with ``path`` relative to the directory, ``samples``, ``captions``, ``bytes``, ``sha256``) and
+``config`` (the settings that produced it). It holds no timestamps: the same input and settings give
+byte-identical shards and manifest.
+
+Reading ``s3://`` uses fsspec/s3fs with the endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
+(path-style addressing) and credentials from the standard AWS environment/config.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.writer import TarWriter
+
+from blip_core.errors import UserError
+
+DATASET_FORMAT = "blip-capfilt/webdataset-v1"
+MANIFEST_NAME = "manifest.json"
+REJECTED_NAME = "rejected.jsonl"
+SHARD_PREFIX = "shard-"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index``: ``shard-000000.tar``."""
+    return f"{SHARD_PREFIX}{index:06d}.tar"
+
+
+def is_s3(uri: str) -> bool:
+    """True for ``s3://`` URIs."""
+    return str(uri).startswith("s3://")
+
+
+def join_uri(base: str, name: str) -> str:
+    """``base/name`` for local paths and ``s3://`` prefixes alike."""
+    base = str(base)
+    if is_s3(base):
+        return base.rstrip("/") + "/" + name.lstrip("/")
+    return str(Path(base) / name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardInfo:
+    """One shard of a dataset directory."""
+
+    path: str  # relative to the dataset directory
+    samples: int
+    captions: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """The contents of ``manifest.json`` (see the module docstring)."""
+
+    source: str
+    samples_in: int
+    samples_out: int
+    captions_out: int
+    rejected: dict[str, int]
+    shards: list[ShardInfo]
+    config: dict[str, Any] = field(default_factory=dict)
+    format: str = DATASET_FORMAT
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["rejected"] = dict(sorted(self.rejected.items()))
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "manifest.json") -> Manifest:
+        try:
+            d = json.loads(text)
+            shards = [ShardInfo(**s) for s in d.pop("shards")]
+            return cls(shards=shards, **d)
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{where}: not a valid dataset manifest ({e})") from None
+
+    def check_counts(self) -> None:
+        """Raise if a sample went missing: ``samples_in == samples_out + sum(rejected)`` and shard sums."""
+        if self.samples_in != self.samples_out + sum(self.rejected.values()):
+            raise AssertionError(f"samples_in {self.samples_in} != samples_out {self.samples_out} + "
+                                 f"rejected {sum(self.rejected.values())}")
+        if sum(s.samples for s in self.shards) != self.samples_out:
+            raise AssertionError("shard sample counts do not add up to samples_out")
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+class Sink(Protocol):
+    """Where a dataset directory is published: every method is atomic per file."""
+
+    def put_file(self, local: Path, name: str) -> None:
+        """Move/upload ``local`` to ``name`` in the directory (the local file may be consumed)."""
+        ...
+
+    def put_bytes(self, name: str, data: bytes) -> None: ...
+
+    def delete(self, name: str) -> None:
+        """Remove ``name`` if present."""
+        ...
+
+    def list_names(self) -> list[str]:
+        """Names of the files directly in the directory."""
+        ...
+
+
+class LocalSink:
+    """A local dataset directory; files appear under their final name only when complete."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".*.tmp-*"):  # left by a killed writer
+            stale.unlink(missing_ok=True)
+
+    def _tmp(self, name: str) -> Path:
+        return self.dir / f".{name}.tmp-{os.getpid()}"
+
+    def put_file(self, local: Path, name: str) -> None:
+        final = self.dir / name
+        try:
+            os.replace(local, final)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            tmp = self._tmp(name)
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, final)
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        tmp = self._tmp(name)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / name)
+
+    def delete(self, name: str) -> None:
+        (self.dir / name).unlink(missing_ok=True)
+
+    def list_names(self) -> list[str]:
+        return sorted(p.name for p in self.dir.iterdir() if p.is_file())
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a local file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DatasetWriter:
+    """Write accepted samples into shards and rejected ones into ``rejected.jsonl``, manifest last.
+
+    Opening a writer first deletes any ``manifest.json`` in the sink, so an interrupted run never leaves
+    a directory that looks complete. Shards are staged locally, then published through the sink one by
+    one; :meth:`finish` removes shards left from an earlier, larger run, then publishes
+    ``rejected.jsonl`` and finally ``manifest.json``.
+    """
+
+    def __init__(self, sink: Sink, shard_size: int, staging_dir: str | Path | None = None) -> None:
+        if shard_size < 1:
+            raise UserError(f"shard size must be >= 1, got {shard_size}")
+        self.sink = sink
+        self.shard_size = shard_size
+        self._own_staging = staging_dir is None
+        self.staging = Path(tempfile.mkdtemp(prefix="blip-shards-") if staging_dir is None else staging_dir)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.sink.delete(MANIFEST_NAME)
+        self.shards: list[ShardInfo] = []
+        self.rejected: Counter[str] = Counter()
+        self.samples_out = 0
+        self.captions_out = 0
+        self._rejected_file = open(self.staging / REJECTED_NAME, "w", encoding="utf-8")  # noqa: SIM115
+        self._tar: TarWriter | None = None
+        self._tar_file: IO[bytes] | None = None
+        self._in_shard = 0
+        self._captions_in_shard = 0
+
+    def _open_shard(self) -> None:
+        path = self.staging / shard_name(len(self.shards))
+        self._tar_file = open(path, "wb")  # noqa: SIM115
+        self._tar = TarWriter(self._tar_file, user="", group="", mode=0o644, mtime=0, encoder=False)
+        self._in_shard = 0
+        self._captions_in_shard = 0
+
+    def _close_shard(self) -> None:
+        assert self._tar is not None and self._tar_file is not None
+        self._tar.close()
+        self._tar_file.close()
+        name = shard_name(len(self.shards))
+        path = self.staging / name
+        info = ShardInfo(name, self._in_shard, self._captions_in_shard, path.stat().st_size, sha256_file(path))
+        self.sink.put_file(path, name)
+        path.unlink(missing_ok=True)
+        self.shards.append(info)
+        self._tar = self._tar_file = None
+
+    def add(self, key: str, image: bytes, image_ext: str, meta: dict) -> None:
+        """Add one accepted sample; ``meta["captions"][0]`` becomes ``txt``."""
+        if self._tar is None:
+            self._open_shard()
+        assert self._tar is not None
+        captions = meta["captions"]
+        sample = {"__key__": key, image_ext: image, "txt": captions[0].encode("utf-8"),
+                  "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
+        self._tar.write(sample)
+        self._in_shard += 1
+        self._captions_in_shard += len(captions)
+        self.samples_out += 1
+        self.captions_out += len(captions)
+        if self._in_shard >= self.shard_size:
+            self._close_shard()
+
+    def reject(self, key: str, reason: str, detail: str = "", origin: str = "") -> None:
+        """Count and list one rejected input sample."""
+        self.rejected[reason] += 1
+        rec = {"key": key, "reason": reason, "detail": detail[:300], "origin": origin}
+        self._rejected_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    def finish(self, samples_in: int, source: str, config: dict[str, Any] | None = None) -> Manifest:
+        """Flush the last shard, publish ``rejected.jsonl`` and then ``manifest.json``; return the manifest."""
+        if self._tar is not None:
+            self._close_shard()
+        manifest = Manifest(source=source, samples_in=samples_in, samples_out=self.samples_out,
+                            captions_out=self.captions_out, rejected=dict(self.rejected), shards=self.shards,
+                            config=config or {})
+        manifest.check_counts()
+        keep = {s.path for s in self.shards}
+        for name in self.sink.list_names():
+            if name.startswith(SHARD_PREFIX) and name.endswith(".tar") and name not in keep:
+                self.sink.delete(name)
+        self._rejected_file.close()
+        self.sink.put_file(self.staging / REJECTED_NAME, REJECTED_NAME)
+        self.sink.put_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
+        self.close()
+        return manifest
+
+    def close(self) -> None:
+        """Release files and the staging directory (no manifest is written)."""
+        for f in (self._tar_file, self._rejected_file):
+            if f is not None and not f.closed:
+                f.close()
+        if self._own_staging:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+class ShardReadError(Exception):
+    """A shard could not be read to its end (truncated or not a tar file)."""
+
+
+def s3_filesystem(fresh: bool = False):
+    """An s3fs filesystem for the endpoint in ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` (path-style).
+
+    ``fresh=True`` bypasses fsspec's instance cache (use it in DataLoader workers after a fork).
+    """
+    import fsspec
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return fsspec.filesystem(
+        "s3",
+        client_kwargs={"endpoint_url": endpoint, "region_name": region},
+        config_kwargs={"s3": {"addressing_style": "path"}, "retries": {"max_attempts": 5, "mode": "standard"}},
+        skip_instance_cache=fresh,
+    )
+
+
+def open_uri(uri: str, fs: Any = None) -> IO[bytes]:
+    """Open a local path or ``s3://`` URI for binary reading."""
+    if is_s3(uri):
+        fs = fs or s3_filesystem()
+        return fs.open(uri[len("s3://"):], "rb", block_size=8 << 20)
+    return open(uri, "rb")  # noqa: SIM115
+
+
+def read_uri_bytes(uri: str, fs: Any = None) -> bytes:
+    """Whole content of a local path or ``s3://`` URI."""
+    with open_uri(uri, fs) as f:
+        return f.read()
+
+
+def read_manifest(dataset_uri: str, fs: Any = None) -> Manifest:
+    """Read ``manifest.json`` of a dataset directory; a missing one is a :class:`UserError`."""
+    uri = join_uri(dataset_uri, MANIFEST_NAME)
+    try:
+        text = read_uri_bytes(uri, fs)
+    except FileNotFoundError:
+        raise UserError(f"{dataset_uri}: no {MANIFEST_NAME}: not a complete dataset directory "
+                        "(missing, or the stage that writes it did not finish)") from None
+    except OSError as e:
+        raise UserError(f"{dataset_uri}: cannot read {MANIFEST_NAME}: {e}") from None
+    return Manifest.from_json(text, uri)
+
+
+def iter_tar_samples(fileobj: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+    """Samples of a WebDataset tar stream: dicts of ``__key__``, ``__url__`` and extension -> bytes.
+
+    Raises :class:`ShardReadError` (after yielding every complete sample before it) when the stream is
+    truncated or not a tar archive.
+    """
+    def files() -> Iterator[dict[str, Any]]:
+        for f in tar_file_iterator(fileobj):
+            f["__url__"] = url
+            yield f
+
+    try:
+        yield from group_by_keys(files())
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise ShardReadError(f"{url}: {e}") from e
+
+
+def iter_shard(uri: str, fs: Any = None) -> Iterator[dict[str, Any]]:
+    """Open a shard (local or ``s3://``) and yield its samples (see :func:`iter_tar_samples`)."""
+    with open_uri(uri, fs) as f:
+        yield from iter_tar_samples(f, uri)
+
+
+def decode_json(raw: bytes | None) -> dict:
+    """The sample's ``json`` as a dict (empty when absent); raises ``ValueError`` when malformed."""
+    if raw is None:
+        return {}
+    obj = json.loads(raw)
+    if not isinstance(obj, dict):
+        raise ValueError("sample json is not an object")
+    return obj
+
+
+def tar_bytes(samples: list[dict[str, Any]]) -> bytes:
+    """A WebDataset tar in memory from ``{"__key__": ..., ext: bytes}`` dicts (for tests and tools)."""
+    buf = io.BytesIO()
+    writer = TarWriter(buf, user="", group="", mode=0o644, mtime=0, encoder=False)
+    for s in samples:
+        writer.write(s)
+    writer.close()
+    return buf.getvalue()
