@@ -72,7 +72,7 @@ def negative_weights(sim: torch.Tensor, same: torch.Tensor | None = None, eps: f
     (``same`` = boolean ``(B, B)`` "same image"): ``softmax(sim)`` with every same-image entry zeroed. A row
     left with no candidate (every other pair shows the same image) falls back to uniform over the others.
     """
-    weights = F.softmax(sim.float(), dim=1)
+    weights = torch.nan_to_num(F.softmax(sim.float(), dim=1), nan=0.0)  # a diverged step must not crash here
     eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
     if same is None:
         weights = (weights + eps).masked_fill(eye, 0)

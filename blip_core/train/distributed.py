@@ -1,0 +1,123 @@
+"""Distributed helpers: the only module of the project that uses ``torch.distributed``.
+
+Under ``torchrun`` (env:// rendezvous: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``)
+:func:`init_from_env` starts a process group (gloo on CPU, nccl on GPU). A plain single process needs none:
+every helper here degrades to the identity.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_from_env(device: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun (``WORLD_SIZE > 1``); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0 (rank order; no gradient). Identity alone.
+
+    Ranks may hold different batch sizes (a short final batch): sizes are exchanged first and padded.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    n = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(n)]
+    dist.all_gather(sizes, size)
+    max_size = int(max(int(s) for s in sizes))
+    padded = tensor
+    if tensor.shape[0] < max_size:
+        pad = tensor.new_zeros((max_size - tensor.shape[0], *tensor.shape[1:]))
+        padded = torch.cat([tensor, pad])
+    out = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float:
+    """Mean of a scalar over ranks (for logging)."""
+    t = torch.as_tensor(value, dtype=torch.float64).clone()
+    if is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return float(t)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from ``src`` to every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
+    """Wrap in DistributedDataParallel when distributed; buffers (queues) are kept in sync by the code."""
+    if not info.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def destroy() -> None:
+    if is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,198 @@
+"""The training loop shared by pre-training and both fine-tuning stages.
+
+Per optimizer step: forward/backward over ``grad_accum`` micro-batches (DDP gradient sync only on the last),
+optional gradient clipping, optimizer step, temperature clamp, momentum EMA update; every micro-batch's
+momentum features go into the queues. Learning rate and the momentum-distillation alpha follow
+:mod:`blip_core.train.optim`. Random state (dropout, hard negatives) is seeded from ``(seed, step, rank)`` at
+every micro-batch, so a run resumed from a checkpoint reproduces an uninterrupted one exactly.
+
+A non-finite loss stops the run with :class:`TrainingDiverged`, naming the step and the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from blip_core.config import TrainConfig
+from blip_core.errors import UserError
+from blip_core.train import distributed as D
+from blip_core.train.checkpoint import TrainPosition, latest_checkpoint, load_checkpoint_into, save_checkpoint
+from blip_core.train.optim import alpha_at, learning_rate, set_learning_rate
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+class BatchSource(Protocol):
+    """Batches for one rank: the same number per epoch on every rank, deterministic per epoch."""
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]: ...
+
+
+@dataclass
+class TrainResult:
+    position: TrainPosition
+    last_losses: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    resumed_from: Path | None = None
+    pairs_per_second: float = 0.0
+    data_time_share: float = 0.0
+
+
+def _seed_step(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    s = (seed * 1_000_003 + micro_step * 7919 + rank * 104_729) % (2**63 - 1)
+    torch.manual_seed(s)
+    random.seed(s)
+    return torch.Generator().manual_seed(s + 1)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def train(
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    data: BatchSource,
+    *,
+    checkpoint_dir: str | Path,
+    info: D.DistInfo | None = None,
+    alpha: float = 0.4,
+    config_dict: dict | None = None,
+    resume: bool = True,
+    log_fn: Callable[[int, dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Run ``cfg.epochs`` epochs (or ``cfg.max_steps`` optimizer steps) of ``objective`` on ``data``.
+
+    ``objective`` is the unwrapped objective module; it is wrapped in DDP here when ``info`` is distributed.
+    Checkpoints go to ``checkpoint_dir`` (rank 0 only) every ``cfg.checkpoint_every`` steps and at the end;
+    with ``resume`` the newest checkpoint there is loaded first.
+    """
+    info = info or D.DistInfo()
+    inner = objective
+    ckpt_root = Path(checkpoint_dir)
+    position = TrainPosition()
+    resumed_from = None
+    if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
+        position, _ = load_checkpoint_into(latest, inner, optimizer)
+        resumed_from = latest
+    model = inner.model
+    ddp = D.wrap_ddp(inner, info)
+
+    per_epoch = data.batches_per_epoch
+    if per_epoch < cfg.grad_accum:
+        raise UserError(f"{per_epoch} batches per epoch per rank: fewer than grad_accum={cfg.grad_accum}; "
+                        "use more data or a smaller batch size")
+    steps_per_epoch = per_epoch // cfg.grad_accum
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if cfg.precision == "bf16" and info.device.type == "cuda" else contextlib.nullcontext())
+    bar = None
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=position.step, desc="train", unit="step", dynamic_ncols=True)
+
+    last_ckpt: Path | None = resumed_from
+    last_losses: dict[str, float] = {}
+    compute_time = data_time = 0.0
+    pairs = 0
+    t_start = time.perf_counter()
+    ddp.train()
+    while position.step < total_steps and position.epoch < cfg.epochs:
+        epoch = position.epoch
+        it = data.batches(epoch, skip=position.batch_in_epoch)
+        usable = steps_per_epoch * cfg.grad_accum
+        while position.batch_in_epoch < usable and position.step < total_steps:
+            lr = learning_rate(cfg, position.step, epoch)
+            set_learning_rate(optimizer, lr)
+            a = alpha_at(alpha, cfg.alpha_ramp_epochs, epoch, position.step - epoch * steps_per_epoch,
+                         steps_per_epoch)
+            optimizer.zero_grad(set_to_none=True)
+            parts_sum: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                t0 = time.perf_counter()
+                batch = next(it)
+                t1 = time.perf_counter()
+                data_time += t1 - t0
+                batch = _to_device(batch, info.device)
+                micro_index = epoch * per_epoch + position.batch_in_epoch
+                gen = _seed_step(cfg.seed, micro_index, info.rank)
+                sync = micro == cfg.grad_accum - 1
+                ctx = ddp.no_sync() if (info.distributed and not sync) else contextlib.nullcontext()
+                with ctx:
+                    with autocast:
+                        out = ddp(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=a,
+                                  image_idx=batch.get("image_idx"), generator=gen)
+                    if not torch.isfinite(out.loss):
+                        where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                        raise TrainingDiverged(
+                            f"loss is {float(out.loss)} at step {position.step} (epoch {epoch}, batch "
+                            f"{position.batch_in_epoch}); {where}. Lower the learning rate or check the data.")
+                    (out.loss / cfg.grad_accum).backward()
+                inner.enqueue(out)
+                for k, v in out.parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                position.batch_in_epoch += 1
+                pairs += batch["image"].shape[0]
+                compute_time += time.perf_counter() - t1
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            model.clamp_temp()
+            inner.momentum_update()
+            position.step += 1
+            last_losses = {**parts_sum, "loss": sum(parts_sum.values())}
+            if bar is not None:
+                elapsed = time.perf_counter() - t_start
+                bar.set_postfix(loss=f"{last_losses['loss']:.3f}", pairs_s=f"{pairs / max(elapsed, 1e-9):.1f}")
+                bar.update(1)
+            if log_fn is not None and info.is_main and (position.step % max(1, cfg.log_every) == 0
+                                                        or position.step == total_steps):
+                elapsed = time.perf_counter() - t_start
+                log_fn(position.step, {**{f"loss_{k}": v for k, v in parts_sum.items()},
+                                       "loss": last_losses["loss"], "lr": lr, "alpha": a,
+                                       "temp": model.temp.item(), "epoch": float(epoch),
+                                       "pairs_per_second": pairs * info.world_size / max(elapsed, 1e-9),
+                                       "data_time_share": data_time / max(data_time + compute_time, 1e-9)})
+            if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0 and position.step < total_steps:
+                last_ckpt = _checkpoint(ckpt_root, inner, optimizer, position, config_dict, info, on_checkpoint)
+        if position.batch_in_epoch >= usable:
+            position.epoch += 1
+            position.batch_in_epoch = 0
+    if bar is not None:
+        bar.close()
+    last_ckpt = _checkpoint(ckpt_root, inner, optimizer, position, config_dict, info, on_checkpoint)
+    elapsed = time.perf_counter() - t_start
+    return TrainResult(position=position, last_losses=last_losses, checkpoint=last_ckpt, resumed_from=resumed_from,
+                       pairs_per_second=pairs * info.world_size / max(elapsed, 1e-9),
+                       data_time_share=data_time / max(data_time + compute_time, 1e-9))
+
+
+def _checkpoint(root, objective, optimizer, position, config_dict, info, on_checkpoint) -> Path | None:
+    path = None
+    if info.is_main:
+        path = save_checkpoint(root, objective, optimizer, position, config_dict or {})
+        if on_checkpoint is not None:
+            on_checkpoint(path)
+    D.barrier()
+    return path if info.is_main else latest_checkpoint(root)
+
