@@ -150,16 +150,7 @@ def test_renders_unique_named_objects(target):
     keys = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs]
     assert len(keys) == len(set(keys)), f"duplicate objects in {target}"
     kinds = {d["kind"] for d in docs}
-    expected = {
-        "Namespace",
-        "Deployment",
-        "StatefulSet",
-        "Service",
-        "Queue",
-        "ServiceAccount",
-        "Role",
-        "RoleBinding",
-    }
+    expected = set("Namespace Deployment StatefulSet Service Queue ServiceAccount Role RoleBinding".split())
     assert expected <= kinds, f"{target} lacks {expected - kinds}"
 
 
@@ -602,13 +593,7 @@ def _check_common(path: Path) -> list[tuple[str, str]]:
     assert instr.index(("USER", users[-1])) > max(i for i, (op, _) in enumerate(instr) if op == "RUN")
     assert any(op == "WORKDIR" for op, _ in instr)
     env_text = " ".join(rest for op, rest in instr if op in {"ENV", "ARG"})
-    for forbidden in (
-        "MLFLOW_TRACKING_URI",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "PASSWORD",
-        "TOKEN",
-    ):
+    for forbidden in "MLFLOW_TRACKING_URI AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY PASSWORD TOKEN".split():
         assert forbidden not in env_text, f"{path.name} bakes {forbidden} into the image"
     assert not _secret_literals(path.read_text())
     return instr
@@ -655,3 +640,15 @@ def test_dockerignore_keeps_the_context_small_and_secret_free():
     }
     assert {".git", ".venv", "**/*.env"} <= patterns
     assert not {"blip_core", "components", "pipelines", "pyproject.toml", "README.md"} & patterns
+
+
+def test_deploy_doc_matches_the_tree():
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    for path in set(re.findall(r"\binfra/[\w./*-]+", doc)):
+        path = path.rstrip(".").split("*")[0]
+        assert (ROOT / path).exists() or list(ROOT.glob(path + "*")), f"docs/deploy.md names missing {path}"
+    for secret, keys in _secret_examples().items():
+        assert secret in doc and all(key in doc for key in keys), f"docs/deploy.md does not document {secret}"
+    for target in KUSTOMIZATIONS:
+        if target.startswith("overlays/"):
+            assert f"infra/k8s/{target}" in doc, f"docs/deploy.md does not mention {target}"
