@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import json
 import re
 import shutil
 import subprocess
@@ -274,6 +275,41 @@ def test_services_select_existing_pods_and_ports(target):
             assert target_port in exposed, (
                 f"Service/{svc['metadata']['name']} targets unknown port {target_port}"
             )
+
+
+# Built-in kinds rendered here; each has a typed model V1<Kind> in the Kubernetes Python client.
+API_KINDS = set("Namespace ConfigMap ServiceAccount Role RoleBinding PersistentVolumeClaim Service".split())
+API_KINDS |= {"Deployment", "StatefulSet", "Job", "PodDisruptionBudget"}
+
+
+def _unknown_fields(raw, known, path="") -> list[str]:
+    """Paths present in raw but absent from known (raw re-serialised through a typed model)."""
+    if isinstance(raw, list) and isinstance(known, list):
+        return [m for i, (r, k) in enumerate(zip(raw, known)) for m in _unknown_fields(r, k, f"{path}/{i}")]
+    if not isinstance(raw, dict):
+        return []
+    missing = []
+    for key, value in raw.items():
+        inner = known.get(key) if isinstance(known, dict) else None
+        missing += [f"{path}/{key}"] if inner is None else _unknown_fields(value, inner, f"{path}/{key}")
+    return missing
+
+
+@pytest.mark.parametrize("target", KUSTOMIZATIONS)
+def test_built_in_objects_use_only_known_api_fields(target):
+    """A misspelt field (readinesProbe, allowPrivilegeEscalatoin) renders fine and is silently dropped by
+    the API server; a round trip through the Kubernetes client's typed models finds it."""
+    client = pytest.importorskip("kubernetes.client")
+    api = client.ApiClient()
+    checked = 0
+    for obj in _render(target):
+        if obj["kind"] not in API_KINDS:
+            continue
+        response = type("Response", (), {"data": json.dumps(obj)})()
+        typed = api.sanitize_for_serialization(api.deserialize(response, "V1" + obj["kind"]))
+        assert not _unknown_fields(obj, typed), f"{_where(obj)}: unknown fields {_unknown_fields(obj, typed)}"
+        checked += 1
+    assert checked >= 10
 
 
 def _secret_examples() -> dict[str, dict[str, str]]:
