@@ -97,7 +97,7 @@ def _env_int(name: str, default: int) -> int:
 @functools.lru_cache(maxsize=8)
 def _client(endpoint: str | None, region: str, attempts: int, pid: int, cred_fingerprint: int) -> Any:
     cfg = botocore.config.Config(
-        retries={"max_attempts": attempts, "mode": "standard"},
+        retries={"total_max_attempts": attempts, "mode": "standard"},
         s3={"addressing_style": "path"},
         connect_timeout=5,
         read_timeout=60,

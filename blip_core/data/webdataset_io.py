@@ -155,6 +155,14 @@ class LocalSink:
         self.dir.mkdir(parents=True, exist_ok=True)
         for stale in self.dir.glob(".*.tmp-*"):  # left by a killed writer
             stale.unlink(missing_ok=True)
+        for stale in self.dir.glob(".staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def staging_dir(self) -> Path:
+        """A scratch directory on the same filesystem, so publishing a staged file is a rename."""
+        path = self.dir / f".staging-{os.getpid()}"
+        path.mkdir(exist_ok=True)
+        return path
 
     def _tmp(self, name: str) -> Path:
         return self.dir / f".{name}.tmp-{os.getpid()}"
@@ -198,8 +206,8 @@ class DatasetWriter:
     """Write accepted samples into shards and rejected ones into ``rejected.jsonl``, manifest last.
 
     Opening a writer first deletes any ``manifest.json`` in the sink, so an interrupted run never leaves
-    a directory that looks complete. Shards are staged locally, then published through the sink one by
-    one; :meth:`finish` removes shards left from an earlier, larger run, then publishes
+    a directory that looks complete. Shards are staged locally (in the sink's ``staging_dir()`` when it
+    has one, else a temporary directory), then published through the sink one by one; :meth:`finish` removes shards left from an earlier, larger run, then publishes
     ``rejected.jsonl`` and finally ``manifest.json``.
     """
 
@@ -209,7 +217,10 @@ class DatasetWriter:
         self.sink = sink
         self.shard_size = shard_size
         self._own_staging = staging_dir is None
-        self.staging = Path(tempfile.mkdtemp(prefix="blip-shards-") if staging_dir is None else staging_dir)
+        if staging_dir is None:
+            make = getattr(sink, "staging_dir", None)
+            staging_dir = make() if make is not None else tempfile.mkdtemp(prefix="blip-shards-")
+        self.staging = Path(staging_dir)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.sink.delete(MANIFEST_NAME)
         self.shards: list[ShardInfo] = []

@@ -1,0 +1,146 @@
+"""Toy-web: determinism, splits, noise rate, and captions that parse back to the drawn scene."""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip_core.data import toyweb
+from blip_core.data.toyweb import (
+    COLORS,
+    Mention,
+    Scene,
+    caption_matches,
+    generate,
+    generate_sample,
+    parse_caption,
+    parse_toyweb_uri,
+)
+from blip_core.errors import UserError
+
+
+def test_deterministic_per_seed():
+    a = list(generate("toyweb://?split=web&n=40&seed=3"))
+    b = list(generate("toyweb://?split=web&n=40&seed=3"))
+    c = list(generate("toyweb://?split=web&n=40&seed=4"))
+    assert [(s.key, s.jpg, s.txt, s.json) for s in a] == [(s.key, s.jpg, s.txt, s.json) for s in b]
+    assert sum(x.jpg == y.jpg for x, y in zip(a, c)) == 0
+    # sample i does not depend on n, and images do not depend on the noise rate
+    spec = parse_toyweb_uri("toyweb://?split=web&n=1000&seed=3&noise=0.9")
+    assert generate_sample(spec, 17).jpg == a[17].jpg
+
+
+def test_splits_are_disjoint_and_shaped_as_documented():
+    web = list(generate("toyweb://?split=web&n=60"))
+    human = list(generate("toyweb://?split=human&n=60"))
+    test = list(generate("toyweb://?split=test&n=60"))
+    images = [s.jpg for s in web + human + test]
+    assert len(set(images)) == len(images)
+    assert len({s.key for s in web + human + test}) == 180
+    for s in web:
+        assert s.json["source"] == "web" and len(s.json["captions"]) == 1 and s.txt == s.json["captions"][0]
+    for s in human + test:
+        assert s.json["source"] == "human" and s.json["noise"] is None
+        assert len(s.json["captions"]) == 5 and len(set(s.json["captions"])) == 5
+        assert s.txt == s.json["captions"][0]
+    img = Image.open(io.BytesIO(web[0].jpg))
+    assert img.size == (64, 64) and img.mode == "RGB"
+    big = generate_sample(parse_toyweb_uri("toyweb://?size=96"), 0)
+    assert Image.open(io.BytesIO(big.jpg)).size == (96, 96)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3, 0.6])
+def test_noise_rate_matches_request(noise):
+    samples = list(generate(f"toyweb://?split=web&n=1500&noise={noise}&seed=1"))
+    kinds = Counter(s.json["noise"] for s in samples)
+    rate = 1 - kinds[None] / len(samples)
+    assert abs(rate - noise) < 0.03, (rate, kinds)
+    if noise:
+        for k in toyweb.NOISE_KINDS:  # equal mix by default
+            assert abs(kinds[k] / (rate * len(samples)) - 1 / 3) < 0.06, kinds
+
+
+def test_noise_mix_weights():
+    samples = list(generate("toyweb://?n=400&noise=0.5&mix=boilerplate:1"))
+    assert {s.json["noise"] for s in samples} == {None, "boilerplate"}
+
+
+def test_clean_captions_describe_the_scene_and_noisy_ones_do_not():
+    for s in generate("toyweb://?split=web&n=600&noise=0.5&seed=2"):
+        scene = Scene.from_json(s.json["scene"])
+        if s.json["noise"] is None:
+            assert caption_matches(scene, s.txt), s.txt
+        else:
+            assert not caption_matches(scene, s.txt), (s.json["noise"], s.txt)
+            if s.json["noise"] == "boilerplate":
+                assert parse_caption(s.txt).mentions == ()
+
+
+def test_human_captions_parse_back_to_the_drawn_scene():
+    """Every caption names exactly the drawn objects, and the pixels show those colours where they are."""
+    for s in generate("toyweb://?split=test&n=150&seed=5"):
+        scene = Scene.from_json(s.json["scene"])
+        for cap in s.json["captions"]:
+            parsed = parse_caption(cap)
+            assert caption_matches(scene, parsed), cap
+            named = Counter()
+            for m in parsed.mentions:
+                named[(m.color, m.shape)] += m.count
+            assert named == Counter((o.color, o.shape) for o in scene.objects), cap
+        pixels = np.asarray(Image.open(io.BytesIO(s.jpg)), dtype=np.float32)
+        palette = {name: np.array(rgb, dtype=np.float32) for name, rgb in COLORS.items()}
+        for o in scene.objects:
+            px = pixels[int(o.y * 64), int(o.x * 64)]
+            nearest = min(palette, key=lambda n: float(np.abs(palette[n] - px).sum()))
+            assert nearest == o.color, (o, px)
+
+
+def test_parser_reads_the_grammar():
+    p = parse_caption("A small red circle to the left of a big blue square.")
+    assert p.mentions == (Mention(1, "small", "red", "circle"), Mention(1, "large", "blue", "square"))
+    assert p.relations == ((0, "left_of", 1),)
+    p = parse_caption("from left to right: a green star, an orange diamond and three purple triangles")
+    assert [m.count for m in p.mentions] == [1, 1, 3]
+    assert p.relations == ((0, "left_of", 1), (1, "left_of", 2))
+    assert parse_caption("IMG_2041.jpg").mentions == ()
+    assert parse_caption("yellow triangle blue circle").mentions[1] == Mention(1, None, "blue", "circle")
+
+
+def test_wrong_relation_or_attribute_does_not_match():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = toyweb.sample_scene(rng)
+        if len(scene.objects) != 2 or scene.is_group:
+            continue
+        a, b = scene.objects
+        good = f"a {a.color} {a.shape} to the left of a {b.color} {b.shape}"
+        bad = f"a {a.color} {a.shape} to the right of a {b.color} {b.shape}"
+        assert caption_matches(scene, good) and not caption_matches(scene, bad)
+        assert not caption_matches(scene, f"a {a.color} {a.shape}")  # b is not mentioned
+        assert caption_matches(scene, f"a {a.color} {a.shape}", require_all=False)
+        wrong = toyweb.wrong_attribute_scene(scene, rng)
+        assert not caption_matches(scene, toyweb.web_caption(wrong, rng))
+
+
+def test_uri_validation():
+    spec = parse_toyweb_uri("toyweb://?split=human&n=10&seed=2&size=32&captions=3")
+    assert (spec.split, spec.n, spec.noise, spec.seed, spec.size, spec.captions) == ("human", 10, 0.0, 2, 32, 3)
+    assert parse_toyweb_uri(spec.uri()) == spec
+    assert parse_toyweb_uri("toyweb://").n == 2000
+    for bad in ("toyweb://?split=train", "toyweb://?n=abc", "toyweb://?colour=red", "toyweb://?split=test&noise=0.2",
+                "toyweb://?noise=1.5", "toyweb://?mix=typo:1"):
+        with pytest.raises(UserError):
+            parse_toyweb_uri(bad)
+
+
+def test_generation_is_fast():
+    t0 = time.perf_counter()
+    n = sum(1 for _ in generate("toyweb://?split=human&n=300"))
+    rate = n / (time.perf_counter() - t0)
+    assert rate > 100, f"{rate:.0f} images/s"  # in practice ~1000/s on one core
