@@ -111,7 +111,7 @@ def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
