@@ -31,16 +31,16 @@ from PIL import Image, ImageEnhance, ImageOps
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _FILL = (128, 128, 128)
-_MEAN = np.array(CLIP_MEAN, dtype=np.float32) * 255.0
-_STD = np.array(CLIP_STD, dtype=np.float32) * 255.0
+_MEAN = torch.tensor(CLIP_MEAN).mul(255.0).view(3, 1, 1)
+_STD = torch.tensor(CLIP_STD).mul(255.0).view(3, 1, 1)
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b")
 
 
 def to_tensor_normalized(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float tensor ``(3, H, W)`` normalised with the CLIP mean/std."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
-    arr = (arr - _MEAN) / _STD
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
+    arr = np.array(img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    t = torch.from_numpy(arr).permute(2, 0, 1).float()  # (3, H, W) in [0, 255]
+    return t.sub_(_MEAN).div_(_STD)
 
 
 def swap_left_right(caption: str) -> str:

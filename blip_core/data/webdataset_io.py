@@ -294,6 +294,9 @@ class DatasetWriter:
 
     def close(self) -> None:
         """Release files and the staging directory (no manifest is written)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
         for f in (self._tar_file, self._rejected_file):
             if f is not None and not f.closed:
                 f.close()

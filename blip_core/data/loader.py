@@ -1,0 +1,367 @@
+"""Training and evaluation loaders over dataset directories (local or ``s3://``).
+
+:func:`make_loader` streams image-text *pairs* from the shards of one or more dataset directories
+(see :mod:`blip_core.data.webdataset_io`): one pair per sample using ``txt``, or with
+``expand_captions=True`` one pair per caption in ``json["captions"]`` (human data, COCO-like).
+
+Even split, so DDP never hangs: the ``P`` pairs of an epoch, in shard order (shuffled per ``(seed, epoch)``
+when training), are cut into ``G = world_size * max(1, num_workers)`` contiguous ranges of ``P // G`` pairs,
+one per (rank, worker) stream; stream ``u = rank * workers + worker`` reads only the shards its range
+touches. Every stream yields exactly ``(P // G) // batch_size`` batches (the remainder is dropped). Samples
+that cannot be read or decoded are skipped and counted (:attr:`BlipLoader.skipped`); a stream left short by
+skipped samples refills from its own range, so the batch count never changes. Everything random (shard
+order, shuffle buffer, crops, flips, RandAugment) comes from generators seeded by ``(seed, epoch, stream)``,
+so an epoch is reproducible.
+
+A batch is a dict: ``image`` float ``(B, 3, S, S)`` normalised with the CLIP mean/std, ``input_ids`` and
+``attention_mask`` ``(B, L)`` (prompt + cleaned caption, padded to the longest), ``image_idx`` long ``(B,)``
+(a stable id per image, equal for all captions of one image: the retrieval positives), ``text`` and
+``image_id`` (lists of str).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from blip_core.data.transforms import EvalTransform, TrainTransform
+from blip_core.data.webdataset_io import (
+    IMAGE_EXTS,
+    ShardReadError,
+    decode_json,
+    is_s3,
+    iter_shard,
+    join_uri,
+    read_manifest,
+    s3_filesystem,
+)
+from blip_core.errors import UserError
+from blip_core.tokenizer import BlipTokenizer, pre_caption
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A shard to read and its counts from the manifest."""
+
+    uri: str
+    samples: int
+    captions: int
+
+
+def dataset_shards(data_uris: Sequence[str]) -> list[ShardRef]:
+    """The shards of every dataset directory in ``data_uris``, in order (each needs its manifest)."""
+    fs = s3_filesystem() if any(is_s3(u) for u in data_uris) else None
+    out: list[ShardRef] = []
+    for uri in data_uris:
+        manifest = read_manifest(uri, fs)
+        out += [ShardRef(join_uri(uri, s.path), s.samples, s.captions) for s in manifest.shards]
+    return out
+
+
+def image_index(image_id: str) -> int:
+    """A stable non-negative 63-bit integer for an image id (the same on every rank and run)."""
+    return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode stored image bytes to RGB (raises on corrupt data)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
+def sample_captions(sample: dict[str, Any]) -> tuple[list[str], str]:
+    """``(captions, image_id)`` of a stored sample: ``json["captions"]`` (or ``[txt]``) and its image id."""
+    meta = decode_json(sample.get("json"))
+    caps = meta.get("captions")
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps) or not caps:
+        txt = sample.get("txt")
+        if txt is None:
+            raise ValueError("sample has no caption")
+        caps = [txt.decode("utf-8")]
+    elif "txt" in sample:
+        txt = sample["txt"].decode("utf-8")
+        caps = [txt] + [c for c in caps if c != txt]
+    return caps, str(meta.get("image_id") or sample["__key__"])
+
+
+def _image_bytes(sample: dict[str, Any]) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise ValueError("sample has no image")
+
+
+class PairStream(IterableDataset):
+    """The batches of one rank, split evenly over its DataLoader workers (see the module docstring)."""
+
+    def __init__(self, shards: Sequence[ShardRef], tokenizer: BlipTokenizer, *, image_size: int,
+                 batch_size: int, train: bool, min_scale: float, randaugment: bool, max_words: int,
+                 max_length: int, prompt: str, rank: int, world_size: int, num_workers: int, seed: int,
+                 epoch: int, expand_captions: bool, shuffle_buffer: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.shards = list(shards)
+        self.tokenizer = tokenizer
+        self.transform = (TrainTransform(image_size, min_scale, randaugment) if train
+                          else EvalTransform(image_size))
+        self.batch_size = batch_size
+        self.train = train
+        self.max_words = max_words
+        self.max_length = max_length
+        self.prompt = prompt
+        self.rank = rank
+        self.world_size = world_size
+        self.workers = max(1, num_workers)
+        self.seed = seed
+        self.epoch = epoch
+        self.expand = expand_captions
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.total_pairs = sum(s.captions if expand_captions else s.samples for s in self.shards)
+        self.streams = world_size * self.workers
+        self.quota = self.total_pairs // self.streams
+        self.steps = self.quota // batch_size
+        if self.steps == 0:
+            raise UserError(f"{self.total_pairs} image-text pairs cannot fill one batch of {batch_size} on each of "
+                            f"{self.streams} (rank, worker) streams; lower the batch size, world size or workers")
+
+    # ------------------------------------------------------------------ reading
+    def _shard_order(self) -> list[ShardRef]:
+        order = list(self.shards)
+        if self.train:
+            random.Random(f"shards/{self.seed}/{self.epoch}").shuffle(order)
+        return order
+
+    def _pairs(self, start: int, end: int, counter: list[int], count: bool) -> Iterator[tuple[Image.Image, str, str]]:
+        """Pairs with global index in ``[start, end)``: ``(image, caption, image_id)``; bad ones skipped."""
+        fs = s3_filesystem(fresh=True) if any(is_s3(s.uri) for s in self.shards) else None
+        offset = 0
+        for shard in self._shard_order():
+            n = shard.captions if self.expand else shard.samples
+            if offset + n <= start:
+                offset += n
+                continue
+            if offset >= end:
+                return
+            g = offset  # global pair index of the next sample's first pair
+            try:
+                for sample in iter_shard(shard.uri, fs):
+                    if g >= end:
+                        break
+                    try:
+                        caps, image_id = sample_captions(sample)
+                    except (ValueError, UnicodeDecodeError):
+                        counter[0] += count
+                        g += 1
+                        continue
+                    k = len(caps) if self.expand else 1
+                    lo, hi = max(g, start), min(g + k, end)
+                    if lo < hi:
+                        try:
+                            img = decode_image(_image_bytes(sample))
+                        except Exception as e:  # noqa: BLE001 - any decoder failure skips the sample
+                            log.debug("skipping %s in %s: %s", sample.get("__key__"), shard.uri, e)
+                            counter[0] += count
+                        else:
+                            for j in range(lo - g, hi - g):
+                                yield img, caps[j], image_id
+                    g += k
+            except (ShardReadError, OSError) as e:
+                log.warning("shard %s unreadable: %s", shard.uri, e)
+                counter[0] += count
+            offset += n
+
+    def _shuffled(self, items: Iterator[Any], rng: random.Random) -> Iterator[Any]:
+        buf: list[Any] = []
+        for it in items:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(it)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], it = it, buf[j]
+            yield it
+        rng.shuffle(buf)
+        yield from buf
+
+    def stream_pairs(self, stream: int, skipped: list[int] | None = None) -> Iterator[tuple[Image.Image, str, str]]:
+        """Exactly ``steps * batch_size`` pairs of stream ``stream`` (in training order).
+
+        ``skipped[0]`` is incremented for every sample skipped in the first pass over the range.
+        """
+        rng = random.Random(f"stream/{self.seed}/{self.epoch}/{stream}")
+        start, end = stream * self.quota, (stream + 1) * self.quota
+        needed = self.steps * self.batch_size
+        done = 0
+        counter = skipped if skipped is not None else [0]
+        for attempt in range(1 + needed):  # refill passes when skipped samples left the stream short
+            got = 0
+            items = self._pairs(start, end, counter, count=attempt == 0)
+            if self.train:
+                items = self._shuffled(items, rng)
+            for it in items:
+                yield it
+                got += 1
+                done += 1
+                if done == needed:
+                    return
+            if got == 0:
+                raise RuntimeError(f"stream {stream}: no readable samples in its range [{start}, {end})")
+
+    def stream_batches(self, stream: int) -> Iterator[dict[str, Any]]:
+        """The batches of stream ``stream``; each carries ``_skipped`` (new skips since the last batch)."""
+        rng = random.Random(f"augment/{self.seed}/{self.epoch}/{stream}")
+        pending: list[tuple[Image.Image, str, str]] = []
+        skipped, reported = [0], 0
+        for pair in self.stream_pairs(stream, skipped):
+            pending.append(pair)
+            if len(pending) == self.batch_size:
+                batch = self._collate(pending, rng)
+                batch["_skipped"] = skipped[0] - reported
+                reported = skipped[0]
+                pending = []
+                yield batch
+
+    def _collate(self, pairs: list[tuple[Image.Image, str, str]], rng: random.Random) -> dict[str, Any]:
+        images, texts, ids = [], [], []
+        for img, caption, image_id in pairs:
+            tensor, caption = self.transform(img, caption, rng)
+            images.append(tensor)
+            texts.append(self.prompt + pre_caption(caption, self.max_words))
+            ids.append(image_id)
+        input_ids, attention_mask = self.tokenizer(texts, max_length=self.max_length, padding="longest")
+        return {
+            "image": torch.stack(images),  # (B, 3, S, S)
+            "input_ids": input_ids,  # (B, L)
+            "attention_mask": attention_mask,  # (B, L)
+            "image_idx": torch.tensor([image_index(i) for i in ids], dtype=torch.long),  # (B,)
+            "text": texts,
+            "image_id": ids,
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.workers:
+            raise RuntimeError(f"stream was built for {self.workers} workers but runs in {workers}")
+        if info is not None:
+            torch.set_num_threads(1)
+        yield from self.stream_batches(self.rank * self.workers + worker)
+
+
+class BlipLoader:
+    """Iterable of batches for one rank and epoch; ``len()`` is the number of batches per epoch.
+
+    ``skipped`` counts samples skipped (unreadable or undecodable) since the loader was created;
+    :meth:`set_epoch` selects the epoch the next iteration runs.
+    """
+
+    def __init__(self, stream: PairStream, num_workers: int) -> None:
+        self.stream = stream
+        self.num_workers = num_workers
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return self.stream.steps * self.stream.workers
+
+    @property
+    def pairs_per_epoch(self) -> int:
+        """Pairs this rank sees per epoch."""
+        return len(self) * self.stream.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.num_workers == 0:
+            source: Any = self.stream
+        else:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            source = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                persistent_workers=False, prefetch_factor=2)
+        for batch in source:
+            self.skipped += int(batch.pop("_skipped", 0))
+            yield batch
+
+
+def make_loader(data_uris: Sequence[str], tokenizer: BlipTokenizer, *, image_size: int, batch_size: int,
+                train: bool, min_scale: float = 0.5, randaugment: bool = True, max_words: int = 30,
+                max_length: int = 30, prompt: str = "", rank: int = 0, world_size: int = 1,
+                num_workers: int = 0, seed: int = 0, epoch: int = 0, expand_captions: bool = False,
+                shuffle_buffer: int = 1000) -> BlipLoader:
+    """A loader of image-text batches from dataset directories (see the module docstring).
+
+    ``train`` selects BLIP's train transform (crop scale ``(min_scale, 1)``, flip with left/right swap,
+    RandAugment when ``randaugment``), shard shuffling and a shuffle buffer; otherwise the eval transform in
+    stored order. ``prompt`` is prepended to every cleaned caption (``"a picture of "`` for the captioner).
+    """
+    if isinstance(data_uris, str):
+        data_uris = [data_uris]
+    shards = dataset_shards(data_uris)
+    stream = PairStream(shards, tokenizer, image_size=image_size, batch_size=batch_size, train=train,
+                        min_scale=min_scale, randaugment=randaugment, max_words=max_words,
+                        max_length=max_length, prompt=prompt, rank=rank, world_size=world_size,
+                        num_workers=num_workers, seed=seed, epoch=epoch, expand_captions=expand_captions,
+                        shuffle_buffer=shuffle_buffer)
+    return BlipLoader(stream, num_workers)
+
+
+class EvalSplit(NamedTuple):
+    """A small clean split held in memory for retrieval and captioning evaluation."""
+
+    images: torch.Tensor  # (N, 3, S, S)
+    texts: list[str]  # every caption, cleaned
+    txt2img: list[int]  # text index -> image index
+    img2txt: list[list[int]]  # image index -> its text indices
+    samples: list[dict]  # each image's json, with "__key__"
+
+
+def load_eval_split(uri: str, image_size: int, max_words: int = 30) -> EvalSplit:
+    """Load every sample of a dataset directory with the eval transform (skipping unreadable ones)."""
+    transform = EvalTransform(image_size)
+    images: list[torch.Tensor] = []
+    texts: list[str] = []
+    txt2img: list[int] = []
+    img2txt: list[list[int]] = []
+    samples: list[dict] = []
+    skipped = 0
+    fs = s3_filesystem() if is_s3(uri) else None
+    for shard in dataset_shards([uri]):
+        try:
+            for sample in iter_shard(shard.uri, fs):
+                try:
+                    caps, _ = sample_captions(sample)
+                    img = decode_image(_image_bytes(sample))
+                    meta = decode_json(sample.get("json"))
+                except Exception:  # noqa: BLE001 - skip and count any bad sample
+                    skipped += 1
+                    continue
+                caps = [c for c in (pre_caption(c, max_words) for c in caps) if c]
+                if not caps:
+                    skipped += 1
+                    continue
+                i = len(images)
+                images.append(transform(img)[0])
+                img2txt.append(list(range(len(texts), len(texts) + len(caps))))
+                texts += caps
+                txt2img += [i] * len(caps)
+                samples.append({**meta, "__key__": sample["__key__"]})
+        except ShardReadError as e:
+            log.warning("shard %s unreadable: %s", shard.uri, e)
+            skipped += 1
+    if skipped:
+        log.warning("load_eval_split(%s): skipped %d unreadable sample(s)", uri, skipped)
+    if not images:
+        raise UserError(f"{uri}: no readable samples")
+    return EvalSplit(torch.stack(images), texts, txt2img, img2txt, samples)

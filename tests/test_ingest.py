@@ -1,0 +1,361 @@
+"""Ingest stage: sources, per-reason rejection counts, atomic and deterministic output, local and S3."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip_core.config import load_config
+from blip_core.data.loader import make_loader
+from blip_core.data.toyweb import generate
+from blip_core.data.webdataset_io import MANIFEST_NAME, REJECTED_NAME, iter_shard, read_manifest, tar_bytes
+from blip_core.errors import UserError
+from blip_core.tokenizer import BlipTokenizer
+from components import cli, ingest, storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(*overrides: str):
+    return load_config(None, list(overrides))
+
+
+def _jpeg(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3)).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _png(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 0 if mode != "RGBA" else (255, 0, 0, 128)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _shard_hashes(uri: str) -> dict[str, str]:
+    return {u.rsplit("/", 1)[1]: hashlib.sha256(storage.read_bytes(u)).hexdigest()
+            for u in storage.list_uris(uri, ".tar")}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [c for s in generate("toyweb://?split=human&n=100") for c in s.json["captions"]]
+    return BlipTokenizer.from_corpus(texts, vocab_size=200)
+
+
+# --------------------------------------------------------------------------------------------------
+# toy-web, determinism, layout
+# --------------------------------------------------------------------------------------------------
+
+
+def test_toyweb_ingest_layout_and_determinism(tmp_path):
+    src = "toyweb://?split=human&n=45&seed=1"
+    res = ingest.run(_cfg("ingest.shard_size=20"), src, str(tmp_path / "a"), progress=False)
+    m = res.manifest
+    assert (m.samples_in, m.samples_out, m.rejected, m.captions_out) == (45, 45, {}, 225)
+    assert [(s.path, s.samples, s.captions) for s in m.shards] == [
+        ("shard-000000.tar", 20, 100), ("shard-000001.tar", 20, 100), ("shard-000002.tar", 5, 25)]
+    out = tmp_path / "a"
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, REJECTED_NAME] + [s.path for s in m.shards]
+    for s in m.shards:
+        assert _sha(out / s.path) == s.sha256 and (out / s.path).stat().st_size == s.bytes
+    assert (out / REJECTED_NAME).read_text() == ""
+    samples = list(iter_shard(str(out / "shard-000000.tar")))
+    assert len(samples) == 20
+    first = samples[0]
+    meta = json.loads(first["json"])
+    assert set(first) >= {"__key__", "jpg", "txt", "json"}
+    assert first["txt"].decode() == meta["captions"][0] and len(meta["captions"]) == 5
+    assert meta["source"] == "human" and meta["noise"] is None and meta["image_id"] == first["__key__"]
+    assert Image.open(io.BytesIO(first["jpg"])).size == (64, 64)
+    # a second run elsewhere is byte-identical, manifest included
+    ingest.run(_cfg("ingest.shard_size=20"), src, str(tmp_path / "b"), progress=False)
+    for name in [MANIFEST_NAME, REJECTED_NAME] + [s.path for s in m.shards]:
+        assert _sha(tmp_path / "a" / name) == _sha(tmp_path / "b" / name)
+
+
+def test_rerun_with_fewer_shards_removes_stale_ones(tmp_path):
+    out = str(tmp_path / "d")
+    ingest.run(_cfg("ingest.shard_size=10"), "toyweb://?n=35", out, progress=False)
+    assert len(storage.list_uris(out, ".tar")) == 4
+    ingest.run(_cfg("ingest.shard_size=10"), "toyweb://?n=12", out, progress=False)
+    assert [Path(u).name for u in storage.list_uris(out, ".tar")] == ["shard-000000.tar", "shard-000001.tar"]
+    assert read_manifest(out).samples_out == 12
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults: every input sample is either written or counted under exactly one reason
+# --------------------------------------------------------------------------------------------------
+
+FAULT_CFG = ("ingest.max_pixels=4000000", "ingest.min_size=16", "ingest.shard_size=4")
+EXPECTED_REJECTED = {"corrupt_image": 1, "truncated_image": 1, "zero_byte": 1, "too_large": 1, "too_small": 1,
+                     "empty_caption": 1, "invalid_utf8": 1, "duplicate": 2, "missing_image": 1, "bad_metadata": 1}
+
+
+def _fault_samples() -> tuple[list[dict], list[str]]:
+    """Samples with one fault each (plus good ones); returns them and the keys that must survive."""
+    good = [{"__key__": f"good{i}", "jpg": _jpeg(i), "txt": f"a red circle number {i}".encode()} for i in range(6)]
+    good[1]["json"] = json.dumps({"image_id": "img-1", "url": "http://example.com/1.jpg"}).encode()
+    trunc = _jpeg(100)
+    faults = [
+        {"__key__": "corrupt", "jpg": os.urandom(500), "txt": b"a blue square"},
+        {"__key__": "truncated", "jpg": trunc[: len(trunc) // 2], "txt": b"a blue square"},
+        {"__key__": "zero", "jpg": b"", "txt": b"a blue square"},
+        {"__key__": "bomb", "png": _png((2100, 2100), "L"), "txt": b"a huge gray image"},
+        {"__key__": "tiny", "jpg": _jpeg(101, (8, 8)), "txt": b"a tiny image"},
+        {"__key__": "emptycap", "jpg": _jpeg(102), "txt": b" ... !!! ### "},
+        {"__key__": "badutf8", "jpg": _jpeg(103), "txt": b"caf\xe9 \xff\xfe square"},
+        {"__key__": "dup1", "jpg": good[0]["jpg"], "txt": b"A red circle number 0."},  # same after cleaning
+        {"__key__": "dup2", "jpg": good[0]["jpg"], "txt": good[0]["txt"]},
+        {"__key__": "noimage", "txt": b"a caption without an image"},
+        {"__key__": "badjson", "jpg": _jpeg(104), "txt": b"a green star", "json": b"{not json"},
+    ]
+    kept = [
+        {"__key__": "sameimage_othercaption", "jpg": good[0]["jpg"], "txt": b"a different caption"},
+        {"__key__": "rgba", "png": _png((40, 30), "RGBA"), "txt": b"a transparent png"},
+        {"__key__": "big", "jpg": _jpeg(105, (320, 160)), "txt": b"a wide image"},
+    ]
+    samples = good[:3] + faults[:6] + good[3:] + faults[6:] + kept
+    return samples, [s["__key__"] for s in good + kept]
+
+
+def _check_fault_result(m, out: str, expected_keys: list[str], n_in: int) -> None:
+    assert m.rejected == EXPECTED_REJECTED
+    assert m.samples_in == n_in == m.samples_out + sum(m.rejected.values())
+    keys = [s["__key__"] for u in storage.list_uris(out, ".tar") for s in iter_shard(u)]
+    assert sorted(keys) == sorted(expected_keys)
+    rejected = [json.loads(line) for line in storage.read_text(storage.join(out, REJECTED_NAME)).splitlines()]
+    assert sum(1 for _ in rejected) == sum(EXPECTED_REJECTED.values())
+    by_reason: dict[str, int] = {}
+    for r in rejected:
+        by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
+    assert by_reason == EXPECTED_REJECTED
+
+
+def test_fault_shards_give_exact_per_reason_counts(tmp_path):
+    samples, keep = _fault_samples()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "part-00000.tar").write_bytes(tar_bytes(samples[:10]))
+    (src / "sub").mkdir()  # listed after part-00000.tar: sorted order
+    (src / "sub" / "part-00001.tar").write_bytes(tar_bytes(samples[10:]))
+    out = str(tmp_path / "out")
+    m = ingest.run(_cfg(*FAULT_CFG), str(src), out, progress=False).manifest
+    _check_fault_result(m, out, keep, len(samples))
+    rejected = {json.loads(x)["key"]: json.loads(x) for x in (tmp_path / "out" / REJECTED_NAME).read_text().splitlines()}
+    assert rejected["badutf8"]["reason"] == "invalid_utf8" and rejected["bomb"]["reason"] == "too_large"
+    assert rejected["truncated"]["origin"] == "part-00000.tar"
+    stored = {s["__key__"]: s for u in storage.list_uris(out, ".tar") for s in iter_shard(u)}
+    assert Image.open(io.BytesIO(stored["big"]["jpg"])).size == (128, 64)  # short side to 64, aspect kept
+    assert Image.open(io.BytesIO(stored["rgba"]["jpg"])).mode == "RGB"
+    assert stored["good0"]["jpg"] == samples[0]["jpg"]  # a JPEG needing no change is stored as is
+    meta1 = json.loads(stored["good1"]["json"])
+    assert meta1["image_id"] == "img-1" and meta1["url"] == "http://example.com/1.jpg"  # source json kept
+    assert meta1["captions"] == ["a red circle number 1"] and meta1["source"] == "web"
+
+
+def _write_manifest_source(root: Path, fmt: str) -> tuple[str, list[str], int]:
+    samples, keep = _fault_samples()
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for s in samples:
+        ext = "png" if "png" in s else "jpg"
+        row: dict = {"key": s["__key__"], "caption": s["txt"]}
+        if "jpg" in s or "png" in s:
+            (root / "img" / f"{s['__key__']}.{ext}").write_bytes(s.get("jpg", s.get("png")))
+            row["image"] = f"img/{s['__key__']}.{ext}"
+        else:
+            row["image"] = "img/does-not-exist.jpg"
+        rows.append(row)
+    if fmt == "jsonl":
+        lines = []
+        for r in rows:
+            cap = r["caption"]
+            if r["key"] == "badjson":
+                lines.append(b"{not json")
+                continue
+            r = dict(r, caption="@@CAP@@")
+            line = json.dumps(r).encode()
+            lines.append(line.replace(b"@@CAP@@", cap.replace(b'"', b'\\"')))
+        (root / "list.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+        return str(root / "list.jsonl"), keep, len(samples)
+    out = [b"key,image,caption"]
+    for r in rows:
+        cap = r["caption"].replace(b'"', b'""')
+        if r["key"] == "badjson":  # CSV rows have no json; make this one a second bad UTF-8 case instead
+            continue
+        out.append(b",".join([r["key"].encode(), r["image"].encode(), b'"' + cap + b'"']))
+    (root / "list.csv").write_bytes(b"\n".join(out) + b"\n")
+    return str(root / "list.csv"), keep, len(samples) - 1
+
+
+def test_fault_jsonl_manifest_source(tmp_path):
+    src, keep, n = _write_manifest_source(tmp_path / "src", "jsonl")
+    out = str(tmp_path / "out")
+    m = ingest.run(_cfg(*FAULT_CFG), src, out, progress=False).manifest
+    expected = dict(EXPECTED_REJECTED, missing_image=1)
+    assert m.rejected == expected and m.samples_in == n == m.samples_out + sum(m.rejected.values())
+    keys = sorted(s["__key__"] for u in storage.list_uris(out, ".tar") for s in iter_shard(u))
+    assert keys == sorted(keep)
+
+
+def test_csv_manifest_source(tmp_path):
+    src, keep, n = _write_manifest_source(tmp_path / "src", "csv")
+    m = ingest.run(_cfg(*FAULT_CFG), src, str(tmp_path / "out"), progress=False).manifest
+    expected = {k: v for k, v in EXPECTED_REJECTED.items() if k != "bad_metadata"}
+    assert m.rejected == expected and m.samples_in == n and m.samples_out == len(keep)
+
+
+def test_truncated_source_shard_counts_its_remainder(tmp_path):
+    samples = [{"__key__": f"s{i}", "jpg": _jpeg(i), "txt": f"caption {i}".encode()} for i in range(6)]
+    data = tar_bytes(samples)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.tar").write_bytes(data[: len(data) // 2 + 100])
+    (tmp_path / "src" / "b.tar").write_bytes(tar_bytes([{"__key__": "z", "jpg": _jpeg(9), "txt": b"last"}]))
+    m = ingest.run(_cfg(), str(tmp_path / "src"), str(tmp_path / "out"), progress=False).manifest
+    assert m.rejected == {"unreadable_shard": 1}
+    assert m.samples_out >= 2 and m.samples_in == m.samples_out + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# S3
+# --------------------------------------------------------------------------------------------------
+
+
+def test_s3_round_trip_through_loader_without_leaking_credentials(s3_bucket, monkeypatch, caplog, capfd, tokenizer):
+    key_id, secret = "AKIAEXAMPLEKEY7Q2X9Z", "s3cr3t/DoNotLog+wJalrXUtnFEMI7K"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    caplog.set_level(logging.DEBUG)
+    src = f"s3://{s3_bucket}/raw"
+    # an S3 source of shards (img2dataset layout) -> an S3 dataset directory
+    for i in range(3):
+        samples = [{"__key__": f"s{i}_{j}", "jpg": _jpeg(10 * i + j), "txt": f"a red circle {i} {j}".encode()}
+                   for j in range(9)]
+        storage.write_bytes(f"{src}/part-{i:05d}.tar", tar_bytes(samples))
+    out = f"s3://{s3_bucket}/datasets/web"
+    assert cli.main(["ingest", "--source", src, "--output", out, "--set", "ingest.shard_size=10"]) == 0
+    m = read_manifest(out)
+    assert (m.samples_in, m.samples_out, len(m.shards)) == (27, 27, 3)
+    for s in m.shards:
+        data = storage.read_bytes(f"{out}/{s.path}")
+        assert hashlib.sha256(data).hexdigest() == s.sha256 and len(data) == s.bytes
+    # read back through the loader (fsspec/s3fs): every sample exactly once in eval order
+    loader = make_loader([out], tokenizer, image_size=32, batch_size=9, train=False, max_length=16)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3 and loader.skipped == 0
+    ids = [i for b in batches for i in b["image_id"]]
+    assert sorted(ids) == sorted(f"s{i}_{j}" for i in range(3) for j in range(9))
+    assert batches[0]["image"].shape == (9, 3, 32, 32)
+    # an S3 JSONL manifest source with relative keys
+    storage.write_bytes(f"s3://{s3_bucket}/list/img/a.jpg", _jpeg(1))
+    storage.write_text(f"s3://{s3_bucket}/list/rows.jsonl",
+                       json.dumps({"image": "img/a.jpg", "caption": "a blue star"}) + "\n"
+                       + json.dumps({"image": "img/missing.jpg", "caption": "gone"}) + "\n")
+    m2 = ingest.run(_cfg(), f"s3://{s3_bucket}/list/rows.jsonl", f"s3://{s3_bucket}/datasets/list",
+                    progress=False).manifest
+    assert (m2.samples_out, m2.rejected) == (1, {"missing_image": 1})
+    captured = capfd.readouterr()
+    everything = captured.out + captured.err + caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert secret not in everything
+    ours = "".join(r.getMessage() for r in caplog.records if r.name.startswith(("components", "blip_core")))
+    assert key_id not in ours and key_id not in captured.out + captured.err
+    assert "27 in, 27 out" in captured.out
+
+
+def test_ingest_to_s3_through_failing_endpoint(s3_bucket, flaky_s3, tmp_path):
+    src = "toyweb://?n=50&seed=7"
+    ingest.run(_cfg("ingest.shard_size=20"), src, str(tmp_path / "local"), progress=False)
+    proxy = flaky_s3(fail_first=4, fail_every=15)
+    out = f"s3://{s3_bucket}/flaky"
+    m = ingest.run(_cfg("ingest.shard_size=20"), src, out, progress=False).manifest
+    assert proxy.failed >= 4
+    assert m.samples_out == 50
+    assert _shard_hashes(out) == _shard_hashes(str(tmp_path / "local"))
+    assert storage.read_bytes(f"{out}/{MANIFEST_NAME}") == (tmp_path / "local" / MANIFEST_NAME).read_bytes()
+
+
+# --------------------------------------------------------------------------------------------------
+# Crash safety and the CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def test_killed_ingest_leaves_no_manifest_and_rerun_gives_identical_shards(tmp_path):
+    src, out, ref = "toyweb://?n=1500&seed=11", tmp_path / "out", tmp_path / "ref"
+    args = [sys.executable, "-m", "components.cli", "ingest", "--source", src, "--output", str(out),
+            "--set", "ingest.shard_size=60", "--no-progress"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while not (out / "shard-000002.tar").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "ingest did not start writing shards"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / MANIFEST_NAME).exists()
+    assert 3 <= len(list(out.glob("shard-*.tar"))) < 25
+    cfg = _cfg("ingest.shard_size=60")
+    ingest.run(cfg, src, str(out), progress=False)
+    ingest.run(cfg, src, str(ref), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # no temp files
+    assert _shard_hashes(str(out)) == _shard_hashes(str(ref)) and len(_shard_hashes(str(ref))) == 25
+    assert (out / MANIFEST_NAME).read_bytes() == (ref / MANIFEST_NAME).read_bytes()
+
+
+def test_cli_missing_source_is_one_error_line(tmp_path, capsys):
+    for source in (str(tmp_path / "nope"), str(tmp_path / "nope.jsonl"), "toyweb://?split=bogus"):
+        assert cli.main(["ingest", "--source", source, "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("blip ingest: error:") and "\n" not in err, err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["ingest", "--source", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 2
+    assert "no WebDataset shards" in capsys.readouterr().err
+
+
+def test_cli_unreachable_or_missing_s3_is_one_error_line(s3_env, monkeypatch, capsys, tmp_path):
+    args = ["ingest", "--source", "s3://no-such-bucket-zz/raw", "--output", str(tmp_path / "o")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no such bucket" in err and "\n" not in err
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    monkeypatch.setenv("BLIP_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("BLIP_S3_RETRIES", "1")
+    assert cli.main(["ingest", "--source", "toyweb://?n=3", "--output", "s3://some-bucket/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot reach the S3 endpoint" in err and "\n" not in err
+
+
+def test_cli_progress_bar_and_config(tmp_path, capsys):
+    cfg = tmp_path / "params.yaml"
+    cfg.write_text("ingest:\n  shard_size: 7\n  resolution: 32\n")
+    assert cli.main(["ingest", "--source", "toyweb://?n=15", "--output", str(tmp_path / "o"), "--config", str(cfg),
+                     "--set", "ingest.image_format=png"]) == 0
+    captured = capsys.readouterr()
+    assert "samples/s" in captured.err and "15/15" in captured.err  # tqdm bar with throughput
+    m = read_manifest(str(tmp_path / "o"))
+    assert len(m.shards) == 3 and m.config["ingest"]["resolution"] == 32
+    sample = next(iter_shard(str(tmp_path / "o" / "shard-000000.tar")))
+    assert Image.open(io.BytesIO(sample["png"])).size == (32, 32)
+    with pytest.raises(UserError):
+        ingest.run(_cfg("ingest.shard_size=0"), "toyweb://?n=1", str(tmp_path / "z"), progress=False)

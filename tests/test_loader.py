@@ -1,0 +1,230 @@
+"""Loading: even split over ranks and workers, determinism, skipped samples, transforms, eval split."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from blip_core.config import load_config
+from blip_core.data import transforms as T
+from blip_core.data.loader import image_index, load_eval_split, make_loader
+from blip_core.data.toyweb import Scene, caption_matches, generate, render_scene
+from blip_core.data.webdataset_io import DatasetWriter, LocalSink, read_manifest
+from blip_core.errors import UserError
+from blip_core.tokenizer import BlipTokenizer, pre_caption
+from components import ingest
+
+LOADER_ARGS = dict(image_size=32, min_scale=0.5, randaugment=True, max_words=30, max_length=24)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [c for s in generate("toyweb://?split=human&n=100") for c in s.json["captions"]]
+    return BlipTokenizer.from_corpus(texts + ["a picture of"], vocab_size=200)
+
+
+@pytest.fixture(scope="module")
+def web_dir(tmp_path_factory):
+    """53 web samples in 6 shards of uneven size (10, 10, 10, 10, 10, 3)."""
+    out = tmp_path_factory.mktemp("web")
+    ingest.run(load_config(None, ["ingest.shard_size=10"]), "toyweb://?split=web&n=53&seed=3", str(out),
+               progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def human_dir(tmp_path_factory):
+    """23 human samples (5 captions each) in 3 shards."""
+    out = tmp_path_factory.mktemp("human")
+    ingest.run(load_config(None, ["ingest.shard_size=9"]), "toyweb://?split=human&n=23&seed=4", str(out),
+               progress=False)
+    return str(out)
+
+
+def test_every_rank_and_worker_gets_the_same_number_of_batches(web_dir, tokenizer):
+    """2 ranks x 2 workers on 6 uneven shards: 53 // 4 = 13 pairs per stream -> 3 batches of 4 each."""
+    per_stream: dict[tuple[int, int], list[str]] = {}
+    for rank in range(2):
+        loader = make_loader([web_dir], tokenizer, batch_size=4, train=True, rank=rank, world_size=2,
+                             num_workers=2, seed=1, **LOADER_ARGS)
+        assert len(loader) == 6
+        for worker in range(2):
+            batches = list(loader.stream.stream_batches(rank * 2 + worker))
+            assert len(batches) == 3 and all(len(b["text"]) == 4 for b in batches)
+            per_stream[(rank, worker)] = [i for b in batches for i in b["image_id"]]
+        # the same through real DataLoader worker processes
+        got = list(loader)
+        assert len(got) == 6 and all(b["image"].shape == (4, 3, 32, 32) for b in got)
+        ids = sorted(i for b in got for i in b["image_id"])
+        assert ids == sorted(per_stream[(rank, 0)] + per_stream[(rank, 1)])
+    everything = [i for ids in per_stream.values() for i in ids]
+    assert len(everything) == len(set(everything)) == 48  # disjoint streams, 5 pairs dropped
+
+
+def test_single_process_loader_matches_stream_split(web_dir, tokenizer):
+    loader = make_loader([web_dir], tokenizer, batch_size=5, train=False, **LOADER_ARGS)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 10
+    ids = [i for b in batches for i in b["image_id"]]
+    assert ids == [f"web-s3-{i:07d}" for i in range(50)]  # eval: stored order, remainder dropped
+
+
+def test_deterministic_per_seed_and_epoch(web_dir, tokenizer):
+    def run(seed, epoch):
+        loader = make_loader([web_dir], tokenizer, batch_size=8, train=True, seed=seed, epoch=epoch, **LOADER_ARGS)
+        return list(loader)
+
+    a, b, c, d = run(0, 0), run(0, 0), run(0, 1), run(1, 0)
+    assert all(torch.equal(x["image"], y["image"]) and x["text"] == y["text"] for x, y in zip(a, b))
+    order = [i for x in a for i in x["image_id"]]
+    assert order != [i for x in c for i in x["image_id"]] and order != [i for x in d for i in x["image_id"]]
+    loader = make_loader([web_dir], tokenizer, batch_size=8, train=True, **LOADER_ARGS)
+    loader.set_epoch(1)
+    assert [i for x in loader for i in x["image_id"]] == [i for x in c for i in x["image_id"]]
+
+
+def test_batch_contents(human_dir, tokenizer):
+    loader = make_loader([human_dir], tokenizer, batch_size=10, train=False, prompt="a picture of ",
+                         expand_captions=True, **LOADER_ARGS)
+    assert len(loader) == 115 // 10
+    batch = next(iter(loader))
+    assert batch["image"].dtype == torch.float32 and batch["image"].shape == (10, 3, 32, 32)
+    assert batch["image_idx"].dtype == torch.long
+    ids, mask = tokenizer(batch["text"], max_length=24, padding="longest")
+    assert torch.equal(batch["input_ids"], ids) and torch.equal(batch["attention_mask"], mask)
+    assert all(t.startswith("a picture of ") for t in batch["text"])
+    # expanded captions: the 5 captions of an image share image_id and image_idx (retrieval positives)
+    counts = Counter(batch["image_id"])
+    assert list(counts.values()) == [5, 5]
+    assert batch["image_idx"].tolist() == [image_index(i) for i in batch["image_id"]]
+    assert len(set(batch["image_idx"].tolist())) == 2
+    first = batch["image_id"][0]
+    manifest = read_manifest(human_dir)
+    assert manifest.captions_out == 115
+    # eval images equal a bicubic resize + CLIP normalisation of the stored image
+    from blip_core.data.webdataset_io import iter_shard
+    stored = next(iter_shard(f"{human_dir}/shard-000000.tar"))
+    assert stored["__key__"] == first
+    img = Image.open(io.BytesIO(stored["jpg"])).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
+    ref = (torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1) / 255
+           - torch.tensor(T.CLIP_MEAN).view(3, 1, 1)) / torch.tensor(T.CLIP_STD).view(3, 1, 1)
+    assert torch.allclose(batch["image"][0], ref, atol=1e-5)
+    assert batch["text"][0] == "a picture of " + pre_caption(json.loads(stored["json"])["captions"][0])
+
+
+def test_bad_samples_are_skipped_and_counted_without_changing_batch_counts(tmp_path, tokenizer):
+    good = list(generate("toyweb://?split=web&n=40&seed=9"))
+    writer = DatasetWriter(LocalSink(tmp_path), shard_size=10)
+    for i, s in enumerate(good):
+        image = b"\x00garbage" if i in (3, 17, 31) else s.jpg
+        writer.add(s.key, image, "jpg", s.json)
+    writer.finish(samples_in=40, source="test")
+    loader = make_loader([str(tmp_path)], tokenizer, batch_size=4, train=True, world_size=2, rank=0,
+                         **LOADER_ARGS)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 5
+    loader1 = make_loader([str(tmp_path)], tokenizer, batch_size=4, train=True, world_size=2, rank=1,
+                          **LOADER_ARGS)
+    assert len(list(loader1)) == 5
+    assert loader.skipped + loader1.skipped == 3
+    bad = {good[i].key for i in (3, 17, 31)}
+    assert not bad & {i for b in batches for i in b["image_id"]}
+
+
+def test_incomplete_dataset_directory_is_refused(tmp_path, tokenizer):
+    writer = DatasetWriter(LocalSink(tmp_path), shard_size=2)
+    for s in generate("toyweb://?n=5"):
+        writer.add(s.key, s.jpg, "jpg", s.json)
+    writer.close()  # crashed before finish(): shards, but no manifest
+    assert list(tmp_path.glob("shard-*.tar")) and not (tmp_path / "manifest.json").exists()
+    with pytest.raises(UserError, match="not a complete dataset"):
+        make_loader([str(tmp_path)], tokenizer, batch_size=2, train=False, **LOADER_ARGS)
+    with pytest.raises(UserError, match="cannot fill one batch"):
+        writer = DatasetWriter(LocalSink(tmp_path), shard_size=2)
+        writer.add("k", next(generate("toyweb://?n=1")).jpg, "jpg", {"captions": ["x"], "image_id": "k"})
+        writer.finish(1, "test")
+        make_loader([str(tmp_path)], tokenizer, batch_size=2, train=False, **LOADER_ARGS)
+
+
+def test_load_eval_split(human_dir):
+    split = load_eval_split(human_dir, image_size=48)
+    images, texts, txt2img, img2txt, samples = split
+    assert images.shape == (23, 3, 48, 48) and len(texts) == 115 and len(samples) == 23
+    for i, tids in enumerate(img2txt):
+        assert len(tids) == 5 and all(txt2img[t] == i for t in tids)
+        scene = Scene.from_json(samples[i]["scene"])
+        assert all(caption_matches(scene, texts[t]) for t in tids)
+
+
+# --------------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------------
+
+
+def test_flip_swaps_left_and_right_in_the_caption():
+    assert T.swap_left_right("a red circle to the left of a blue square, right?") == \
+        "a red circle to the right of a blue square, left?"
+    assert T.swap_left_right("bright leftover") == "bright leftover"
+    sample = next(s for s in generate("toyweb://?split=human&n=50")
+                  if any("left" in c for c in s.json["captions"]))
+    scene = Scene.from_json(sample.json["scene"])
+    caption = next(c for c in sample.json["captions"] if "left" in c)
+    tf = T.TrainTransform(64, min_scale=1.0, randaugment=False)
+    img = render_scene(scene, 64, 0)
+    flipped = 0
+    for seed in range(20):
+        out, cap = tf(img, caption, random.Random(seed))
+        mirrored = Scene(tuple(o.__class__(o.shape, o.color, o.size, 1 - o.x, o.y, o.radius)
+                               for o in scene.objects), scene.background, scene.texture)
+        if cap != caption:
+            flipped += 1
+            assert torch.allclose(out, T.to_tensor_normalized(ImageOps.mirror(img)), atol=1e-5)
+            assert caption_matches(mirrored, cap) and not caption_matches(scene, cap)
+        else:
+            assert torch.allclose(out, T.to_tensor_normalized(img), atol=1e-5)
+            assert caption_matches(scene, cap)
+    assert 3 <= flipped <= 17
+
+
+def test_random_resized_crop_box_respects_scale():
+    rng = random.Random(0)
+    for _ in range(200):
+        left, top, right, bottom = T.random_resized_crop_box(100, 80, (0.2, 1.0), rng)
+        assert 0 <= left < right <= 100 and 0 <= top < bottom <= 80
+        area = (right - left) * (bottom - top) / 8000
+        assert 0.15 <= area <= 1.0
+
+
+def test_randaugment_ops():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3)).astype("uint8"))
+    assert set(T.RANDAUG_OPS) == {"Identity", "AutoContrast", "Brightness", "Sharpness", "Equalize", "ShearX",
+                                  "ShearY", "TranslateX", "TranslateY", "Rotate"}
+    for name, op in T.RANDAUG_OPS.items():
+        out = op(img, 5, random.Random(1))
+        assert out.size == img.size and out.mode == "RGB", name
+    for name in ("Identity", "Brightness", "Sharpness"):  # factor 1.8 * 5/10 + 0.1 = 1.0 at M=5: no-ops
+        assert np.array_equal(np.asarray(T.RANDAUG_OPS[name](img, 5, random.Random(1))), np.asarray(img))
+    for name in ("ShearX", "Rotate", "TranslateY"):
+        assert not np.array_equal(np.asarray(T.RANDAUG_OPS[name](img, 5, random.Random(1))), np.asarray(img))
+    a = T.rand_augment(img, random.Random(3))
+    b = T.rand_augment(img, random.Random(3))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    changed = sum(not np.array_equal(np.asarray(T.rand_augment(img, random.Random(s))), np.asarray(img))
+                  for s in range(50))
+    assert 10 < changed < 50  # each of 2 ops applies with p=0.5 and some ops are no-ops
+
+
+def test_train_transform_output():
+    img = Image.new("RGB", (90, 60), (255, 0, 0))
+    out, cap = T.TrainTransform(32, min_scale=0.2)(img, "a red square", random.Random(0))
+    assert out.shape == (3, 32, 32) and cap == "a red square"
+    eval_out, _ = T.EvalTransform(32)(img)
+    red = (1.0 - T.CLIP_MEAN[0]) / T.CLIP_STD[0]
+    assert torch.allclose(eval_out[0], torch.full((32, 32), red), atol=1e-4)
