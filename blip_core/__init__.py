@@ -7,7 +7,7 @@ import dataclasses
 from blip_core.config import Config, ModelConfig, load_config, model_preset
 from blip_core.models.blip import BlipModel
 
-__all__ = ["BlipModel", "Config", "ModelConfig", "build_model", "load_config", "model_preset"]
+__all__ = ["BlipModel", "Config", "ModelConfig", "build_model", "load_checkpoint", "load_config", "model_preset"]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> BlipModel:
@@ -15,3 +15,10 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> BlipModel:
     if vocab_size is not None and cfg.text.vocab_size <= 0:
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
     return BlipModel(cfg)
+
+
+def load_checkpoint(dir):
+    """Load a blip_core checkpoint directory; see :func:`blip_core.checkpoint_io.load_checkpoint`."""
+    from blip_core.checkpoint_io import load_checkpoint as _load
+
+    return _load(dir)
