@@ -1,0 +1,83 @@
+"""``blip convert``: Hugging Face / official BLIP checkpoints <-> blip_core checkpoint directories.
+
+Examples::
+
+    blip convert --from hf ./blip-image-captioning-base --to ckpt/caption
+    blip convert --from official model_base_capfilt_large.pth --to ckpt/pretrained --preset base
+    blip convert --from blip ckpt/caption --to hf/caption --format hf --task caption
+
+Every conversion prints what it did beyond a one-to-one copy (initialised modules, ignored buffers,
+interpolated position embeddings); unexpected, missing or mis-shaped keys stop it with an error naming them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from blip_core import convert
+from blip_core.checkpoint_io import Checkpoint, load_checkpoint
+from blip_core.errors import UserError
+from blip_core.tokenizer import BlipTokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blip convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("--from", dest="source", required=True, choices=["hf", "official", "blip"],
+                   help="source layout: a transformers directory, an official .pth, or a blip_core checkpoint")
+    p.add_argument("src", help="source directory or .pth file")
+    p.add_argument("--to", dest="dst", required=True, help="destination directory (or .pth for --format official)")
+    p.add_argument("--format", choices=["blip", "hf", "official"], default="blip",
+                   help="destination layout (default: blip_core checkpoint)")
+    p.add_argument("--task", choices=["caption", "retrieval", "pretrain"],
+                   help="which modules to export for --format hf (caption|retrieval) or official")
+    p.add_argument("--preset", choices=["base", "large"], default="base",
+                   help="architecture of an official checkpoint (default: base)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="official: interpolate position embeddings to this resolution (default: the file's own)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory to bundle when the source has none (e.g. bert-base-uncased)")
+    p.add_argument("--label-smoothing", type=float, default=convert.DEFAULT_LABEL_SMOOTHING,
+                   help="label_smoothing written into an HF config (default 0.1, as BLIP training)")
+    return p
+
+
+def _load(args) -> Checkpoint:
+    if args.source == "hf":
+        return convert.load_hf(args.src)
+    if args.source == "official":
+        return convert.load_official(args.src, args.preset, image_size=args.image_size)
+    return load_checkpoint(args.src)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.format == "hf" and args.task not in ("caption", "retrieval"):
+        raise UserError("--format hf needs --task caption or --task retrieval")
+    if args.format == "official" and args.task is None:
+        raise UserError("--format official needs --task caption, retrieval or pretrain")
+    ckpt = _load(args)
+    if args.tokenizer:
+        try:
+            ckpt.tokenizer = BlipTokenizer.from_dir(args.tokenizer)
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
+    if ckpt.tokenizer is not None and len(ckpt.tokenizer) > ckpt.model.cfg.text.vocab_size:
+        raise UserError(f"the tokenizer has {len(ckpt.tokenizer)} tokens but the model's vocabulary is "
+                        f"{ckpt.model.cfg.text.vocab_size}")
+    for note in ckpt.notes:
+        print(f"note: {note}")
+    dst = Path(args.dst)
+    if args.format == "hf":
+        convert.save_hf(ckpt.model, dst, args.task, ckpt.tokenizer, label_smoothing=args.label_smoothing)
+        dropped = ("text encoder, projections, ITM head and temperature" if args.task == "caption"
+                   else "decoder self-attention, LM head and temperature")
+        print(f"note: the Hugging Face {args.task} model has no {dropped}: not exported")
+    elif args.format == "official":
+        convert.save_official(ckpt.model, dst, args.task, ckpt.momentum_state)
+    else:
+        ckpt.save(dst)
+    if ckpt.tokenizer is None and args.format == "blip":
+        print("note: no tokenizer bundled (pass --tokenizer DIR); 'blip caption' needs one")
+    print(f"wrote {dst}")
+    return 0
