@@ -75,6 +75,7 @@ class ModelConfig:
     temp: float = 0.07  # initial ITC temperature, clamped to [0.001, 0.5]
     max_text_len: int = 30  # tokens per caption in pre-training
     tokenizer: str = "corpus"  # "corpus" (build WordPiece from captions) or a local/s3 HF tokenizer dir
+    corpus_vocab_size: int = 1000  # WordPiece vocabulary size when the tokenizer is built from the corpus
 
 
 def _preset(name: str) -> ModelConfig:

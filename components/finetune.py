@@ -1,0 +1,76 @@
+"""Fine-tuning stage: the captioner (LM with a prompt) or the filter (ITC + ITM, positives by image id).
+
+``blip finetune --task captioner|filter --init CKPT --data URI [URI ...] --output URI``
+
+Both start from the pre-trained model (decoupled: each is fine-tuned separately from the same checkpoint,
+as the paper's CapFilt) on clean human-annotated pairs, every caption of an image being its own pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from blip_core.config import Config, load_config
+from blip_core.objectives import CaptionerObjective, FilterObjective, SpecialIds, prompt_length
+from blip_core.train import distributed as D
+from components import training
+from components.pretrain import _fmt, add_common_args
+from components.training import TrainStageResult
+
+TASKS = ("captioner", "filter")
+
+
+def run(cfg: Config, task: str, init: str, data: list[str], output: str, *, resume: bool = True,
+        parent_run_id: str | None = None) -> TrainStageResult:
+    """Fine-tune the checkpoint ``init`` as the captioner or the filter; write the model under ``output``."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    info = D.init_from_env()
+    work = training.prepare_work(output, resume, info)
+    model, tokenizer, _ = training.load_init(init)
+    model.set_grad_checkpointing(cfg.model.vision.grad_ckpt_layers)
+    training.freeze_unused(model, task)
+    ids = SpecialIds.from_tokenizer(tokenizer)
+    if task == "captioner":
+        tcfg = cfg.finetune_captioner
+        plen = prompt_length(tokenizer, tcfg.prompt)
+
+        def objective(m):
+            return CaptionerObjective(m, ids, prompt_len=plen)
+
+        loader_kwargs = {"prompt": tcfg.prompt, "max_length": 40}
+        registered = "blip-captioner"
+    else:
+        tcfg = cfg.finetune_filter
+
+        def objective(m):
+            return FilterObjective(m, ids, gather_fn=D.all_gather_cat)
+
+        loader_kwargs = {"max_length": 35}
+        registered = "blip-filter"
+    return training.run_training(
+        cfg, tcfg, stage=f"finetune_{task}", objective_factory=objective, model=model, tokenizer=tokenizer,
+        data=data, output=output, work=work, info=info, resume=resume, parent_run_id=parent_run_id,
+        registered_name=registered,
+        loader_kwargs={"min_scale": cfg.data.min_scale_finetune, "expand_captions": True, **loader_kwargs})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="blip finetune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--init", required=True, help="pre-trained checkpoint or pretrain stage output")
+    p.add_argument("--data", nargs="+", required=True, help="human-annotated dataset directories")
+    p.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    add_common_args(p)
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    res = run(cfg, args.task, args.init, args.data, args.output, resume=not args.no_resume,
+              parent_run_id=args.parent_run_id)
+    if D.rank() == 0:
+        print(f"finetune {args.task}: {res.steps} steps, losses {_fmt(res.losses)}, model at {res.model_uri}")
+    D.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Pre-training stage: ITC + ITM + LM on web (+ human) pairs; also the re-pretraining on CapFilt data.
+
+``blip pretrain --data URI [URI ...] --output URI [--init CKPT | --vit-init FILE --bert-init DIR]``
+
+From scratch (default), from a blip_core checkpoint (``--init``: a checkpoint directory or a stage output,
+local or s3), or as the paper with the ViT from an ImageNet timm checkpoint file and the text transformer from
+a BERT directory. Re-pretraining on the bootstrapped data is the same stage with a fresh model (the paper
+trains a new model rather than continuing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from blip_core.config import Config, load_config
+from blip_core.objectives import PretrainObjective, SpecialIds
+from blip_core.pretrained import load_bert_weights, load_vit_weights
+from blip_core.train import distributed as D
+from components import training
+from components.training import TrainStageResult
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, data: list[str], output: str, *, init: str | None = None, vit_init: str | None = None,
+        bert_init: str | None = None, resume: bool = True, parent_run_id: str | None = None,
+        stage: str = "pretrain") -> TrainStageResult:
+    """Pre-train BLIP on the dataset directories ``data`` and write the model under ``output``."""
+    info = D.init_from_env()
+    work = training.prepare_work(output, resume, info)
+    momentum_state = None
+    if init:
+        model, tokenizer, momentum_state = training.load_init(init)
+    else:
+        tokenizer = training.make_tokenizer(cfg, data, work, info)
+        model = training.new_model(cfg, tokenizer)
+        with training.local_checkpoint(vit_init) if vit_init else _null() as vit_path:
+            if vit_path is not None:
+                ignored = load_vit_weights(model, vit_path)
+                log.info("ViT initialised from %s (ignored: %s)", vit_init, ignored)
+        with training.local_checkpoint(bert_init) if bert_init else _null() as bert_path:
+            if bert_path is not None:
+                unused = load_bert_weights(model, bert_path)
+                log.info("text transformer initialised from %s (unused BERT tensors: %s)", bert_init, unused)
+    ids = SpecialIds.from_tokenizer(tokenizer)
+
+    def objective(m):
+        return PretrainObjective(m, ids, gather_fn=D.all_gather_cat)
+
+    return training.run_training(
+        cfg, cfg.pretrain, stage=stage, objective_factory=objective, model=model, tokenizer=tokenizer,
+        data=data, output=output, work=work, info=info, resume=resume, parent_run_id=parent_run_id,
+        momentum_state=momentum_state if init else None,
+        loader_kwargs={"min_scale": cfg.data.min_scale_pretrain, "max_length": cfg.model.max_text_len,
+                       "expand_captions": True})
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="params.yaml (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set pretrain.lr=1e-4 (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the output holds a checkpoint")
+    p.add_argument("--parent-run-id", default=None, help="MLflow parent run (default: $BLIP_PARENT_RUN_ID)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="blip pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", nargs="+", required=True, help="dataset directories (local or s3://)")
+    p.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    p.add_argument("--init", default=None, help="start from this blip_core checkpoint or stage output")
+    p.add_argument("--vit-init", default=None, help="timm ViT state dict file (.pth/.safetensors)")
+    p.add_argument("--bert-init", default=None, help="Hugging Face BERT directory (save_pretrained)")
+    p.add_argument("--stage-name", default="pretrain", help="name of the MLflow stage run (e.g. repretrain)")
+    add_common_args(p)
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    res = run(cfg, args.data, args.output, init=args.init, vit_init=args.vit_init, bert_init=args.bert_init,
+              resume=not args.no_resume, parent_run_id=args.parent_run_id, stage=args.stage_name)
+    if D.rank() == 0:
+        print(f"{args.stage_name}: {res.steps} steps, losses {_fmt(res.losses)}, model at {res.model_uri}")
+    D.destroy()
+    return 0
+
+
+def _fmt(losses: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in losses.items())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,320 @@
+"""Shared machinery of the training stages (pretrain, finetune captioner, finetune filter).
+
+A training stage's output (a local directory or an ``s3://`` prefix) holds::
+
+    model/              the trained model as a blip_core checkpoint (with momentum/queue state for
+                        pre-training and the filter, so a later run can resume from it)
+    checkpoints/        training checkpoints (step-XXXXXXXX/ + latest.json) used to resume a killed run
+    train_log.json      the logged training curve (one record per logged step: DVC plots)
+    metrics.json        final losses, steps, throughput
+    result.json         written last: the stage is complete
+
+With an ``s3://`` output, work happens in a local directory (``BLIP_WORK_DIR``, default a per-output folder
+under the system temp dir); every checkpoint is uploaded when written, and a restarted stage first downloads
+the newest one, so a preempted job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from blip_core import build_model
+from blip_core.checkpoint_io import load_checkpoint, load_momentum_state, momentum_state_dict, save_checkpoint
+from blip_core.config import Config, TrainConfig, to_dict
+from blip_core.data.loader import dataset_shards, make_loader, sample_captions
+from blip_core.data.webdataset_io import is_s3, iter_shard, s3_filesystem
+from blip_core.errors import UserError
+from blip_core.models.blip import BlipModel
+from blip_core.tokenizer import BlipTokenizer, pre_caption
+from blip_core.train import distributed as D
+from blip_core.train.checkpoint import latest_checkpoint
+from blip_core.train.loop import TrainResult, train
+from blip_core.train.optim import build_optimizer
+from components import storage
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainStageResult:
+    """What a training stage produced."""
+
+    output: str
+    model_uri: str
+    steps: int
+    epochs: int
+    losses: dict[str, float]
+    pairs_per_second: float
+    resumed_from: str | None = None
+    run_id: str | None = None
+
+
+class LoaderSource:
+    """Adapts a :class:`~blip_core.data.loader.BlipLoader` to the loop's batch source (epoch + skip)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        self.loader.set_epoch(epoch)
+        for i, batch in enumerate(self.loader):
+            if i >= skip:
+                yield batch
+
+
+# ------------------------------------------------------------------------------------------- work dirs
+
+
+def work_dir(output: str) -> Path:
+    """The local directory a stage writes into: the output itself, or a staging folder for s3 outputs."""
+    if not storage.is_s3(output):
+        return Path(output)
+    base = Path(os.environ.get("BLIP_WORK_DIR") or Path(tempfile.gettempdir()) / "blip-work")
+    return base / hashlib.sha1(output.encode()).hexdigest()[:16]
+
+
+def fetch_latest_checkpoint(output: str, local: Path) -> None:
+    """For an s3 output, download its newest training checkpoint into the local work dir (resume)."""
+    if not storage.is_s3(output):
+        return
+    remote = storage.join(output, CHECKPOINT_DIR)
+    pointer = storage.join(remote, "latest.json")
+    if not storage.exists(pointer):
+        return
+    latest = storage.read_json(pointer)
+    ckpt_local = local / CHECKPOINT_DIR
+    if latest_checkpoint(ckpt_local) is not None and (ckpt_local / latest["checkpoint"]).is_dir():
+        return
+    storage.download_dir(storage.join(remote, latest["checkpoint"]), ckpt_local / latest["checkpoint"])
+    (ckpt_local / "latest.json").write_text(json.dumps(latest))
+
+
+def uploader(output: str):
+    """A callback uploading a freshly written checkpoint (and its pointer) to an s3 output."""
+    if not storage.is_s3(output):
+        return None
+
+    def upload(path: Path) -> None:
+        remote = storage.join(output, CHECKPOINT_DIR)
+        storage.upload_dir(path, storage.join(remote, path.name))
+        storage.upload_file(path.parent / "latest.json", storage.join(remote, "latest.json"))
+
+    return upload
+
+
+def publish(local: Path, output: str, names: list[str]) -> None:
+    """Copy finished outputs from the work dir to an s3 output (local outputs are already in place)."""
+    if not storage.is_s3(output):
+        return
+    for name in names:
+        p = local / name
+        if p.is_dir():
+            storage.upload_dir(p, storage.join(output, name))
+        elif p.is_file():
+            storage.upload_file(p, storage.join(output, name))
+
+
+def write_result(output: str, local: Path, result: dict) -> None:
+    """Write ``result.json`` last: its presence marks the stage's output as complete."""
+    text = json.dumps(result, indent=2) + "\n"
+    if storage.is_s3(output):
+        storage.write_text(storage.join(output, "result.json"), text)
+    else:
+        storage.write_text(str(local / "result.json"), text)
+
+
+@contextlib.contextmanager
+def local_checkpoint(uri: str) -> Iterator[Path]:
+    """A local directory holding the checkpoint at ``uri`` (downloaded when it is on s3)."""
+    if not storage.is_s3(uri):
+        if not Path(uri).is_dir():
+            raise UserError(f"checkpoint directory not found: {uri}")
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="blip-ckpt-") as d:
+        storage.download_dir(uri, d)
+        yield Path(d)
+
+
+def resolve_model_dir(uri: str) -> str:
+    """Accept a stage output (holding ``model/``) or a checkpoint directory itself."""
+    candidate = storage.join(uri, MODEL_DIR)
+    if storage.exists(storage.join(candidate, "config.json")):
+        return candidate
+    return uri
+
+
+# ------------------------------------------------------------------------------------------- model setup
+
+
+def corpus_captions(data_uris: list[str], max_words: int) -> Iterator[str]:
+    """Every cleaned caption of the given dataset directories (to build a WordPiece vocabulary)."""
+    fs = s3_filesystem() if any(is_s3(u) for u in data_uris) else None
+    for shard in dataset_shards(data_uris):
+        for sample in iter_shard(shard.uri, fs):
+            try:
+                caps, _ = sample_captions(sample)
+            except Exception:  # noqa: BLE001 - unreadable samples are counted by the loader, not here
+                continue
+            for c in caps:
+                if text := pre_caption(c, max_words):
+                    yield text
+
+
+def make_tokenizer(cfg: Config, data_uris: list[str], work: Path, info: D.DistInfo) -> BlipTokenizer:
+    """The tokenizer named by ``model.tokenizer``: built from the data's captions, or a local/s3 HF dir."""
+    spec = cfg.model.tokenizer
+    if spec != "corpus":
+        with local_checkpoint(spec) as d:
+            return BlipTokenizer.from_dir(d)
+    tok_dir = work / "tokenizer"
+    if info.is_main:
+        tok = BlipTokenizer.from_corpus(corpus_captions(data_uris, cfg.data.max_words), cfg.model.corpus_vocab_size)
+        tok.save(tok_dir)
+    D.barrier()
+    return BlipTokenizer.from_dir(tok_dir)
+
+
+def load_init(init: str) -> tuple[BlipModel, BlipTokenizer, dict | None]:
+    """Model, tokenizer and momentum state from a checkpoint directory or a stage output (local or s3)."""
+    with local_checkpoint(resolve_model_dir(init)) as d:
+        ckpt = load_checkpoint(d)
+    if ckpt.tokenizer is None:
+        raise UserError(f"{init}: the checkpoint has no tokenizer/ directory")
+    return ckpt.model, ckpt.tokenizer, ckpt.momentum_state
+
+
+def freeze_unused(model: BlipModel, task: str) -> None:
+    """Turn off gradients of the parts a fine-tuning objective never uses (keeps DDP's reducer happy)."""
+    if task == "captioner":
+        for name, p in model.named_parameters():
+            if not name.startswith(("visual_encoder.", "text_decoder.")):
+                p.requires_grad_(False)
+    elif task == "filter":
+        for name, p in model.text_decoder.named_parameters():
+            if ".attention." in name or name.startswith("cls.predictions.transform") or name == "cls.predictions.bias":
+                p.requires_grad_(False)
+
+
+def train_config_dict(cfg: Config, section: str) -> dict:
+    return {"section": section, **to_dict(cfg)}
+
+
+def run_training(
+    cfg: Config,
+    tcfg: TrainConfig,
+    *,
+    stage: str,
+    objective_factory,
+    model: BlipModel,
+    tokenizer: BlipTokenizer,
+    data: list[str],
+    output: str,
+    work: Path,
+    info: D.DistInfo,
+    loader_kwargs: dict,
+    resume: bool,
+    parent_run_id: str | None,
+    momentum_state: dict | None = None,
+    registered_name: str | None = None,
+) -> TrainStageResult:
+    """Build loader, objective and optimizer, run the loop under an MLflow stage run, publish the model."""
+    from components import tracking
+
+    torch.manual_seed(tcfg.seed)
+    model.to(info.device)
+    objective = objective_factory(model).to(info.device)
+    if momentum_state and hasattr(objective, "momentum_encoders"):
+        load_momentum_state(momentum_state, objective.momentum_encoders)
+    if tcfg.compile:
+        model.visual_encoder.compile()
+        model.text_encoder.compile()
+    loader = make_loader(
+        data, tokenizer, image_size=model.cfg.vision.image_size, batch_size=tcfg.batch_size, train=True,
+        randaugment=cfg.data.randaugment, max_words=cfg.data.max_words, rank=info.rank,
+        world_size=info.world_size, num_workers=cfg.data.num_workers, seed=tcfg.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer, **loader_kwargs)
+    if len(loader) == 0:
+        raise UserError(f"{stage}: no full batch of {tcfg.batch_size} pairs per rank in {data}; "
+                        f"lower {stage}.batch_size or add data")
+    optimizer = build_optimizer(objective, tcfg, no_decay_names=model.no_weight_decay())
+    history: list[dict] = []
+
+    def log_fn(step: int, metrics: dict) -> None:
+        history.append({"step": step, **metrics})
+        run.log_metrics(step, metrics)
+
+    config = train_config_dict(cfg, stage)
+    if info.is_main and tracking.tracking_enabled():
+        tracking.check_tracking()
+    with tracking.stage_run(stage, config, parent_run_id=parent_run_id) as run:
+        res: TrainResult = train(
+            objective, optimizer, tcfg, LoaderSource(loader), checkpoint_dir=work / CHECKPOINT_DIR, info=info,
+            alpha=cfg.model.alpha, config_dict=config, resume=resume, log_fn=log_fn,
+            on_checkpoint=uploader(output))
+        model_uri = storage.join(output, MODEL_DIR)
+        if info.is_main:
+            mom = (momentum_state_dict(objective.momentum_encoders, objective.queue)
+                   if hasattr(objective, "momentum_encoders") else None)
+            save_checkpoint(work / MODEL_DIR, model, tokenizer, mom)
+            metrics = {**{f"final_{k}": v for k, v in res.last_losses.items()}, "steps": res.position.step,
+                       "pairs_per_second": res.pairs_per_second, "data_time_share": res.data_time_share,
+                       "skipped_samples": loader.skipped}
+            (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            (work / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
+            run.log_metrics(res.position.step, {k: v for k, v in metrics.items() if k != "steps"})
+            run.log_artifact(work / "train_log.json")
+            run.log_blip_model(work / MODEL_DIR, registered_name=registered_name)
+            publish(work, output, [MODEL_DIR, "metrics.json", "train_log.json"])
+            result = TrainStageResult(
+                output=output, model_uri=model_uri, steps=res.position.step, epochs=res.position.epoch,
+                losses=res.last_losses, pairs_per_second=res.pairs_per_second,
+                resumed_from=str(res.resumed_from) if res.resumed_from else None, run_id=run.run_id)
+            write_result(output, work, {"stage": stage, **dataclasses.asdict(result)})
+        D.barrier()
+    if not info.is_main:
+        return TrainStageResult(output=output, model_uri=model_uri, steps=res.position.step,
+                                epochs=res.position.epoch, losses=res.last_losses,
+                                pairs_per_second=res.pairs_per_second)
+    return result
+
+
+def prepare_work(output: str, resume: bool, info: D.DistInfo) -> Path:
+    """Create the local work dir; without ``resume`` clear old checkpoints; fetch s3 checkpoints to resume."""
+    work = work_dir(output)
+    if info.is_main:
+        if not resume:
+            shutil.rmtree(work / CHECKPOINT_DIR, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        if resume:
+            fetch_latest_checkpoint(output, work)
+    D.barrier()
+    return work
+
+
+def new_model(cfg: Config, tokenizer: BlipTokenizer) -> BlipModel:
+    model = build_model(cfg.model, vocab_size=len(tokenizer))
+    if model.cfg.text.vocab_size != len(tokenizer):
+        raise UserError(f"model.text.vocab_size={model.cfg.text.vocab_size} but the tokenizer has "
+                        f"{len(tokenizer)} tokens; set model.text.vocab_size=0 to follow the tokenizer")
+    model.set_grad_checkpointing(cfg.model.vision.grad_ckpt_layers)
+    return model
