@@ -199,7 +199,7 @@ class ManifestSource(Source):
                 with urllib.request.urlopen(loc, timeout=20) as r:  # noqa: S310 - user-given image URLs
                     return r.read(), ""
             return storage.read_bytes(loc), ""
-        except (OSError, storage.StorageError) as e:
+        except (OSError, ValueError, storage.StorageError) as e:
             return None, f"{redact(loc)}: {type(e).__name__}: {e}"
 
     def _raw(self, line: int, row: dict | None, err: str) -> tuple[RawSample, str | None]:

@@ -228,3 +228,13 @@ def test_train_transform_output():
     eval_out, _ = T.EvalTransform(32)(img)
     red = (1.0 - T.CLIP_MEAN[0]) / T.CLIP_STD[0]
     assert torch.allclose(eval_out[0], torch.full((32, 32), red), atol=1e-4)
+
+
+def test_blip_core_data_does_not_import_pipeline_libraries():
+    import subprocess
+    import sys
+
+    code = ("import sys, blip_core.data.loader, blip_core.data.toyweb, blip_core.data.checks; "
+            "print(sorted(m for m in ('boto3', 'mlflow', 'kfp', 'dvc', 'torchx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

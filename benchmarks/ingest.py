@@ -1,0 +1,99 @@
+"""Ingest and loading throughput: ``python -m benchmarks.ingest [--n 3000] [--workers 0 2]``.
+
+Measures, on this machine's CPU:
+
+1. toy-web generation alone (draw + JPEG encode), images/s;
+2. ingest of ``toyweb://`` to a local dataset directory (generate, decode-check, clean, shard), samples/s;
+3. ingest of a directory of WebDataset JPEG shards in the img2dataset layout (384 x 288 photos-sized
+   JPEGs: decode with DCT scaling, resize to 64 px, re-encode), samples/s;
+4. the training loader (train transform with RandAugment, tokenisation) and the eval loader, pairs/s,
+   for each ``--workers`` value.
+
+Prints a table; the numbers in ``docs/benchmarks.md`` come from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from blip_core.config import load_config
+from blip_core.data.loader import make_loader
+from blip_core.data.toyweb import generate, parse_toyweb_uri, render_scene, sample_scene
+from blip_core.data.webdataset_io import tar_bytes
+from blip_core.tokenizer import BlipTokenizer
+from components import ingest
+
+
+def _timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def _jpeg_shards(root: Path, n: int, per_shard: int = 500) -> None:
+    """img2dataset-style shards of 384 x 288 JPEGs (toy-web scenes drawn large, then cropped)."""
+    import random
+
+    root.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(n):
+        rng = random.Random(f"bench/{i}")
+        img = render_scene(sample_scene(rng), 384, texture_seed=i).crop((0, 48, 384, 336))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        samples.append({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": f"web caption number {i}".encode()})
+        if len(samples) == per_shard or i == n - 1:
+            (root / f"{i // per_shard:05d}.tar").write_bytes(tar_bytes(samples))
+            samples = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ingest", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=3000, help="samples per ingest measurement")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to measure")
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows: list[tuple[str, int, float, str]] = []
+    cfg = load_config(None, ["ingest.shard_size=1000"])
+    with tempfile.TemporaryDirectory(prefix="blip-bench-") as d:
+        tmp = Path(d)
+        spec = parse_toyweb_uri(f"toyweb://?split=web&n={args.n}&seed=0")
+        secs, count = _timed(lambda: sum(1 for _ in generate(spec)))
+        rows.append(("toy-web generation (draw + JPEG)", count, secs, "images/s"))
+
+        secs, res = _timed(lambda: ingest.run(cfg, spec.uri(), str(tmp / "toyweb"), progress=False))
+        rows.append(("ingest toyweb:// -> local shards", res.manifest.samples_in, secs, "samples/s"))
+
+        _jpeg_shards(tmp / "raw", args.n)
+        secs, res = _timed(lambda: ingest.run(cfg, str(tmp / "raw"), str(tmp / "jpeg"), progress=False))
+        rows.append(("ingest JPEG shards 384x288 -> 64 px", res.manifest.samples_in, secs, "samples/s"))
+
+        texts = [c for s in generate("toyweb://?split=human&n=200") for c in s.json["captions"]]
+        tok = BlipTokenizer.from_corpus(texts, vocab_size=300)
+        for train in (True, False):
+            for workers in args.workers:
+                loader = make_loader([str(tmp / "toyweb")], tok, image_size=64, batch_size=args.batch_size,
+                                     train=train, min_scale=0.5, randaugment=True, max_words=30, max_length=30,
+                                     num_workers=workers, prompt="a picture of ")
+                secs, pairs = _timed(lambda loader=loader: sum(len(b["text"]) for b in loader))
+                kind = "train (crop, flip, RandAugment)" if train else "eval (resize)"
+                rows.append((f"loader {kind}, {workers} workers", pairs, secs, "pairs/s"))
+
+    print(f"# ingest and loading throughput ({platform.processor() or platform.machine()}, "
+          f"torch threads 1, python {platform.python_version()})")
+    print(f"{'measurement':<46} {'items':>7} {'seconds':>8} {'rate':>10}")
+    for name, count, secs, unit in rows:
+        print(f"{name:<46} {count:>7} {secs:>8.2f} {count / secs:>8.0f} {unit}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
