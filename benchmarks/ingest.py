@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from blip_core.config import load_config
 from blip_core.data.loader import make_loader
@@ -38,14 +39,15 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def _jpeg_shards(root: Path, n: int, per_shard: int = 500) -> None:
-    """img2dataset-style shards of 384 x 288 JPEGs (toy-web scenes drawn large, then cropped)."""
+    """img2dataset-style shards of 384 x 288 JPEGs (toy-web scenes drawn at 192 px, upscaled, cropped)."""
     import random
 
     root.mkdir(parents=True, exist_ok=True)
     samples = []
     for i in range(n):
         rng = random.Random(f"bench/{i}")
-        img = render_scene(sample_scene(rng), 384, texture_seed=i).crop((0, 48, 384, 336))
+        img = render_scene(sample_scene(rng), 192, texture_seed=i).resize((384, 384), Image.Resampling.BICUBIC)
+        img = img.crop((0, 48, 384, 336))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
         samples.append({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": f"web caption number {i}".encode()})

@@ -238,3 +238,18 @@ def test_blip_core_data_does_not_import_pipeline_libraries():
             "print(sorted(m for m in ('boto3', 'mlflow', 'kfp', 'dvc', 'torchx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_manifest_round_trip_keeps_stage_specific_keys(tmp_path):
+    writer = DatasetWriter(LocalSink(tmp_path), shard_size=3)
+    for s in generate("toyweb://?n=4"):
+        writer.add(s.key, s.jpg, "jpg", s.json)
+    writer.reject("k9", "duplicate", "same as k1")
+    m = writer.finish(samples_in=5, source="toyweb://?n=4", extra={"capfilt": {"threshold": 0.5}})
+    back = read_manifest(str(tmp_path))
+    assert back == m and back.extra == {"capfilt": {"threshold": 0.5}}
+    assert json.loads((tmp_path / "manifest.json").read_text())["capfilt"] == {"threshold": 0.5}
+    assert [(s.samples, s.captions) for s in back.shards] == [(3, 3), (1, 1)] and back.rejected == {"duplicate": 1}
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a valid dataset manifest"):
+        read_manifest(str(tmp_path))

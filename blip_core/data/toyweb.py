@@ -266,6 +266,14 @@ def web_caption(scene: Scene, rng: random.Random) -> str:
     return wrapper.format(x=body)
 
 
+def unrelated_caption(scene: Scene, rng: random.Random) -> str:
+    """The web caption of another random scene, one that does not happen to describe ``scene``."""
+    while True:
+        caption = web_caption(sample_scene(rng), rng)
+        if not caption_matches(scene, caption, require_all=False):
+            return caption
+
+
 def boilerplate_caption(rng: random.Random) -> str:
     """Content-free alt text such as ``IMG_2041.jpg`` or ``click to enlarge``."""
     return rng.choice(_BOILERPLATE).format(n1=rng.randint(1, 9), n3=rng.randint(100, 999),
@@ -493,11 +501,7 @@ def generate_sample(spec: ToyWebSpec, index: int, jpeg_quality: int = 95) -> Toy
         if noise_kind == "boilerplate":
             caption = boilerplate_caption(crng)
         elif noise_kind == "unrelated":
-            caption = web_caption(scene, crng)
-            for _ in range(50):  # another scene's caption that does not happen to fit this one
-                caption = web_caption(sample_scene(crng), crng)
-                if not caption_matches(scene, caption, require_all=False):
-                    break
+            caption = unrelated_caption(scene, crng)
         elif noise_kind == "wrong_attribute":
             caption = web_caption(wrong_attribute_scene(scene, crng), crng)
         else:

@@ -19,7 +19,8 @@ Each sample in a shard has ``__key__`` plus:
 ``manifest.json`` holds ``format``, ``source``, ``samples_in``, ``samples_out``, ``captions_out``,
 ``rejected`` (reason -> count, with ``samples_in == samples_out + sum(rejected.values())``), ``shards``
 (each with ``path`` relative to the directory, ``samples``, ``captions``, ``bytes``, ``sha256``) and
-``config`` (the settings that produced it). It holds no timestamps: the same input and settings give
+``config`` (the settings that produced it), plus any stage-specific top-level keys (kept in
+:attr:`Manifest.extra`). It holds no timestamps: the same input and settings give
 byte-identical shards and manifest.
 
 Reading ``s3://`` uses fsspec/s3fs with the endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
@@ -100,19 +101,23 @@ class Manifest:
     shards: list[ShardInfo]
     config: dict[str, Any] = field(default_factory=dict)
     format: str = DATASET_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific top-level keys (e.g. filter stats)
 
     def to_json(self) -> str:
         d = asdict(self)
+        extra = d.pop("extra")
         d["rejected"] = dict(sorted(self.rejected.items()))
-        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+        return json.dumps({**extra, **d}, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "manifest.json") -> Manifest:
         try:
             d = json.loads(text)
             shards = [ShardInfo(**s) for s in d.pop("shards")]
-            return cls(shards=shards, **d)
-        except (ValueError, TypeError, KeyError) as e:
+            known = {f for f in cls.__dataclass_fields__ if f not in ("shards", "extra")}
+            extra = {k: d.pop(k) for k in list(d) if k not in known}
+            return cls(shards=shards, extra=extra, **d)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise UserError(f"{where}: not a valid dataset manifest ({e})") from None
 
     def check_counts(self) -> None:
@@ -274,13 +279,17 @@ class DatasetWriter:
         rec = {"key": key, "reason": reason, "detail": detail[:300], "origin": origin}
         self._rejected_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
-    def finish(self, samples_in: int, source: str, config: dict[str, Any] | None = None) -> Manifest:
-        """Flush the last shard, publish ``rejected.jsonl`` and then ``manifest.json``; return the manifest."""
+    def finish(self, samples_in: int, source: str, config: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None) -> Manifest:
+        """Flush the last shard, publish ``rejected.jsonl`` and then ``manifest.json``; return the manifest.
+
+        ``extra`` adds stage-specific top-level keys to the manifest.
+        """
         if self._tar is not None:
             self._close_shard()
         manifest = Manifest(source=source, samples_in=samples_in, samples_out=self.samples_out,
                             captions_out=self.captions_out, rejected=dict(self.rejected), shards=self.shards,
-                            config=config or {})
+                            config=config or {}, extra=extra or {})
         manifest.check_counts()
         keep = {s.path for s in self.shards}
         for name in self.sink.list_names():
