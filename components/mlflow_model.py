@@ -1,0 +1,198 @@
+"""MLflow pyfunc model for a BLIP checkpoint: captions images and scores image-text pairs.
+
+This file is logged as MLflow "models from code" (see :func:`components.tracking.StageRun.log_blip_model`):
+MLflow copies it next to the checkpoint artifact and runs it when the model is loaded, so nothing is pickled.
+It imports only ``blip_core`` (shipped with the model as code), torch, PIL, numpy and pandas.
+
+Input: a pandas DataFrame (or a list of dicts / a dict of lists) with
+
+- ``image``: base64-encoded PNG/JPEG bytes (a ``data:image/...;base64,`` prefix is accepted), raw bytes, or
+  the path of a local image file;
+- ``text`` (optional): a caption to score against the row's image.
+
+Output: a DataFrame with one row per input row. Rows without text get ``caption`` (beam search, prompt
+"a picture of ", the prompt removed); rows with text get ``itm_prob`` (ITM match probability) and
+``itc_cosine`` (cosine of the ITC features). A frame mixing both kinds of row carries all three columns, with
+missing values where a column does not apply.
+
+Inference parameters (``params=`` in ``predict``, or ``"params"`` in a serving request) override the decoding
+defaults: ``decoding`` (``beam``), ``num_beams`` (3), ``max_length`` (20), ``min_length`` (5), ``prompt``
+("a picture of "), ``batch_size`` (16).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import os
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_PARAMS: dict[str, Any] = {
+    "decoding": "beam",
+    "num_beams": 3,
+    "max_length": 20,
+    "min_length": 5,
+    "prompt": "a picture of ",
+    "batch_size": 16,
+}
+
+
+def _missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value == ""
+
+
+def decode_image(value: Any):
+    """A PIL RGB image from base64 text, raw bytes or a local file path."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        path = text[7:] if text.startswith("file://") else text
+        if len(path) < 4096 and os.path.isfile(path):
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        if text.startswith("data:") and "," in text:
+            text = text.split(",", 1)[1]
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError("image is neither an existing local file nor base64-encoded image bytes") from e
+    else:
+        raise ValueError(f"image must be base64 text, bytes or a local path, not {type(value).__name__}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except UnidentifiedImageError as e:
+        raise ValueError("image bytes are not a readable PNG/JPEG image") from e
+
+
+def _as_frame(model_input: Any) -> pd.DataFrame:
+    if isinstance(model_input, pd.DataFrame):
+        df = model_input
+    elif isinstance(model_input, dict):
+        df = pd.DataFrame(model_input) if any(isinstance(v, list) for v in model_input.values()) \
+            else pd.DataFrame([model_input])
+    elif isinstance(model_input, list):
+        df = pd.DataFrame(model_input)
+    else:
+        raise ValueError(f"input must be a DataFrame with an 'image' column, not {type(model_input).__name__}")
+    if "image" not in df.columns:
+        raise ValueError("input needs an 'image' column (base64 PNG/JPEG bytes or a local path)")
+    return df.reset_index(drop=True)
+
+
+class BlipPyfunc(PythonModel):
+    """Caption images (no ``text``) or score image-text pairs (with ``text``) with a BLIP checkpoint."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from blip_core import load_checkpoint
+
+        loaded = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+        config = dict(getattr(context, "model_config", None) or {})
+        device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        self.model = loaded.model.to(self.device).eval()
+        self.tokenizer = loaded.tokenizer
+        self.image_size = int(self.model.cfg.vision.image_size)
+        self.defaults = {**DEFAULT_PARAMS, **{k: v for k, v in config.items() if k in DEFAULT_PARAMS}}
+        self._transform = self._make_transform()
+
+    def _make_transform(self):
+        try:
+            from blip_core.data.transforms import EvalTransform
+        except ImportError:
+            EvalTransform = None  # noqa: N806
+        if EvalTransform is not None:
+            tf = EvalTransform(self.image_size)
+            return lambda img: tf(img)[0]
+
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        mean = np.asarray(CLIP_MEAN, dtype=np.float32)
+        std = np.asarray(CLIP_STD, dtype=np.float32)
+
+        def transform(img):
+            img = img.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            arr = (np.asarray(img, dtype=np.float32) / 255.0 - mean) / std
+            return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+        return transform
+
+    def _images(self, values: list[Any], rows: list[int]):
+        import torch
+
+        tensors = []
+        for row, value in zip(rows, values):
+            try:
+                tensors.append(self._transform(decode_image(value)))
+            except ValueError as e:
+                raise ValueError(f"row {row}: {e}") from e
+        return torch.stack(tensors).to(self.device)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        import torch
+
+        from blip_core.generation import generate_captions, itm_scores
+
+        opts = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
+        batch_size = max(1, int(opts["batch_size"]))
+        df = _as_frame(model_input)
+        images = df["image"].tolist()
+        texts = df["text"].tolist() if "text" in df.columns else [None] * len(df)
+        caption_rows = [i for i, t in enumerate(texts) if _missing(t)]
+        score_rows = [i for i, t in enumerate(texts) if not _missing(t)]
+
+        captions: dict[int, str] = {}
+        scores: dict[int, tuple[float, float]] = {}
+        with torch.inference_mode():
+            for start in range(0, len(caption_rows), batch_size):
+                rows = caption_rows[start:start + batch_size]
+                batch = self._images([images[i] for i in rows], rows)
+                generated = generate_captions(self.model, self.tokenizer, batch, decoding=opts["decoding"],
+                                              num_beams=int(opts["num_beams"]), max_length=int(opts["max_length"]),
+                                              min_length=int(opts["min_length"]), prompt=str(opts["prompt"]))
+                captions.update(zip(rows, generated))
+            by_image: dict[Any, list[int]] = {}  # rows sharing an image are scored in one call
+            for i in score_rows:
+                value = images[i]
+                by_image.setdefault(bytes(value) if isinstance(value, (bytearray, memoryview)) else value,
+                                    []).append(i)
+            for rows in by_image.values():
+                image = self._images([images[rows[0]]], rows[:1])
+                for start in range(0, len(rows), batch_size):
+                    chunk = rows[start:start + batch_size]
+                    itm, itc = itm_scores(self.model, self.tokenizer, image, [str(texts[i]) for i in chunk])
+                    scores.update(zip(chunk, zip(itm.reshape(-1).float().cpu().tolist(),
+                                                 itc.reshape(-1).float().cpu().tolist())))
+
+        out: dict[str, list] = {}
+        if caption_rows:
+            out["caption"] = [captions.get(i) for i in range(len(df))]
+        if score_rows:
+            out["itm_prob"] = [scores[i][0] if i in scores else None for i in range(len(df))]
+            out["itc_cosine"] = [scores[i][1] if i in scores else None for i in range(len(df))]
+        if not out:
+            out["caption"] = []
+        return pd.DataFrame(out)
+
+
+mlflow.models.set_model(BlipPyfunc())
