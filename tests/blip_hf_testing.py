@@ -18,13 +18,16 @@ CORPUS = [
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer_dir():
+    """A BERT vocabulary written in a fixed order (WordPiece training may order tied tokens differently)."""
     import tempfile
+    from pathlib import Path
 
-    from blip_core.tokenizer import BlipTokenizer
-
-    d = tempfile.mkdtemp(prefix="blip_hf_tok_")
-    BlipTokenizer.from_corpus(CORPUS, vocab_size=150).save(d)
-    return d
+    words = sorted({w for line in CORPUS for w in line.split()})
+    filler = [f"tok{i}" for i in range(60)]  # more candidates for the decoder to choose from
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *filler, "##s", "##ing"]
+    d = Path(tempfile.mkdtemp(prefix="blip_hf_tok_"))
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return str(d)
 
 
 def make_tokenizer():
