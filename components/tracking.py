@@ -636,10 +636,10 @@ def stage_run(stage: str, config: Any = None, parent_run_id: str | None = None, 
     run_id = created.info.run_id
     if log_system_metrics and not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-    mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=log_system_metrics)
     run = StageRun(run_id, parent_id, exp_id, stage, uri)
     status = "FAILED"
     try:
+        mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=log_system_metrics)
         if config is not None:
             run.log_config(config)
         yield run
@@ -657,17 +657,21 @@ def stage_run(stage: str, config: Any = None, parent_run_id: str | None = None, 
 
 
 def _end_active(run_id: str, status: str) -> None:
-    """End ``run_id`` in the fluent run stack (and any run left open above it)."""
-    stack_ids = []
-    active = mlflow.active_run()
-    while active is not None:
-        stack_ids.append(active.info.run_id)
-        if active.info.run_id == run_id:
-            mlflow.end_run(status)
-            return
-        mlflow.end_run("FAILED" if status != "FINISHED" else "FINISHED")
+    """End ``run_id``: pop it (and any run a stage left open above it) off the fluent run stack."""
+    from mlflow.tracking import fluent
+
+    stack = getattr(fluent, "_active_run_stack", None)
+    ids = [r.info.run_id for r in stack.get()] if stack is not None else []
+    if run_id in ids:
+        for _ in range(len(ids) - ids.index(run_id) - 1):
+            mlflow.end_run("FINISHED" if status == "FINISHED" else "KILLED")
+        mlflow.end_run(status)
+    else:
         active = mlflow.active_run()
-    MlflowClient().set_terminated(run_id, status=status)
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run(status)
+        else:  # ended by the stage itself: record the outcome
+            MlflowClient().set_terminated(run_id, status=status)
 
 
 # --------------------------------------------------------------------------------------------------
