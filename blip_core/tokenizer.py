@@ -13,6 +13,7 @@ directory format.
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -73,15 +74,38 @@ class BlipTokenizer:
 
     @classmethod
     def from_corpus(cls, texts: Iterable[str], vocab_size: int = 1000, min_frequency: int = 1) -> BlipTokenizer:
-        """Train a lowercase WordPiece vocabulary on ``texts`` (already cleaned captions)."""
+        """Build a lowercase WordPiece tokenizer from ``texts`` (cleaned captions), deterministically.
+
+        The vocabulary is the special tokens, every character seen (as a word start and as a ``##``
+        continuation, so no seen word becomes [UNK]), then whole words by descending frequency (ties in
+        alphabetical order) up to ``vocab_size``. Unlike a trained merge table it is the same on every run
+        and every rank, so a resumed or distributed run sees the same token ids.
+        """
+        from collections import Counter
+
         from tokenizers import BertWordPieceTokenizer
+        from tokenizers.normalizers import BertNormalizer
+        from tokenizers.pre_tokenizers import BertPreTokenizer
         from transformers import BertTokenizerFast
 
-        wp = BertWordPieceTokenizer(lowercase=True, strip_accents=True, clean_text=True)
-        wp.train_from_iterator(iter(texts), vocab_size=vocab_size, min_frequency=min_frequency,
-                               special_tokens=BASE_SPECIAL_TOKENS, show_progress=False)
-        hf = BertTokenizerFast(tokenizer_object=wp._tokenizer, do_lower_case=True)
-        return cls(hf)
+        normalizer, pre = BertNormalizer(lowercase=True, strip_accents=True), BertPreTokenizer()
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+        chars = sorted({c for w in counts for c in w})
+        vocab = list(BASE_SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+        seen = set(vocab)
+        for word, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            if len(vocab) >= vocab_size or n < min_frequency:
+                break
+            if word not in seen:
+                vocab.append(word)
+                seen.add(word)
+        with tempfile.TemporaryDirectory() as d:
+            vocab_file = Path(d) / "vocab.txt"
+            vocab_file.write_text("".join(f"{t}\n" for t in vocab))
+            wp = BertWordPieceTokenizer(str(vocab_file), lowercase=True, strip_accents=True, clean_text=True)
+        return cls(BertTokenizerFast(tokenizer_object=wp._tokenizer, do_lower_case=True))
 
     def save(self, path: str | Path) -> None:
         """Save in the Hugging Face directory format (loadable by :meth:`from_dir` and ``transformers``)."""

@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 
+import torch
+
 from blip_core.config import Config, load_config
 from blip_core.objectives import PretrainObjective, SpecialIds
 from blip_core.pretrained import load_bert_weights, load_vit_weights
 from blip_core.train import distributed as D
-from components import training
+from components import storage, training
 from components.training import TrainStageResult
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ def run(cfg: Config, data: list[str], output: str, *, init: str | None = None, v
         stage: str = "pretrain") -> TrainStageResult:
     """Pre-train BLIP on the dataset directories ``data`` and write the model under ``output``."""
     info = D.init_from_env()
+    torch.manual_seed(cfg.pretrain.seed)  # the same initial weights on every rank and every run
     work = training.prepare_work(output, resume, info)
     momentum_state = None
     if init:
@@ -35,7 +38,7 @@ def run(cfg: Config, data: list[str], output: str, *, init: str | None = None, v
     else:
         tokenizer = training.make_tokenizer(cfg, data, work, info)
         model = training.new_model(cfg, tokenizer)
-        with training.local_checkpoint(vit_init) if vit_init else _null() as vit_path:
+        with storage.local_copy(vit_init) if vit_init else _null() as vit_path:
             if vit_path is not None:
                 ignored = load_vit_weights(model, vit_path)
                 log.info("ViT initialised from %s (ignored: %s)", vit_init, ignored)

@@ -1,0 +1,151 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from toy_data import TINY, no_tracking, toy_data  # noqa: F401 - fixtures
+
+from blip_core import load_checkpoint
+from blip_core.config import load_config
+from components import finetune, pretrain, storage
+from components.cli import main as blip
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pretrain_then_finetune_both_heads(toy_data, tmp_path, no_tracking):
+    pre = tmp_path / "pre"
+    assert blip(["pretrain", "--data", toy_data["web"], toy_data["human"], "--output", str(pre),
+                 *sum((["--set", s] for s in TINY + ["pretrain.epochs=1"]), [])]) == 0
+    result = json.loads((pre / "result.json").read_text())
+    assert result["steps"] == (64 + 24 * 5) // 8 and result["epochs"] == 1
+    log = json.loads((pre / "train_log.json").read_text())
+    assert [r["step"] for r in log] == list(range(1, result["steps"] + 1))
+    ckpt = load_checkpoint(pre / "model")
+    assert ckpt.momentum_state is not None and "image_queue" in ckpt.momentum_state
+    assert ckpt.tokenizer is not None and len(ckpt.tokenizer) == ckpt.model.cfg.text.vocab_size
+
+    cfg = load_config(None, TINY + ["finetune_captioner.epochs=1", "finetune_filter.epochs=1"])
+    cap = finetune.run(cfg, "captioner", str(pre), [toy_data["human"]], str(tmp_path / "cap"))
+    fil = finetune.run(cfg, "filter", str(pre), [toy_data["human"]], str(tmp_path / "fil"))
+    assert set(cap.losses) == {"lm", "loss"} and set(fil.losses) == {"itc", "itm", "loss"}
+    # The captioner changes only the image encoder and the decoder; the filter leaves the decoder's own
+    # self-attention untouched.
+    pre_w = load_file(pre / "model" / "model.safetensors")
+    cap_w = load_file(tmp_path / "cap" / "model" / "model.safetensors")
+    fil_w = load_file(tmp_path / "fil" / "model" / "model.safetensors")
+    assert torch.equal(pre_w["itm_head.weight"], cap_w["itm_head.weight"])
+    assert not torch.equal(pre_w["itm_head.weight"], fil_w["itm_head.weight"])
+    dec_sa = "text_decoder.bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(pre_w[dec_sa], fil_w[dec_sa]) and not torch.equal(pre_w[dec_sa], cap_w[dec_sa])
+
+
+def test_bad_input_is_one_clear_line(tmp_path, no_tracking, capsys):
+    assert blip(["pretrain", "--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"),
+                 "--set", "model.preset=tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("blip pretrain: error:") and "nothing" in err[0]
+    assert blip(["pretrain", "--data", "x", "--output", "y", "--set", "pretrain.lr=fast"]) == 2
+    assert "pretrain.lr" in capsys.readouterr().err
+
+
+def test_s3_output_uploads_checkpoints_and_resumes(toy_data, tmp_path, s3_bucket, no_tracking, monkeypatch):
+    monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "work1"))
+    data = f"s3://{s3_bucket}/data/web"
+    storage.upload_dir(toy_data["web"], data)
+    out = f"s3://{s3_bucket}/runs/pre"
+    cfg = load_config(None, TINY + ["pretrain.epochs=2", "pretrain.max_steps=5", "pretrain.checkpoint_every=2"])
+    first = pretrain.run(cfg, [data], out)
+    assert first.steps == 5
+    assert storage.exists(f"{out}/checkpoints/latest.json") and storage.exists(f"{out}/result.json")
+    assert storage.exists(f"{out}/model/model.safetensors")
+    # A fresh machine (empty work dir) resumes from the checkpoint on S3.
+    monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "work2"))
+    cfg = load_config(None, TINY + ["pretrain.epochs=2", "pretrain.checkpoint_every=2"])
+    second = pretrain.run(cfg, [data], out)
+    assert second.resumed_from is not None and "step-00000005" in second.resumed_from
+    assert second.steps == 2 * (64 // 8)
+
+
+def test_vit_and_bert_initialisation_from_s3(tmp_path, s3_bucket, no_tracking):
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import BertConfig, BertForMaskedLM
+
+    from blip_core import build_model, model_preset
+    from blip_core.pretrained import load_bert_weights, load_vit_weights
+
+    cfg = model_preset("tiny")
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    bert = BertForMaskedLM(BertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(tmp_path / "bert")
+
+    model = build_model(cfg, vocab_size=92)
+    ignored = load_vit_weights(model, tmp_path / "vit.pth")
+    assert ignored == ["head.bias", "head.weight"]
+    assert torch.equal(model.visual_encoder.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
+    assert model.visual_encoder.pos_embed.shape[1] == 1 + 16  # 16 px -> 32 px: 4 -> 16 patches
+    unused = load_bert_weights(model, tmp_path / "bert")
+    assert "bert.embeddings.token_type_embeddings.weight" not in unused
+    sd = bert.state_dict()
+    q = "bert.encoder.layer.1.attention.self.query.weight"
+    assert torch.equal(model.text_encoder.layers[1].attention.self.query.weight, sd[q])
+    assert torch.equal(model.text_decoder.bert.layers[1].attention.self.query.weight, sd[q])
+    emb = model.text_decoder.bert.embeddings.word_embeddings.weight
+    assert torch.equal(emb[:90], sd["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(model.text_decoder.cls.predictions.bias[:90], sd["cls.predictions.bias"])
+
+    # The stage reads both from s3://.
+    storage.upload_file(tmp_path / "vit.pth", f"s3://{s3_bucket}/init/vit.pth")
+    storage.upload_dir(tmp_path / "bert", f"s3://{s3_bucket}/init/bert")
+    from components.pretrain import _null  # noqa: F401 - the stage module imports cleanly
+    with storage.local_copy(f"s3://{s3_bucket}/init/vit.pth") as p:
+        assert load_vit_weights(build_model(cfg, vocab_size=92), p) == ["head.bias", "head.weight"]
+
+
+def _pretrain_cmd(data, out, extra):
+    sets = sum((["--set", s] for s in TINY + extra), [])
+    return [sys.executable, "-m", "components.pretrain", "--data", data, "--output", str(out), *sets]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_identical_weights(toy_data, tmp_path):
+    env = {**os.environ, "BLIP_TRACKING": "0", "OMP_NUM_THREADS": "1"}
+    extra = ["pretrain.epochs=2", "pretrain.checkpoint_every=3"]
+    ref = tmp_path / "ref"
+    subprocess.run(_pretrain_cmd(toy_data["web"], ref, extra), check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=600)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_pretrain_cmd(toy_data["web"], out, extra), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = out / "checkpoints" / "latest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if pointer.exists() and json.loads(pointer.read_text())["step"] >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "result.json").exists() and not (out / "model").exists()
+    subprocess.run(_pretrain_cmd(toy_data["web"], out, extra), check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=600)
+    result = json.loads((out / "result.json").read_text())
+    assert result["resumed_from"] and result["steps"] == 16
+    a = load_file(ref / "model" / "model.safetensors")
+    b = load_file(out / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma = load_file(ref / "model" / "momentum.safetensors")
+    mb = load_file(out / "model" / "momentum.safetensors")
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
