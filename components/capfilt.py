@@ -1,0 +1,316 @@
+"""CapFilt stage: caption every web image, filter web and synthetic captions with ITM, write the bootstrap set.
+
+``blip capfilt --captioner CKPT --filter CKPT --web URI [URI ...] --human URI [URI ...] --output URI``
+
+The output (local directory or ``s3://`` prefix) is a dataset directory (see
+:mod:`blip_core.data.webdataset_io`) the pretrain stage reads directly::
+
+    capfilt-XXXXXX.tar   one shard per input web shard: each web image with its kept web caption and its
+                         kept synthetic captions (images left with no caption are dropped and counted)
+    human-XXXXXX.tar     the human-annotated shards, copied unchanged
+    provenance.jsonl     every caption that entered: image, source (web/synthetic/human), ITM score, kept
+    summary.json         texts in and out per source, images dropped
+    manifest.json        written last
+    parts/               per-shard completion records (resume: finished shards are not redone)
+
+Work is split over DDP ranks by input shard (rank ``r`` takes shards ``r, r + W, ...``); each rank writes its
+own shards and rank 0 merges the manifest. Synthetic captions are sampled with a generator seeded by
+``(capfilt.seed, shard)``, so a resumed run writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import logging
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from webdataset.writer import TarWriter
+
+from blip_core.capfilt import caption_batch, decide, filter_batch
+from blip_core.config import Config, load_config, to_dict
+from blip_core.data.loader import dataset_shards, decode_image
+from blip_core.data.transforms import EvalTransform
+from blip_core.data.webdataset_io import (
+    DATASET_FORMAT,
+    IMAGE_EXTS,
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    decode_json,
+    is_s3,
+    iter_shard,
+    s3_filesystem,
+    sha256_file,
+)
+from blip_core.errors import UserError
+from blip_core.train import distributed as D
+from components import storage, training
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CapFiltResult:
+    output: str
+    texts_in: dict[str, int]
+    texts_out: dict[str, int]
+    images_in: int
+    images_out: int
+    shards_done: int
+    shards_skipped: int
+    run_id: str | None = None
+
+
+def _image_of(sample: dict) -> tuple[str, bytes]:
+    for ext in IMAGE_EXTS:
+        if sample.get(ext):
+            return ext, sample[ext]
+    raise ValueError("no image")
+
+
+class _Models:
+    def __init__(self, captioner: str, filter_: str, device: torch.device):
+        self.captioner, self.tokenizer, _ = training.load_init(captioner)
+        self.filter, self.filter_tokenizer, _ = training.load_init(filter_)
+        self.captioner.to(device).eval()
+        self.filter.to(device).eval()
+        self.device = device
+        self.cap_tf = EvalTransform(self.captioner.cfg.vision.image_size)
+        self.fil_tf = EvalTransform(self.filter.cfg.vision.image_size)
+
+
+def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, work: Path, fs,
+                   examples: list) -> dict:
+    """Caption and filter one web shard; write ``capfilt-<index>.tar`` and its provenance; return stats."""
+    c = cfg.capfilt
+    name = f"capfilt-{index:06d}.tar"
+    prov_lines: list[str] = []
+    counts_in: Counter[str] = Counter()
+    counts_out: Counter[str] = Counter()
+    images_in = images_out = captions_out = 0
+    unreadable = 0
+    gen = torch.Generator().manual_seed(c.seed * 1_000_003 + index)
+    tar_path = work / name
+    with open(tar_path, "wb") as f:
+        tar = TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False)
+        batch: list[tuple[str, str, bytes, dict, Image.Image]] = []
+
+        def flush() -> None:
+            nonlocal images_out, captions_out
+            if not batch:
+                return
+            cap_images = torch.stack([models.cap_tf(b[4])[0] for b in batch]).to(models.device)
+            synthetic = caption_batch(models.captioner, models.tokenizer, cap_images, c, gen)
+            fil_images = torch.stack([models.fil_tf(b[4])[0] for b in batch]).to(models.device)
+            candidates = [[meta.get("captions", [""])[0]] + syn for (_, _, _, meta, _), syn in zip(batch, synthetic)]
+            scores = filter_batch(models.filter, models.filter_tokenizer, fil_images, candidates)
+            for (key, ext, img_bytes, meta, img), texts, sc in zip(batch, candidates, scores):
+                kept = []
+                record_meta = {"image_id": meta.get("image_id", key), "key": key, "shard": name,
+                               "noise": meta.get("noise")}
+                decisions = []
+                for j, (text, s) in enumerate(zip(texts, sc)):
+                    source = "web" if j == 0 else "synthetic"
+                    ok = decide(s, c.threshold)
+                    counts_in[source] += 1
+                    if ok:
+                        counts_out[source] += 1
+                        kept.append(text)
+                    decisions.append({"source": source, "caption": text, "itm_score": round(s, 6), "kept": ok})
+                    prov_lines.append(json.dumps({**record_meta, "source": source, "caption": text,
+                                                  "itm_score": round(s, 6), "kept": ok,
+                                                  "noise": record_meta["noise"] if source == "web" else None}))
+                if len(examples) < 16:
+                    examples.append((img, decisions))
+                if not kept:
+                    continue
+                out_meta = {**meta, "captions": kept, "source": "web", "capfilt": decisions}
+                tar.write({"__key__": key, ext: img_bytes, "txt": kept[0].encode("utf-8"),
+                           "json": json.dumps(out_meta, sort_keys=True, ensure_ascii=False).encode("utf-8")})
+                images_out += 1
+                captions_out += len(kept)
+            batch.clear()
+
+        for sample in iter_shard(shard_uri, fs):
+            images_in += 1
+            try:
+                ext, data = _image_of(sample)
+                img = decode_image(data)
+                meta = decode_json(sample.get("json"))
+                if not meta.get("captions"):
+                    meta["captions"] = [sample["txt"].decode("utf-8")]
+            except Exception as e:  # noqa: BLE001 - a bad sample is counted, never fatal
+                unreadable += 1
+                prov_lines.append(json.dumps({"key": sample.get("__key__"), "shard": name, "source": "web",
+                                              "caption": None, "itm_score": None, "kept": False,
+                                              "error": f"unreadable: {type(e).__name__}"}))
+                continue
+            batch.append((sample["__key__"], ext, data, meta, img))
+            if len(batch) >= c.batch_size:
+                flush()
+        flush()
+        tar.close()
+    prov_path = work / "provenance" / f"{name}.jsonl"
+    prov_path.parent.mkdir(parents=True, exist_ok=True)
+    prov_path.write_text("".join(line + "\n" for line in prov_lines))
+    return {"shard": name, "images_in": images_in, "images_out": images_out, "captions_out": captions_out,
+            "unreadable": unreadable, "texts_in": dict(counts_in), "texts_out": dict(counts_out),
+            "bytes": tar_path.stat().st_size, "sha256": sha256_file(tar_path)}
+
+
+def _figure_html(examples: list) -> str:
+    """The paper's Figure 4 for this run: images with web and synthetic captions, accepted in green."""
+    rows = []
+    for img, decisions in examples:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        src = base64.b64encode(buf.getvalue()).decode()
+        caps = "".join(
+            f'<li style="color:{"#1a7f37" if d["kept"] else "#cf222e"}">[{d["source"]}] '
+            f'{html.escape(d["caption"])} <small>(ITM {d["itm_score"]:.2f})</small></li>' for d in decisions)
+        rows.append(f'<tr><td><img src="data:image/png;base64,{src}" width="96"></td><td><ul>{caps}</ul></td></tr>')
+    return ("<html><body><h3>CapFilt examples: accepted captions in green, rejected in red</h3>"
+            f"<table>{''.join(rows)}</table></body></html>")
+
+
+def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[str], output: str, *,  # noqa: A002
+        parent_run_id: str | None = None, progress: bool = True) -> CapFiltResult:
+    """Bootstrap ``web`` with the captioner and the filter; copy ``human``; write the dataset to ``output``."""
+    from components import tracking
+
+    info = D.init_from_env()
+    models = _Models(captioner, filter, info.device)
+    web_shards = dataset_shards(web)
+    human_shards = dataset_shards(human) if human else []
+    if not web_shards:
+        raise UserError(f"no web shards in {web}")
+    fs = s3_filesystem() if any(is_s3(u) for u in web + human) else None
+    if info.is_main:
+        storage.delete(storage.join(output, MANIFEST_NAME))  # an unfinished output never looks complete
+    D.barrier()
+
+    mine = [(i, s) for i, s in enumerate(web_shards) if i % info.world_size == info.rank]
+    done = skipped = 0
+    examples: list = []
+    with tracking.stage_run("capfilt", to_dict(cfg), parent_run_id=parent_run_id) as run_:
+        bar = tqdm(total=sum(s.samples for _, s in mine), desc="capfilt", unit="img",
+                   disable=not (progress and info.is_main))
+        for i, shard in mine:
+            part = storage.join(output, "parts", f"capfilt-{i:06d}.json")
+            if storage.exists(part):
+                skipped += 1
+                bar.update(shard.samples)
+                continue
+            with tempfile.TemporaryDirectory(prefix="blip-capfilt-") as tmp:
+                stats = _process_shard(models, cfg, shard.uri, i, Path(tmp), fs, examples)
+                storage.upload_file(Path(tmp) / stats["shard"], storage.join(output, stats["shard"]))
+                storage.upload_file(Path(tmp) / "provenance" / f"{stats['shard']}.jsonl",
+                                    storage.join(output, "parts", f"{stats['shard']}.provenance.jsonl"))
+            storage.write_json(part, stats)  # the shard's completion record, written last
+            done += 1
+            bar.update(shard.samples)
+        bar.close()
+        D.barrier()
+        result = None
+        if info.is_main:
+            result = _merge(cfg, output, web_shards, human_shards, fs, done, skipped)
+            result.run_id = run_.run_id
+            run_.log_metrics(0, {**{f"texts_in_{k}": v for k, v in result.texts_in.items()},
+                                 **{f"texts_out_{k}": v for k, v in result.texts_out.items()},
+                                 "images_in": result.images_in, "images_out": result.images_out})
+            if examples:
+                run_.log_text(_figure_html(examples), "capfilt_examples.html")
+                run_.log_table([{"source": d["source"], "caption": d["caption"], "itm_score": d["itm_score"],
+                                 "kept": d["kept"], "example": n} for n, (_, ds) in enumerate(examples) for d in ds],
+                               "capfilt_examples.json")
+        D.barrier()
+    if result is None:
+        return CapFiltResult(output, {}, {}, 0, 0, done, skipped)
+    return result
+
+
+def _merge(cfg: Config, output: str, web_shards, human_shards, fs, done: int, skipped: int) -> CapFiltResult:
+    """Rank 0: copy human shards, concatenate provenance, write summary.json and then manifest.json."""
+    parts = [storage.read_json(storage.join(output, "parts", f"capfilt-{i:06d}.json")) for i in range(len(web_shards))]
+    shards = [ShardInfo(p["shard"], p["images_out"], p["captions_out"], p["bytes"], p["sha256"]) for p in parts]
+    texts_in: Counter[str] = Counter()
+    texts_out: Counter[str] = Counter()
+    for p in parts:
+        texts_in.update(p["texts_in"])
+        texts_out.update(p["texts_out"])
+    prov: list[str] = [storage.read_text(storage.join(output, "parts", f"{p['shard']}.provenance.jsonl"))
+                       for p in parts]
+    human_samples = 0
+    for j, hs in enumerate(human_shards):
+        name = f"human-{j:06d}.tar"
+        with tempfile.TemporaryDirectory(prefix="blip-human-") as tmp:
+            local = Path(tmp) / name
+            with storage.local_copy(hs.uri) as src:
+                local.write_bytes(Path(src).read_bytes())
+            lines = []
+            for sample in iter_shard(str(local)):
+                meta = decode_json(sample.get("json"))
+                for cap in meta.get("captions") or [sample["txt"].decode("utf-8")]:
+                    texts_in["human"] += 1
+                    texts_out["human"] += 1
+                    lines.append(json.dumps({"image_id": meta.get("image_id", sample["__key__"]),
+                                             "key": sample["__key__"], "shard": name, "source": "human",
+                                             "caption": cap, "itm_score": None, "kept": True, "noise": None}))
+            prov.append("".join(line + "\n" for line in lines))
+            storage.upload_file(local, storage.join(output, name))
+            shards.append(ShardInfo(name, hs.samples, hs.captions, local.stat().st_size, sha256_file(local)))
+            human_samples += hs.samples
+    images_in = sum(p["images_in"] for p in parts)
+    images_out = sum(p["images_out"] for p in parts)
+    unreadable = sum(p["unreadable"] for p in parts)
+    storage.write_text(storage.join(output, "provenance.jsonl"), "".join(prov))
+    summary = {"texts_in": dict(texts_in), "texts_out": dict(texts_out), "web_images_in": images_in,
+               "web_images_out": images_out, "web_images_dropped": images_in - images_out - unreadable,
+               "unreadable": unreadable, "human_images": human_samples, "threshold": cfg.capfilt.threshold,
+               "decoding": cfg.capfilt.decoding, "shards_done": done, "shards_skipped": skipped}
+    storage.write_json(storage.join(output, "summary.json"), summary)
+    rejected = {"no_caption_kept": images_in - images_out - unreadable}
+    if unreadable:
+        rejected["unreadable"] = unreadable
+    manifest = Manifest(source=f"capfilt({','.join(s.uri for s in web_shards[:1])}...)",
+                        samples_in=images_in + human_samples, samples_out=images_out + human_samples,
+                        captions_out=sum(s.captions for s in shards), rejected=rejected, shards=shards,
+                        config={"capfilt": asdict(cfg.capfilt)}, format=DATASET_FORMAT,
+                        extra={"capfilt": summary})
+    manifest.check_counts()
+    storage.write_text(storage.join(output, MANIFEST_NAME), manifest.to_json())
+    return CapFiltResult(output, dict(texts_in), dict(texts_out), images_in, images_out, done, skipped)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="blip capfilt", description=__doc__.split("\n\n")[0])
+    p.add_argument("--captioner", required=True, help="fine-tuned captioner (checkpoint or stage output)")
+    p.add_argument("--filter", required=True, help="fine-tuned filter (checkpoint or stage output)")
+    p.add_argument("--web", nargs="+", required=True, help="web dataset directories to bootstrap")
+    p.add_argument("--human", nargs="*", default=[], help="human-annotated dataset directories (copied)")
+    p.add_argument("--output", required=True, help="output dataset directory or s3:// prefix")
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--parent-run-id", default=None)
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    res = run(cfg, args.captioner, args.filter, args.web, args.human, args.output, parent_run_id=args.parent_run_id)
+    if D.rank() == 0:
+        print(f"capfilt: web images {res.images_in} -> {res.images_out}; texts in {res.texts_in}, "
+              f"kept {res.texts_out}; output {res.output}")
+    D.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
