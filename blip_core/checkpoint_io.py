@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -92,9 +92,30 @@ def canonical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_canonical(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy a canonical state dict into ``model``; any missing, unexpected or mis-shaped key is an error."""
     expected = canonical_state_dict(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
+    _check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, source)
+    with torch.no_grad():
+        for k, t in expected.items():
+            t.copy_(state[k])
+
+
+def load_canonical_file(model: nn.Module, path: Path) -> None:
+    """Stream a canonical safetensors file into ``model`` one tensor at a time (no second full copy)."""
+    expected = canonical_state_dict(model)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            _check_keys(expected, shapes, str(path))
+            with torch.no_grad():
+                for k, t in expected.items():
+                    t.copy_(f.get_tensor(k))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: cannot read weights ({e})") from None
+
+
+def _check_keys(expected: dict[str, torch.Tensor], shapes: dict[str, tuple], source: str) -> None:
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(shapes) & set(expected) if shapes[k] != tuple(expected[k].shape))
     problems = []
     if missing:
         problems.append(f"missing keys: {_names(missing)}")
@@ -102,12 +123,9 @@ def load_canonical(model: nn.Module, state: dict[str, torch.Tensor], source: str
         problems.append(f"unexpected keys: {_names(unexpected)}")
     if wrong:
         problems.append("shape mismatches: " + ", ".join(
-            f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:10]))
+            f"{k} {shapes[k]} vs model {tuple(expected[k].shape)}" for k in wrong[:10]))
     if problems:
         raise UserError(f"{source}: weights do not match the model config ({'; '.join(problems)})")
-    with torch.no_grad():
-        for k, t in expected.items():
-            t.copy_(state[k])
 
 
 def _names(keys: list[str], limit: int = 12) -> str:
@@ -278,7 +296,7 @@ def load_checkpoint(src: str | Path, *, with_momentum: bool = True) -> Checkpoin
         model = BlipModel(cfg)
     except ValueError as e:
         raise UserError(f"{src}: cannot build the model: {e}") from None
-    load_canonical(model, _read_safetensors(weights), str(weights))
+    load_canonical_file(model, weights)
     model.eval()
     tokenizer = None
     tok_dir = src / TOKENIZER_DIR

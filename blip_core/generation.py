@@ -107,8 +107,9 @@ def _step(model: BlipModel, tokens: torch.Tensor, length: int, cross: CrossKV,
           cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
     """Decode ``tokens`` (B, l) given ``cache``; returns last-position logits (B, V) in fp32 and the cache."""
     mask = tokens.new_ones(tokens.shape[0], length)
-    logits, cache = model.decode(tokens, mask, cross, past=cache, use_cache=True)
-    return logits[:, -1].float(), cache
+    decoder = model.text_decoder
+    hidden, cache = decoder.bert(tokens, mask, cross, is_causal=True, past=cache, use_cache=True)
+    return decoder.cls.predictions(hidden[:, -1]).float(), cache  # LM head on the last position only
 
 
 def _reorder(cache: KVCache, index: torch.Tensor) -> KVCache:

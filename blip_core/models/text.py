@@ -119,7 +119,7 @@ class TextLayer(nn.Module):
         core = self.crossattention.self
         return _split_heads(core.key(image_embeds), self.heads), _split_heads(core.value(image_embeds), self.heads)
 
-    def _self_attention(self, x, mask, past):
+    def _self_attention(self, x, mask, past, is_causal=False):
         core = self.attention.self
         q = _split_heads(core.query(x), self.heads)  # (B, h, L, d_h)
         k = _split_heads(core.key(x), self.heads)
@@ -128,7 +128,7 @@ class TextLayer(nn.Module):
             k = torch.cat([past[0], k], dim=2)  # (B, h, L_past + L, d_h)
             v = torch.cat([past[1], v], dim=2)
         p = self.attn_dropout if self.training else 0.0
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
         return self.attention.output(_merge_heads(ctx), x), (k, v)
 
     def _cross_attention(self, x, k, v, index):
@@ -150,8 +150,8 @@ class TextLayer(nn.Module):
             ctx = ctx.view(b_i, h, r, L, dh).transpose(1, 2).reshape(b_t, h, L, dh)  # (B_t, h, L, d_h)
         return self.crossattention.output(_merge_heads(ctx), x)
 
-    def forward(self, x, mask, cross: tuple[torch.Tensor, torch.Tensor] | None, index, past):
-        x, kv = self._self_attention(x, mask, past)
+    def forward(self, x, mask, cross: tuple[torch.Tensor, torch.Tensor] | None, index, past, is_causal=False):
+        x, kv = self._self_attention(x, mask, past, is_causal)
         if cross is not None:
             x = self._cross_attention(x, cross[0], cross[1], index)
         x = self.output(self.intermediate(x), x)
@@ -182,6 +182,22 @@ class Encoder(nn.Module):
     def __init__(self, cfg: TextConfig, encoder_width: int):
         super().__init__()
         self.layer = nn.ModuleList(TextLayer(cfg, encoder_width) for _ in range(cfg.num_layers))
+
+
+def sdpa_mask(attention_mask: torch.Tensor, query_len: int, past_len: int,
+              is_causal: bool) -> tuple[torch.Tensor | None, bool]:
+    """The cheapest SDPA arguments ``(attn_mask, is_causal)`` equivalent to :func:`build_attention_mask`.
+
+    Without padding no mask tensor is needed: bidirectional attention and single-token decoding steps attend
+    to every key, and a causal pass without a cache uses SDPA's built-in causal mask.
+    """
+    if not bool(attention_mask.bool().all()):
+        return build_attention_mask(attention_mask, query_len, past_len, is_causal), False
+    if not is_causal or query_len == 1:
+        return None, False
+    if past_len == 0:
+        return None, True
+    return build_attention_mask(attention_mask, query_len, past_len, is_causal), False
 
 
 def build_attention_mask(attention_mask: torch.Tensor, query_len: int, past_len: int,
@@ -240,11 +256,12 @@ class TextTransformer(nn.Module):
         """
         past_len = past[0][0].shape[2] if past else 0
         x = self.embeddings(input_ids, past_len)
-        mask = build_attention_mask(attention_mask, input_ids.shape[1], past_len, is_causal)
+        mask, causal_flag = sdpa_mask(attention_mask, input_ids.shape[1], past_len, is_causal)
         new_cache: KVCache = []
         for i, layer in enumerate(self.layers):
             kv_i = cross.kv[i] if cross is not None else None
-            x, kv = layer(x, mask, kv_i, cross.index if cross is not None else None, past[i] if past else None)
+            x, kv = layer(x, mask, kv_i, cross.index if cross is not None else None, past[i] if past else None,
+                          causal_flag)
             if use_cache:
                 new_cache.append(kv)
         return x, (new_cache if use_cache else None)
