@@ -150,6 +150,15 @@ class IngestConfig:
 
 
 @dataclass(kw_only=True)
+class SourcesConfig:
+    """Where the pipeline's raw data comes from (toy-web URIs, shard directories, manifests; local or s3)."""
+
+    web: str = "toyweb://?split=web&n=3000&noise=0.3&seed=0"  # noisy web pairs
+    human: str = "toyweb://?split=human&n=500&seed=0"  # clean human-annotated pairs (several captions each)
+    test: str = "toyweb://?split=test&n=200&seed=0"  # clean held-out test split
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """One training stage (pre-train, fine-tune captioner, fine-tune filter)."""
 
@@ -201,13 +210,15 @@ class CapFiltConfig:
 class EvalConfig:
     """Evaluation: retrieval (ITC top-k re-ranked by ITM) and captioning metrics."""
 
-    k_test: int = 16
-    batch_size: int = 64
+    k_test: int = 16  # ITC candidates per image (i2t) and per text (t2i) re-ranked by ITM
+    batch_size: int = 64  # images/texts per encoder batch; image-text pairs per ITM re-rank batch
     num_beams: int = 3
     max_length: int = 20
     min_length: int = 5
     prompt: str = "a picture of "
     metric: str = "mean_r1"  # the metric register compares against the champion
+    max_text_len: int = 35  # tokens per caption for retrieval (official retrieval uses 35)
+    log_samples: int = 4  # test images logged to MLflow with each model's caption
 
 
 @dataclass(kw_only=True)
@@ -216,6 +227,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=lambda: _preset("toy"))
     data: DataConfig = field(default_factory=DataConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     finetune_captioner: TrainConfig = field(default_factory=lambda: _finetune_defaults("a picture of "))

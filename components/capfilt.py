@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import html
 import io
 import json
@@ -168,6 +169,16 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
             "bytes": tar_path.stat().st_size, "sha256": sha256_file(tar_path)}
 
 
+def _fingerprint(cfg: Config, captioner: str, filter_: str) -> str:
+    """Identity of a CapFilt run's settings and models: finished shards are reused only when it matches."""
+    h = hashlib.sha256(json.dumps(asdict(cfg.capfilt), sort_keys=True).encode())
+    for uri in (captioner, filter_):
+        model_dir = training.resolve_model_dir(uri)
+        h.update(storage.read_bytes(storage.join(model_dir, "config.json")))
+        h.update(str(storage.size(storage.join(model_dir, "model.safetensors"))).encode())
+    return h.hexdigest()[:16]
+
+
 def _figure_html(examples: list) -> str:
     """The paper's Figure 4 for this run: images with web and synthetic captions, accepted in green."""
     rows = []
@@ -205,9 +216,10 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
     with tracking.stage_run("capfilt", to_dict(cfg), parent_run_id=parent_run_id) as run_:
         bar = tqdm(total=sum(s.samples for _, s in mine), desc="capfilt", unit="img",
                    disable=not (progress and info.is_main))
+        fingerprint = _fingerprint(cfg, captioner, filter)
         for i, shard in mine:
             part = storage.join(output, "parts", f"capfilt-{i:06d}.json")
-            if storage.exists(part):
+            if storage.exists(part) and storage.read_json(part).get("fingerprint") == f"{fingerprint}:{shard.uri}":
                 skipped += 1
                 bar.update(shard.samples)
                 continue
@@ -216,6 +228,7 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
                 storage.upload_file(Path(tmp) / stats["shard"], storage.join(output, stats["shard"]))
                 storage.upload_file(Path(tmp) / "provenance" / f"{stats['shard']}.jsonl",
                                     storage.join(output, "parts", f"{stats['shard']}.provenance.jsonl"))
+            stats["fingerprint"] = f"{fingerprint}:{shard.uri}"
             storage.write_json(part, stats)  # the shard's completion record, written last
             done += 1
             bar.update(shard.samples)

@@ -279,6 +279,14 @@ def exists(uri: str) -> bool:
         return False
 
 
+def size(uri: str) -> int:
+    """Size in bytes of a local file or S3 object; ``FileNotFoundError`` when absent."""
+    if not is_s3(uri):
+        return Path(uri).stat().st_size
+    bucket, key = split_s3(uri)
+    return int(_with_retries("stat", uri, lambda: s3_client().head_object(Bucket=bucket, Key=key))["ContentLength"])
+
+
 def delete(uri: str) -> None:
     """Remove a file/object if it exists."""
     if not is_s3(uri):

@@ -215,6 +215,14 @@ def freeze_unused(model: BlipModel, task: str) -> None:
                 p.requires_grad_(False)
 
 
+def data_fingerprint(data_uris: list[str]) -> str:
+    """A hash of the input datasets' manifests (shard checksums): resume only onto the same data."""
+    h = hashlib.sha256()
+    for uri in data_uris:
+        h.update(storage.read_bytes(storage.join(uri, "manifest.json")))
+    return h.hexdigest()[:16]
+
+
 def train_config_dict(cfg: Config, section: str) -> dict:
     return {"section": section, **to_dict(cfg)}
 
@@ -263,7 +271,7 @@ def run_training(
         history.append({"step": step, **metrics})
         run.log_metrics(step, metrics)
 
-    config = train_config_dict(cfg, stage)
+    config = {**train_config_dict(cfg, stage), "data_fingerprint": data_fingerprint(data)}
     if info.is_main and tracking.tracking_enabled():
         tracking.check_tracking()
     with tracking.stage_run(stage, config, parent_run_id=parent_run_id) as run:

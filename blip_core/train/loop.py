@@ -12,6 +12,8 @@ A non-finite loss stops the run with :class:`TrainingDiverged`, naming the step 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +29,8 @@ from blip_core.errors import UserError
 from blip_core.train import distributed as D
 from blip_core.train.checkpoint import TrainPosition, latest_checkpoint, load_checkpoint_into, save_checkpoint
 from blip_core.train.optim import alpha_at, learning_rate, set_learning_rate
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(UserError):
@@ -90,8 +94,12 @@ def train(
     position = TrainPosition()
     resumed_from = None
     if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
-        position, _ = load_checkpoint_into(latest, inner, optimizer)
-        resumed_from = latest
+        if _same_config(latest, config_dict):
+            position, _ = load_checkpoint_into(latest, inner, optimizer)
+            resumed_from = latest
+        else:
+            log.warning("not resuming from %s: it was written with another config or other data; starting over",
+                        latest)
     model = inner.model
     ddp = D.wrap_ddp(inner, info)
 
@@ -185,6 +193,12 @@ def train(
     return TrainResult(position=position, last_losses=last_losses, checkpoint=last_ckpt, resumed_from=resumed_from,
                        pairs_per_second=pairs * info.world_size / max(elapsed, 1e-9),
                        data_time_share=data_time / max(data_time + compute_time, 1e-9))
+
+
+def _same_config(checkpoint: Path, config_dict: dict | None) -> bool:
+    """Whether a checkpoint was written by a run with this config (JSON-normalised comparison)."""
+    saved = json.loads((checkpoint / "train_state.json").read_text()).get("config")
+    return saved == json.loads(json.dumps(config_dict or {}))
 
 
 def _checkpoint(root, objective, optimizer, position, config_dict, info, on_checkpoint) -> Path | None:
