@@ -198,7 +198,17 @@ def train(
 def _same_config(checkpoint: Path, config_dict: dict | None) -> bool:
     """Whether a checkpoint was written by a run with this config (JSON-normalised comparison)."""
     saved = json.loads((checkpoint / "train_state.json").read_text()).get("config")
-    return saved == json.loads(json.dumps(config_dict or {}))
+    return _stable(saved) == _stable(json.loads(json.dumps(config_dict or {})))
+
+
+# Settings that may change between a run and its resumption (how long and how often, not what is trained).
+_RESUMABLE_CHANGES = frozenset({"max_steps", "checkpoint_every", "log_every", "compile", "num_workers"})
+
+
+def _stable(tree):
+    if isinstance(tree, dict):
+        return {k: _stable(v) for k, v in tree.items() if k not in _RESUMABLE_CHANGES}
+    return tree
 
 
 def _checkpoint(root, objective, optimizer, position, config_dict, info, on_checkpoint) -> Path | None:
