@@ -211,7 +211,8 @@ class EvalConfig:
     """Evaluation: retrieval (ITC top-k re-ranked by ITM) and captioning metrics."""
 
     k_test: int = 16  # ITC candidates per image (i2t) and per text (t2i) re-ranked by ITM
-    batch_size: int = 64  # images/texts per encoder batch; image-text pairs per ITM re-rank batch
+    batch_size: int = 64  # images/texts per encoder and captioning batch
+    itm_batch_size: int = 256  # image-text pairs per ITM re-rank forward (at least one row's k_test candidates)
     num_beams: int = 3
     max_length: int = 20
     min_length: int = 5

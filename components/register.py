@@ -1,0 +1,186 @@
+"""Register stage: log the final model in MLflow, register a new version, promote it only when it is better.
+
+``blip register --model URI --metrics URI --candidate NAME [--name blip-capfilt] [--alias champion]
+[--metric mean_r1] [--output URI]``
+
+- ``--model``: the model to register (a checkpoint directory or a training stage output, local or s3);
+- ``--metrics``: the evaluate stage's ``metrics.json`` (or its output directory); ``--candidate`` names the
+  model's entry under ``models`` there;
+- ``--metric`` (default ``evaluate.metric``, ``mean_r1``): the metric compared, higher is better.
+
+The model is logged as an MLflow pyfunc model in a stage run ``register`` and registered as a new version of
+``--name``. The version carries its evaluate metrics as tags ``blip.metric.<key>`` (and ``blip.candidate``,
+``blip.metrics_uri``), so a later registration can compare against them. The alias (``champion``) moves to
+the new version only when its metric is strictly higher than the value recorded on the version that holds
+the alias (or when no version holds it yet); otherwise the alias stays and the reason says why. When the
+alias holder has no recorded value for the metric, the alias stays unless ``--force`` is given.
+
+With tracking off (``BLIP_TRACKING=0``) nothing is registered: the result is ``promoted=False`` with the
+reason "tracking disabled", and the stage still succeeds, so a local ``dvc repro`` without MLflow completes.
+With ``--output``, the decision is written to ``register.json`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from blip_core.config import Config, load_config, to_dict
+from blip_core.errors import UserError
+from components import storage, training
+
+log = logging.getLogger(__name__)
+
+DECISION_FILE = "register.json"
+METRIC_TAG = "blip.metric."
+
+
+@dataclass
+class RegisterResult:
+    """The registration decision."""
+
+    promoted: bool
+    version: str | None
+    reason: str
+    name: str = ""
+    alias: str = ""
+    metric: str = ""
+    value: float | None = None  # the candidate's metric
+    champion_version: str | None = None  # the alias holder before this registration
+    champion_value: float | None = None
+    model_uri: str | None = None
+    run_id: str | None = None
+
+
+def read_candidate_metrics(metrics: str, candidate: str) -> dict[str, float]:
+    """The numeric metrics of ``models.<candidate>`` in an evaluate ``metrics.json`` (file or directory)."""
+    path = metrics if metrics.endswith(".json") else storage.join(metrics, "metrics.json")
+    try:
+        data = storage.read_json(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: evaluate metrics not found") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, dict):
+        raise UserError(f"{path}: no 'models' section (is it the evaluate stage's metrics.json?)")
+    if candidate not in models:
+        raise UserError(f"{path}: no model named {candidate!r} (models: {', '.join(models) or 'none'})")
+    return {k: float(v) for k, v in models[candidate].items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _recorded(tags: dict[str, str], metric: str) -> float | None:
+    raw = tags.get(METRIC_TAG + metric)
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return None if value is None or math.isnan(value) else value
+
+
+def decide(value: float, champion_version: str | None, champion_value: float | None, metric: str,
+           alias: str, force: bool = False) -> tuple[bool, str]:
+    """Whether the new version takes the alias, and why (strictly higher wins; ties keep the champion)."""
+    if champion_version is None:
+        return True, f"no version holds @{alias} yet: the new version takes it ({metric}={value:.4g})"
+    if force:
+        return True, f"--force: @{alias} moves from version {champion_version} ({metric}={value:.4g})"
+    if champion_value is None:
+        return False, (f"@{alias} (version {champion_version}) has no recorded {metric}: kept; use --force to "
+                       "promote anyway")
+    if value > champion_value:
+        return True, (f"{metric} {value:.4g} beats @{alias} version {champion_version} ({champion_value:.4g}): "
+                      "promoted")
+    return False, (f"{metric} {value:.4g} does not beat @{alias} version {champion_version} "
+                   f"({champion_value:.4g}): @{alias} stays on version {champion_version}")
+
+
+def _write_decision(output: str | None, result: RegisterResult) -> None:
+    if output:
+        path = output if output.endswith(".json") else storage.join(output, DECISION_FILE)
+        storage.write_json(path, dataclasses.asdict(result))
+
+
+def run(cfg: Config, model: str, metrics: str, candidate: str, name: str = "blip-capfilt", *,
+        alias: str = "champion", metric: str | None = None, parent_run_id: str | None = None,
+        output: str | None = None, force: bool = False) -> RegisterResult:
+    """Register ``model`` as a new version of ``name``; move ``alias`` only if its metric beats the holder's."""
+    from components import tracking
+
+    metric = metric or cfg.evaluate.metric
+    values = read_candidate_metrics(metrics, candidate)
+    if metric not in values:
+        raise UserError(f"{metrics}: model {candidate!r} has no metric {metric!r} "
+                        f"(has: {', '.join(sorted(values))})")
+    value = values[metric]
+    base = {"name": name, "alias": alias, "metric": metric, "value": value}
+    if not tracking.tracking_enabled():
+        result = RegisterResult(promoted=False, version=None, reason="tracking disabled (BLIP_TRACKING=0 or a "
+                                "rank other than 0): registration needs MLflow; nothing registered", **base)
+        _write_decision(output, result)
+        return result
+    if math.isnan(value):
+        raise UserError(f"{metrics}: {candidate}.{metric} is NaN")
+    model_dir = training.resolve_model_dir(model)
+    config = {**to_dict(cfg), "inputs": {"model": model, "metrics": metrics, "candidate": candidate, "name": name,
+                                         "alias": alias, "metric": metric}}
+    with tracking.stage_run("register", config, parent_run_id=parent_run_id) as run_:
+        client = run_.client
+        holder = tracking.get_alias_version(name, alias, uri=run_.tracking_uri)
+        champion_version = champion_value = None
+        if holder is not None:
+            champion_version = str(holder[0])
+            mv = client.get_model_version(name, champion_version)
+            champion_value = _recorded(dict(mv.tags or {}), metric)
+            if champion_value is None:  # an older version registered another way: its run's metric, if any
+                run_value = holder[1].get(metric)
+                champion_value = None if run_value is None or math.isnan(run_value) else float(run_value)
+        run_.log_metrics(0, {f"{candidate}/{k}": v for k, v in values.items()})
+        model_uri = run_.log_blip_model(model_dir)
+        tags: dict[str, Any] = {METRIC_TAG + k: repr(v) for k, v in values.items()}
+        tags.update({"blip.candidate": candidate, "blip.metrics_uri": metrics, "blip.model_source": model,
+                     "blip.register_run_id": run_.run_id})
+        version = str(tracking.register_model(model_uri, name, tags=tags, uri=run_.tracking_uri))
+        promoted, reason = decide(value, champion_version, champion_value, metric, alias, force)
+        if promoted:
+            tracking.set_alias(name, alias, version, uri=run_.tracking_uri)
+        client.set_model_version_tag(name, version, "blip.promoted", str(promoted).lower())
+        result = RegisterResult(promoted=promoted, version=version, reason=reason, champion_version=champion_version,
+                                champion_value=champion_value, model_uri=model_uri, run_id=run_.run_id, **base)
+        run_.set_tags({"blip.register.promoted": str(promoted).lower(), "blip.register.reason": reason,
+                       "blip.register.version": version})
+        run_.log_dict(dataclasses.asdict(result), DECISION_FILE)
+    _write_decision(output, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="blip register", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint directory or stage output (local or s3)")
+    p.add_argument("--metrics", required=True, help="the evaluate stage's metrics.json (or its output directory)")
+    p.add_argument("--candidate", required=True, help="the model's name in metrics.json (evaluate --model NAME=...)")
+    p.add_argument("--name", default="blip-capfilt", help="registered model name (default: blip-capfilt)")
+    p.add_argument("--alias", default="champion", help="alias moved when the new version is better")
+    p.add_argument("--metric", default=None, help="metric compared, higher is better (default: evaluate.metric)")
+    p.add_argument("--force", action="store_true", help="move the alias whatever the metrics say")
+    p.add_argument("--output", default=None, help="write register.json (the decision) to this directory or file")
+    p.add_argument("--config", default=None, help="params.yaml (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--parent-run-id", default=None, help="MLflow parent run (default: $BLIP_PARENT_RUN_ID)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    res = run(cfg, args.model, args.metrics, args.candidate, args.name, alias=args.alias, metric=args.metric,
+              parent_run_id=args.parent_run_id, output=args.output, force=args.force)
+    where = f"{res.name} version {res.version}" if res.version else "not registered"
+    print(f"register: {where}; {'promoted' if res.promoted else 'not promoted'}: {res.reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

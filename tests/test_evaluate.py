@@ -1,0 +1,282 @@
+"""Evaluate stage: tiny models on a tiny toy-web test split; metrics.json, reports, filter scoring, MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from blip_core import build_model, model_preset
+from blip_core.config import load_config
+from blip_core.errors import UserError
+from blip_core.tokenizer import BlipTokenizer
+from components import cli, evaluate, ingest, storage, training
+
+CFG = ["model.preset=tiny", "evaluate.k_test=4", "evaluate.batch_size=8", "evaluate.itm_batch_size=16",
+       "evaluate.log_samples=2"]
+RETRIEVAL_KEYS = ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "tr_mean", "ir_mean", "r_mean", "mean_r1"]
+
+
+@pytest.fixture
+def no_tracking(monkeypatch):
+    monkeypatch.setenv("BLIP_TRACKING", "0")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest single-threaded (conftest restores the thread count)."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def test_split(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("eval-data") / "test")
+    ingest.run(load_config(None, ["ingest.resolution=32"]), "toyweb://?split=test&n=12&seed=1&size=32", out,
+               progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, test_split) -> dict[str, str]:
+    """Two tiny checkpoints (different seeds) with a tokenizer built from the test captions."""
+    tok = BlipTokenizer.from_corpus(training.corpus_captions([test_split], 30), vocab_size=200)
+    root = tmp_path_factory.mktemp("eval-models")
+    out = {}
+    for name, seed in (("noisy", 0), ("capfilt", 1)):
+        torch.manual_seed(seed)
+        model = build_model(model_preset("tiny"), vocab_size=len(tok))
+        out[name] = str(model.save(root / name, tokenizer=tok))
+    return out
+
+
+def _record(source, caption, kept, noise=None, score=0.5, key="k"):
+    return {"image_id": key, "key": key, "source": source, "caption": caption,
+            "itm_score": score if caption is not None else None, "kept": kept, "noise": noise}
+
+
+def provenance() -> list[dict]:
+    """Web: 6 clean (1 dropped), 4 unrelated (4 dropped), 3 boilerplate (3), 4 wrong attribute (2), 1 unreadable;
+    synthetic: 4 (3 kept); human: 5 (all kept)."""
+    recs = [_record("web", f"clean caption {i}", kept=i != 0) for i in range(6)]
+    recs += [_record("web", f"unrelated {i}", kept=False, noise="unrelated") for i in range(4)]
+    recs += [_record("web", f"IMG_{i}.jpg", kept=False, noise="boilerplate") for i in range(3)]
+    recs += [_record("web", f"wrong {i}", kept=i >= 2, noise="wrong_attribute") for i in range(4)]
+    recs.append(_record("web", None, kept=False))  # unreadable image: no filter decision
+    recs += [_record("synthetic", c, kept=k) for c, k in
+             (("a red circle", True), ("a red circle", True), ("a blue square", False), ("two green stars", True))]
+    recs += [{**_record("human", f"a human caption {i}", kept=True), "itm_score": None} for i in range(5)]
+    return recs
+
+
+@pytest.fixture
+def capfilt_dir(tmp_path) -> str:
+    d = tmp_path / "capfilt"
+    d.mkdir()
+    (d / "provenance.jsonl").write_text("".join(json.dumps(r) + "\n" for r in provenance()))
+    return str(d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure parts
+# --------------------------------------------------------------------------------------------------
+
+
+def test_filter_metrics_hand_worked():
+    f = evaluate.filter_metrics(provenance())
+    assert (f["web_captions"], f["noisy"], f["noisy_dropped"], f["clean_dropped"]) == (17, 11, 9, 1)
+    assert f["precision"] == pytest.approx(0.9)
+    assert f["recall"] == pytest.approx(9 / 11)
+    assert f["f1"] == pytest.approx(2 * 0.9 * (9 / 11) / (0.9 + 9 / 11))
+    assert f["clean_drop_rate"] == pytest.approx(1 / 6)
+    assert f["unrelated"] == {"count": 4, "dropped": 4, "precision": pytest.approx(0.8), "recall": 1.0,
+                              "f1": pytest.approx(2 * 0.8 / 1.8)}
+    assert f["boilerplate"]["precision"] == pytest.approx(0.75) and f["boilerplate"]["recall"] == 1.0
+    assert f["wrong_attribute"]["precision"] == pytest.approx(2 / 3)
+    assert f["wrong_attribute"]["recall"] == pytest.approx(0.5)
+
+
+def test_filter_metrics_without_noise_labels_has_no_precision():
+    f = evaluate.filter_metrics([_record("web", "a caption", kept=True), _record("web", "b", kept=True)])
+    assert f["noisy"] == 0 and "recall" not in f and "precision" not in f
+
+
+def test_capfilt_metrics_hand_worked():
+    c = evaluate.capfilt_metrics(provenance())
+    assert c["texts_in"] == {"web": 17, "synthetic": 4, "human": 5}
+    assert c["texts_kept"] == {"web": 7, "synthetic": 3, "human": 5}
+    assert c["kept_share"]["web"] == pytest.approx(7 / 17)
+    assert c["kept_share"]["synthetic"] == pytest.approx(0.75)
+    assert c["kept_share"]["human"] == 1.0
+    # synthetic: 12 words, 8 distinct; 8 bigrams, 6 distinct
+    assert c["synthetic_distinct_1"] == pytest.approx(8 / 12)
+    assert c["synthetic_distinct_2"] == pytest.approx(6 / 8)
+
+
+def test_caption_scores_and_tokens():
+    assert evaluate.caption_tokens("A Red, circle!  (big)") == "a red circle big"
+    perfect = evaluate.caption_scores(["a red circle on a white background", "two blue squares side by side"],
+                                      [["a red circle on a white background"], ["two blue squares side by side"]])
+    assert perfect["bleu4"] == pytest.approx(100.0, abs=1e-3)
+    wrong = evaluate.caption_scores(["a cat", "a dog"], [["a red circle on a white background"],
+                                                         ["two blue squares side by side"]])
+    assert wrong["bleu4"] < 1.0 and wrong["cider"] < perfect["cider"]
+
+
+def test_grammar_match_uses_the_scene():
+    scene = {"background": "white", "texture": "plain", "objects": [
+        {"shape": "circle", "color": "red", "size": "small", "x": 0.3, "y": 0.5, "radius": 0.08},
+        {"shape": "square", "color": "blue", "size": "large", "x": 0.7, "y": 0.5, "radius": 0.14}]}
+    samples = [{"scene": scene}, {"scene": scene}, {}]
+    gm = evaluate.grammar_match(["a red circle to the left of a blue square", "a red square", "anything"], samples)
+    assert gm == pytest.approx(50.0)
+    assert evaluate.grammar_match(["x"], [{}]) is None
+
+
+def test_parse_models():
+    assert evaluate.parse_models(["a=/x", "b=s3://bk/y=z"]) == {"a": "/x", "b": "s3://bk/y=z"}
+    for bad in (["a"], ["=x"], ["a/b=x"], ["a=x", "a=y"]):
+        with pytest.raises(UserError):
+            evaluate.parse_models(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_metrics(m: dict, names: list[str], n_images: int = 12) -> None:
+    assert set(m) >= {"models", "filter", "capfilt", "test"}
+    assert set(m["models"]) == set(names)
+    assert m["test"] == {"images": n_images, "texts": 5 * n_images, "k_test": 4}
+    for name in names:
+        mm = m["models"][name]
+        for key in [*RETRIEVAL_KEYS, "bleu4", "cider", "grammar_match"]:
+            assert isinstance(mm[key], float), key
+        for key in [*RETRIEVAL_KEYS, "bleu4", "grammar_match"]:
+            assert 0.0 <= mm[key] <= 100.0, (key, mm[key])
+        assert mm["cider"] >= 0.0
+        assert mm["tr_r1"] <= mm["tr_r5"] <= mm["tr_r10"] and mm["ir_r1"] <= mm["ir_r5"] <= mm["ir_r10"]
+        assert mm["mean_r1"] == pytest.approx((mm["tr_r1"] + mm["ir_r1"]) / 2)
+        # every value is a number: dvc metrics show reads it as is
+        assert all(isinstance(v, int | float) for v in mm.values())
+
+
+def test_evaluate_cli_writes_metrics_and_reports(no_tracking, test_split, models, capfilt_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--test", test_split, "--output", str(out), "--capfilt", capfilt_dir]
+    for name, uri in models.items():
+        argv += ["--model", f"{name}={uri}"]
+    for ov in CFG:
+        argv += ["--set", ov]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| noisy |" in printed and "| capfilt |" in printed
+
+    assert sorted(p.name for p in out.iterdir()) == ["captions.json", "metrics.json", "report.html", "report.md"]
+    m = json.loads((out / "metrics.json").read_text())
+    _check_metrics(m, ["noisy", "capfilt"])
+    assert m["filter"]["precision"] == pytest.approx(0.9) and m["filter"]["recall"] == pytest.approx(9 / 11)
+    assert m["filter"]["wrong_attribute"]["recall"] == pytest.approx(0.5)
+    assert m["capfilt"]["kept_share"]["synthetic"] == pytest.approx(0.75)
+
+    md = (out / "report.md").read_text()
+    assert "| model | TR@1 | IR@1 | TR@5 | IR@5 | mean R@1 | BLEU-4 | CIDEr | grammar match |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| noisy |"))
+    assert row.split("|")[6].strip() == f"{m['models']['noisy']['mean_r1']:.1f}"
+    assert "| wrong_attribute | 4 | 2 | 0.667 | 0.500 |" in md
+    assert "synthetic distinct 1 0.667" in md
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<table>") == 3 and "<td>capfilt</td>" in page
+
+    caps = json.loads((out / "captions.json").read_text())
+    assert len(caps["keys"]) == 12 and set(caps["captions"]) == {"noisy", "capfilt"}
+    assert all(len(c) == 12 and all(isinstance(x, str) for x in c) for c in caps["captions"].values())
+
+
+def test_evaluate_grammar_match_counts_correct_captions(no_tracking, test_split, models, tmp_path, monkeypatch):
+    """The test split's json holds the scene; a model that writes its first reference scores 100%."""
+    from blip_core.data.loader import load_eval_split
+
+    split = load_eval_split(test_split, 32)
+    assert all("scene" in s for s in split.samples)
+    refs = {s["__key__"]: split.texts[split.img2txt[i][0]] for i, s in enumerate(split.samples)}
+    order = [s["__key__"] for s in split.samples]
+    calls = {"n": 0}
+
+    def oracle(model, tokenizer, images, **kw):
+        start = calls["n"]
+        calls["n"] += images.shape[0]
+        return [refs[k] for k in order[start:calls["n"]]]
+
+    monkeypatch.setattr(evaluate, "generate_captions", oracle)
+    res = evaluate.run(load_config(None, CFG), {"oracle": models["noisy"]}, test_split, str(tmp_path / "o"))
+    m = res.metrics["models"]["oracle"]
+    assert m["grammar_match"] == 100.0
+    assert m["bleu4"] == pytest.approx(100.0, abs=1e-3)
+    assert res.metrics["filter"] == {} and res.metrics["capfilt"] == {}
+
+
+def test_evaluate_s3_inputs_and_output(no_tracking, s3_bucket, test_split, models, capfilt_dir):
+    storage.upload_dir(models["noisy"], f"s3://{s3_bucket}/ckpt/model")  # a stage output holding model/
+    storage.upload_file(Path(capfilt_dir) / "provenance.jsonl", f"s3://{s3_bucket}/capfilt/provenance.jsonl")
+    out = f"s3://{s3_bucket}/eval"
+    res = evaluate.run(load_config(None, CFG), {"noisy": f"s3://{s3_bucket}/ckpt"}, test_split, out,
+                       capfilt=f"s3://{s3_bucket}/capfilt")
+    m = storage.read_json(f"{out}/metrics.json")
+    assert m == json.loads(json.dumps(res.metrics))
+    _check_metrics(m, ["noisy"])
+    assert m["filter"]["precision"] == pytest.approx(0.9)
+    assert storage.read_text(f"{out}/report.md").startswith("# BLIP evaluation")
+    assert storage.exists(f"{out}/report.html")
+
+
+def test_evaluate_errors(no_tracking, test_split, models, tmp_path):
+    cfg = load_config(None, CFG)
+    with pytest.raises(UserError, match="provenance not found"):
+        evaluate.run(cfg, {"a": models["noisy"]}, test_split, str(tmp_path / "x"), capfilt=str(tmp_path))
+    with pytest.raises(UserError):
+        evaluate.run(cfg, {"a": str(tmp_path / "missing")}, test_split, str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_evaluate_logs_to_mlflow(tmp_path, monkeypatch, test_split, models, capfilt_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    for name in ("BLIP_PARENT_RUN_ID", "BLIP_TRACKING", "MLFLOW_EXPERIMENT_NAME", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    try:
+        res = evaluate.run(load_config(None, CFG), models, test_split, str(tmp_path / "eval"), capfilt=capfilt_dir)
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run("KILLED")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["blip.stage"] == "evaluate"
+    metrics = run.data.metrics
+    for name in models:
+        for key in ("tr_r1", "ir_r1", "tr_r5", "ir_r5", "mean_r1", "bleu4", "cider", "grammar_match"):
+            assert metrics[f"{name}/{key}"] == pytest.approx(res.metrics["models"][name][key])
+    assert metrics["filter/precision"] == pytest.approx(0.9)
+    assert metrics["filter/unrelated/recall"] == 1.0
+    assert metrics["capfilt/kept_share/synthetic"] == pytest.approx(0.75)
+    assert run.data.params["evaluate.k_test"] == "4"
+
+    def paths(path=None):
+        out = []
+        for info in client.list_artifacts(res.run_id, path):
+            out += paths(info.path) if info.is_dir else [info.path]
+        return out
+
+    arts = set(paths())
+    assert {"report/report.md", "report/report.html", "report/metrics.json", "comparison.json",
+            "captions_noisy.json", "captions_capfilt.json"} <= arts
+    table = json.loads(Path(client.download_artifacts(res.run_id, "comparison.json", str(tmp_path))).read_text())
+    assert table["columns"][0] == "model" and "mean R@1" in table["columns"]
+    assert [row[0] for row in table["data"]] == ["noisy", "capfilt"]
+    samples = json.loads(Path(client.download_artifacts(res.run_id, "captions_capfilt.json", str(tmp_path))).read_text())
+    assert len(samples["data"]) == 2  # evaluate.log_samples

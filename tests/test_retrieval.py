@@ -1,0 +1,189 @@
+"""Retrieval: recall@K on hand-worked score matrices (several captions per image) and the ITM re-rank scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from blip_testing import IDS, tiny_batch, tiny_model
+
+from blip_core.retrieval import (
+    OUTSIDE_TOP_K,
+    itc_similarity,
+    recall_at_k,
+    rerank_i2t,
+    rerank_t2i,
+    retrieval_ranks,
+    retrieval_scores,
+)
+
+# 3 images with 2 captions each: texts 0,1 -> image 0; 2,3 -> image 1; 4,5 -> image 2
+IMG2TXT = [[0, 1], [2, 3], [4, 5]]
+TXT2IMG = [0, 0, 1, 1, 2, 2]
+
+# image 0: its caption 1 is the best text overall                        -> rank 0
+# image 1: captions 2 (0.5) and 3 (0.2); texts 0 (0.7) and 4 (0.6) beat both -> rank 2
+# image 2: captions 4 (0.5) and 5 (0.1); texts 0..3 (0.9..0.6) beat both      -> rank 4
+I2T = [
+    [0.1, 0.9, 0.8, 0.2, 0.3, 0.0],
+    [0.7, 0.1, 0.5, 0.2, 0.6, 0.0],
+    [0.9, 0.8, 0.7, 0.6, 0.5, 0.1],
+]
+# each text's own image: t0 first; t1 second; t2 first; t3 third; t4 first; t5 second
+T2I = [
+    [0.9, 0.1, 0.2],
+    [0.3, 0.5, 0.1],
+    [0.2, 0.8, 0.1],
+    [0.6, 0.4, 0.7],
+    [0.1, 0.2, 0.3],
+    [0.5, 0.1, 0.4],
+]
+
+
+def test_ranks_hand_worked():
+    tr, ir = retrieval_ranks(I2T, T2I, IMG2TXT, TXT2IMG)
+    assert tr.tolist() == [0, 2, 4]
+    assert ir.tolist() == [0, 1, 0, 2, 0, 1]
+
+
+def test_recall_hand_worked():
+    r = recall_at_k(torch.tensor(I2T), torch.tensor(T2I), IMG2TXT, TXT2IMG, ks=(1, 2, 5))
+    assert r["tr_r1"] == pytest.approx(100 / 3)
+    assert r["tr_r2"] == pytest.approx(100 / 3)
+    assert r["tr_r5"] == pytest.approx(100.0)
+    assert r["ir_r1"] == pytest.approx(50.0)
+    assert r["ir_r2"] == pytest.approx(500 / 6)
+    assert r["ir_r5"] == pytest.approx(100.0)
+    assert r["mean_r1"] == pytest.approx((100 / 3 + 50.0) / 2)
+    assert r["tr_mean"] == pytest.approx((100 / 3 + 100 / 3 + 100) / 3)
+    assert r["ir_mean"] == pytest.approx((50 + 500 / 6 + 100) / 3)
+    assert r["r_mean"] == pytest.approx((r["tr_mean"] + r["ir_mean"]) / 2)
+
+
+def test_text_retrieval_uses_the_best_ranked_caption():
+    # image 0's first caption is last of all, its second is first: still a hit at 1
+    i2t = [[-5.0, 3.0, 1.0, 2.0], [0.0, 1.0, 2.0, 0.5]]
+    t2i = [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+    r = recall_at_k(i2t, t2i, [[0, 1], [2, 3]], [0, 0, 1, 1], ks=(1,))
+    assert r["tr_r1"] == 100.0
+    assert r["ir_r1"] == 100.0
+    # now text 1 (image 0's caption) beats both of image 1's captions: a miss for image 1
+    i2t[1] = [0.0, 3.0, 2.0, 0.5]
+    assert recall_at_k(i2t, t2i, [[0, 1], [2, 3]], [0, 0, 1, 1], ks=(1,))["tr_r1"] == 50.0
+
+
+def _official_ranks(i2t: np.ndarray, t2i: np.ndarray, img2txt, txt2img):
+    """The official ``itm_eval`` rank computation (argsort), for matrices without ties."""
+    tr = np.zeros(i2t.shape[0])
+    for index, score in enumerate(i2t):
+        inds = np.argsort(score)[::-1]
+        tr[index] = min(np.where(inds == i)[0][0] for i in img2txt[index])
+    ir = np.zeros(t2i.shape[0])
+    for index, score in enumerate(t2i):
+        inds = np.argsort(score)[::-1]
+        ir[index] = np.where(inds == txt2img[index])[0][0]
+    return tr, ir
+
+
+def test_ranks_match_official_on_random_matrices():
+    rng = np.random.default_rng(0)
+    n_img, per = 20, 3
+    img2txt = [list(range(i * per, (i + 1) * per)) for i in range(n_img)]
+    txt2img = [i for i in range(n_img) for _ in range(per)]
+    for _ in range(5):
+        i2t = rng.normal(size=(n_img, n_img * per))
+        t2i = rng.normal(size=(n_img * per, n_img))
+        tr, ir = retrieval_ranks(i2t, t2i, img2txt, txt2img)
+        tr_ref, ir_ref = _official_ranks(i2t, t2i, img2txt, txt2img)
+        assert tr.tolist() == tr_ref.astype(int).tolist()
+        assert ir.tolist() == ir_ref.astype(int).tolist()
+
+
+def test_ties_count_against_the_ground_truth():
+    i2t = torch.zeros(3, 6)
+    t2i = torch.zeros(6, 3)
+    r = recall_at_k(i2t, t2i, IMG2TXT, TXT2IMG, ks=(1, 2))
+    assert r["tr_r1"] == 0.0 and r["ir_r1"] == 0.0
+    assert r["ir_r2"] == 0.0  # two other images tie with the right one: rank 2
+
+
+def test_recall_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        recall_at_k(I2T, torch.tensor(T2I).T, IMG2TXT, TXT2IMG)
+    with pytest.raises(ValueError):
+        recall_at_k(I2T, T2I, IMG2TXT[:2], TXT2IMG)
+
+
+# --------------------------------------------------------------------------------------------------
+# Re-rank scoring on a real (tiny) model
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (conftest restores the count)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = tiny_model(seed=3).eval()
+    images, _, _ = tiny_batch(batch=5, seed=2)
+    _, ids, mask = tiny_batch(batch=7, length=8, seed=4)
+    return model, images, ids, mask
+
+
+def _pair_logit(model, image_embeds, ids, mask, i, j):
+    """ITM match logit of text j against image i, one pair at a time (no folding, no index)."""
+    enc = ids[j:j + 1].clone()
+    enc[:, 0] = IDS.enc
+    cross = model.cross_kv(image_embeds[i:i + 1])
+    return model.itm_logits(enc, mask[j:j + 1], cross)[0, 1].item()
+
+
+def test_itc_similarity_is_the_cosine_of_features(setup):
+    model, images, ids, mask = setup
+    sim, embeds, img_f, txt_f = itc_similarity(model, images, ids, mask, batch_size=2)
+    assert sim.shape == (5, 7) and embeds.shape[0] == 5
+    with torch.no_grad():
+        img_ref = model.image_features(model.encode_image(images))
+        txt_ref = model.text_features(model.encode_text(ids, mask))
+    torch.testing.assert_close(sim, img_ref @ txt_ref.T, atol=1e-5, rtol=1e-4)
+    assert torch.all(sim.abs() <= 1 + 1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+def test_rerank_score_is_itm_logit_plus_cosine_on_top_k(setup, batch_size):
+    model, images, ids, mask = setup
+    k = 3
+    itc = itc_similarity(model, images, ids, mask)
+    with torch.no_grad():
+        i2t = rerank_i2t(model, itc.image_embeds, itc.sim, ids, mask, enc_id=IDS.enc, k=k, batch_size=batch_size)
+        t2i = rerank_t2i(model, itc.image_embeds, itc.sim, ids, mask, enc_id=IDS.enc, k=k, batch_size=batch_size)
+        assert i2t.shape == (5, 7) and t2i.shape == (7, 5)
+        for i in range(5):
+            top = set(itc.sim[i].topk(k).indices.tolist())
+            for j in range(7):
+                if j in top:
+                    want = _pair_logit(model, itc.image_embeds, ids, mask, i, j) + itc.sim[i, j].item()
+                    assert i2t[i, j].item() == pytest.approx(want, abs=1e-4)
+                else:
+                    assert i2t[i, j].item() == OUTSIDE_TOP_K
+        for j in range(7):
+            top = set(itc.sim[:, j].topk(k).indices.tolist())
+            for i in range(5):
+                if i in top:
+                    want = _pair_logit(model, itc.image_embeds, ids, mask, i, j) + itc.sim[i, j].item()
+                    assert t2i[j, i].item() == pytest.approx(want, abs=1e-4)
+                else:
+                    assert t2i[j, i].item() == OUTSIDE_TOP_K
+    assert ((i2t != OUTSIDE_TOP_K).sum(1) == k).all()
+    assert ((t2i != OUTSIDE_TOP_K).sum(1) == k).all()
+
+
+def test_k_larger_than_the_split_scores_everything(setup):
+    model, images, ids, mask = setup
+    scores = retrieval_scores(model, images, ids, mask, enc_id=IDS.enc, k=100, batch_size=8)
+    assert (scores.i2t != OUTSIDE_TOP_K).all() and (scores.t2i != OUTSIDE_TOP_K).all()
+    # the same pair gets the same fused score from both directions
+    torch.testing.assert_close(scores.i2t, scores.t2i.T, atol=1e-4, rtol=1e-4)
