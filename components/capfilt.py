@@ -169,13 +169,13 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
             "bytes": tar_path.stat().st_size, "sha256": sha256_file(tar_path)}
 
 
-def _fingerprint(cfg: Config, captioner: str, filter_: str) -> str:
-    """Identity of a CapFilt run's settings and models: finished shards are reused only when it matches."""
+def _fingerprint(cfg: Config, models: _Models) -> str:
+    """Identity of a CapFilt run's settings and weights: finished shards are reused only when it matches."""
     h = hashlib.sha256(json.dumps(asdict(cfg.capfilt), sort_keys=True).encode())
-    for uri in (captioner, filter_):
-        model_dir = training.resolve_model_dir(uri)
-        h.update(storage.read_bytes(storage.join(model_dir, "config.json")))
-        h.update(str(storage.size(storage.join(model_dir, "model.safetensors"))).encode())
+    for model in (models.captioner, models.filter):
+        for name, t in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -216,7 +216,7 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
     with tracking.stage_run("capfilt", to_dict(cfg), parent_run_id=parent_run_id) as run_:
         bar = tqdm(total=sum(s.samples for _, s in mine), desc="capfilt", unit="img",
                    disable=not (progress and info.is_main))
-        fingerprint = _fingerprint(cfg, captioner, filter)
+        fingerprint = _fingerprint(cfg, models)
         for i, shard in mine:
             part = storage.join(output, "parts", f"capfilt-{i:06d}.json")
             if storage.exists(part) and storage.read_json(part).get("fingerprint") == f"{fingerprint}:{shard.uri}":

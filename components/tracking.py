@@ -68,6 +68,7 @@ from mlflow.tracking import MlflowClient
 from blip_core.errors import UserError
 
 log = logging.getLogger(__name__)
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep stage output readable (system-metrics chatter)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "blip-capfilt"
