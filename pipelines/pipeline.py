@@ -1,0 +1,144 @@
+"""The BLIP CapFilt workflow as a Kubeflow (KFP v2) pipeline.
+
+::
+
+    start_run ──► ingest web/human/test ──► pretrain ──► finetune captioner ─┐
+    (MLflow parent)                            │    └──► finetune filter ────┴─► capfilt ──► repretrain
+                                               └──────────────────────────────────────────────────┐   │
+                                 test split ──────────────────────────────────────────────► evaluate ◄┘
+                                                                                               │
+                                                           dsl.If(capfilt beats noisy) ──► register
+    end_run (exit handler): ends the MLflow parent run FINISHED or FAILED
+
+Task settings (see :func:`make_pipeline`):
+
+- resources: CPU/memory requests and limits per step; training, CapFilt and evaluate ask for
+  ``gpus`` accelerators of type ``gpu_type`` (and a node with ``nvidia.com/gpu.product=gpu_product`` when
+  given). With ``launcher="torchx"`` the training and CapFilt steps only launch and follow TorchX jobs and
+  ask for 1 CPU and 2 GiB, the jobs' pods get the GPUs (pipeline parameter ``torchx``);
+- retries: ingest and evaluate (idempotent: same input, same output) and the training and CapFilt steps
+  (they resume from the newest checkpoint, or finished shards, in their output: with ``output_root`` on S3 a
+  retry continues where the failed attempt stopped; with artifact outputs it starts over). Not retried:
+  start_run (a retry would leave a second parent run) and register (it writes registry versions);
+- caching: ingest is cached (its output location is content-addressed by source and ingest settings). Every
+  other step logs to MLflow or writes to the registry, and takes the per-run context, so it is never cached;
+- every stage step gets the S3 credentials from the Kubernetes secret ``blip-s3-credentials``
+  (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``); training, CapFilt and evaluate get a memory-backed
+  ``/dev/shm`` (emptyDir, medium Memory) for the data loaders.
+"""
+
+from kfp import dsl, kubernetes
+
+from pipelines import components as C
+from pipelines import settings
+from pipelines.settings import Resources
+
+
+def _configure(task, res: Resources, *, name: str, image: str, gpu_type: str, gpu_product: str, retries: int = 0,
+               cache: bool = False, secret: bool = True):
+    task.set_display_name(name)
+    task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
+    task.set_memory_request(res.memory).set_memory_limit(res.memory)
+    if res.gpus:
+        task.set_accelerator_type(gpu_type).set_accelerator_limit(res.gpus)
+        if gpu_product:
+            kubernetes.add_node_selector(task, "nvidia.com/gpu.product", gpu_product)
+        kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+    if res.shm:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=res.shm)
+    if secret:
+        kubernetes.use_secret_as_env(task, secret_name=settings.S3_SECRET,
+                                     secret_key_to_env=dict(settings.S3_SECRET_KEYS))
+    if retries:
+        task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="600s")
+    task.set_caching_options(enable_caching=cache)
+    if image != settings.DEFAULT_IMAGE or settings.IMAGE != settings.DEFAULT_IMAGE:
+        task.set_container_image(image)
+    return task
+
+
+def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_type: str | None = None,
+                  gpus: int = 1, gpu_product: str | None = None, retries: bool = True):
+    """Build the ``@dsl.pipeline`` function with these compile-time settings (defaults: :mod:`pipelines.settings`).
+
+    ``retries=False`` drops the retry policies (``blip pipeline run-local``: a local failure is reported at once
+    instead of after the back-off).
+    """
+    image = image or settings.IMAGE
+    launcher = launcher or settings.LAUNCHER
+    if launcher not in settings.LAUNCHERS:
+        raise ValueError(f"launcher must be one of {settings.LAUNCHERS}, got {launcher!r}")
+    gpu_type = gpu_type or settings.GPU_TYPE
+    gpu_product = settings.GPU_PRODUCT if gpu_product is None else gpu_product
+    res = settings.resources(launcher, gpus)
+    torchx_defaults = {**settings.TORCHX, "image": image}
+
+    def conf(task, kind: str, name: str, **kw):
+        if not retries:
+            kw.pop("retries", None)
+        return _configure(task, res[kind], name=name, image=image, gpu_type=gpu_type, gpu_product=gpu_product, **kw)
+
+    @dsl.pipeline(name=settings.PIPELINE_NAME,
+                  description="BLIP pre-training with CapFilt bootstrapping: ingest, pretrain, finetune captioner "
+                              "and filter, capfilt, repretrain, evaluate, register (MLflow-tracked).")
+    def blip_capfilt(
+        web_source: str = "",
+        human_source: str = "",
+        test_source: str = "",
+        params_file: str = settings.PARAMS_FILE,
+        config_overrides: list = [],  # noqa: B006 - a KFP parameter default, never mutated
+        output_root: str = settings.OUTPUT_ROOT,
+        s3_endpoint: str = settings.S3_ENDPOINT,
+        mlflow_tracking_uri: str = settings.MLFLOW_URI,
+        mlflow_experiment: str = settings.EXPERIMENT,
+        mlflow_run_name: str = "",
+        launcher: str = launcher,
+        torchx: dict = torchx_defaults,
+        min_gain: float = 0.0,
+        registered_model: str = settings.REGISTERED_MODEL,
+    ):
+        """Parameters: ``*_source`` ('' = the config's ``sources.*``), ``params_file`` (in the image, local or
+        s3) and ``config_overrides`` ("key=value" strings), ``output_root`` (s3 prefix for stage outputs, ''
+        = KFP artifacts), tracking and S3 endpoints, ``launcher`` (inline | torchx), ``torchx`` (job settings,
+        see components.launch), ``min_gain`` (mean R@1 the bootstrapped model must gain over the noisy one to
+        be registered), ``registered_model`` (MLflow registry name)."""
+        job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        end = C.end_run(job_id=job_id, mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment)
+        conf(end, "end", "end MLflow run", secret=False)
+        with dsl.ExitHandler(end, name="blip-capfilt-run"):
+            start = conf(C.start_run(job_id=job_id, run_name=mlflow_run_name, output_root=output_root,
+                                     mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
+                                     s3_endpoint=s3_endpoint), "start", "start MLflow run", secret=False)
+            ctx = start.outputs["ctx"]
+            cfg = {"params_file": params_file, "config_overrides": config_overrides}
+            train = {**cfg, "ctx": ctx, "launcher": launcher, "torchx": torchx}
+            data = {}
+            for split, source in (("web", web_source), ("human", human_source), ("test", test_source)):
+                data[split] = conf(C.ingest(split=split, source=source, output_root=output_root,
+                                            s3_endpoint=s3_endpoint, **cfg), "ingest", f"ingest {split}",
+                                   retries=2, cache=True)
+            pre = conf(C.pretrain(web=data["web"].outputs["dataset"], human=data["human"].outputs["dataset"],
+                                  **train), "pretrain", "pretrain", retries=2)
+            tuned = {}
+            for task in ("captioner", "filter"):
+                tuned[task] = conf(C.finetune(task=task, pretrained=pre.outputs["model"],
+                                              human=data["human"].outputs["dataset"], **train),
+                                   "finetune", f"finetune {task}", retries=2)
+            cf = conf(C.capfilt(captioner=tuned["captioner"].outputs["model"],
+                                filter_model=tuned["filter"].outputs["model"], web=data["web"].outputs["dataset"],
+                                human=data["human"].outputs["dataset"], **train), "capfilt", "capfilt", retries=2)
+            re = conf(C.repretrain(data=cf.outputs["dataset"], **train), "pretrain", "repretrain", retries=2)
+            ev = conf(C.evaluate(noisy=pre.outputs["model"], bootstrapped=re.outputs["model"],
+                                 test=data["test"].outputs["dataset"], capfilt_data=cf.outputs["dataset"],
+                                 ctx=ctx, min_gain=min_gain, **cfg), "evaluate", "evaluate", retries=2)
+            # The gate reads the step's single return value ("Output"): the local runner resolves a named
+            # NamedTuple field inside an exit handler's sub-DAG wrongly.
+            with dsl.If(ev.outputs["Output"] == True, name="promote"):  # noqa: E712 - a KFP condition
+                conf(C.register(model=re.outputs["model"], results=ev.outputs["results"], ctx=ctx,
+                                registered_model=registered_model, **cfg), "register", "register")
+
+    return blip_capfilt
+
+
+blip_capfilt = make_pipeline()

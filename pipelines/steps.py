@@ -1,0 +1,349 @@
+"""What each pipeline step does: the KFP components in :mod:`pipelines.components` are one call into here.
+
+Every function adapts KFP's artifacts and parameters to a stage of :mod:`components` and back:
+
+- **Locations.** A stage writes its output either into the KFP artifact's own path (``run_root`` empty: local runs,
+  or a cluster without a shared bucket) or to ``<run_root>/<name>`` on S3. In the second case the artifact's
+  metadata ``location`` holds that URI and the artifact's file is a small pointer; downstream steps read
+  :func:`input_location`. An S3 location survives the step's pod, so a retried training step resumes from its
+  newest checkpoint there (the stages resume by default), and TorchX jobs can write it.
+- **Run context.** :func:`start_run` creates the MLflow parent run of the pipeline run and returns a ``ctx``
+  dict (environment for tracking and S3, ``run_root``, ``parent_run_id``) that every later step applies first.
+- **Errors.** A failing step prints one line ``blip pipeline step <stage>: error: ...`` and, when
+  ``BLIP_PIPELINE_ERRORS`` names a directory (``blip pipeline run-local`` sets it), records it there too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from blip_core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ERRORS_ENV = "BLIP_PIPELINE_ERRORS"
+LOCATION = "location"
+
+
+# --------------------------------------------------------------------------------------------------
+# plumbing
+# --------------------------------------------------------------------------------------------------
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (with its type unless it is a UserError)."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    return first if isinstance(e, UserError) and first else f"{type(e).__name__}: {first}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def step(stage: str) -> Iterator[None]:
+    """Report a failure of ``stage`` as one clear line (stderr, and a record for run-local)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    try:
+        yield
+    except BaseException as e:
+        msg = one_line(e)
+        print(f"blip pipeline step {stage}: error: {msg}", file=sys.stderr, flush=True)
+        folder = os.environ.get(ERRORS_ENV)
+        if folder:
+            with contextlib.suppress(OSError):
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                record = {"stage": stage, "error": msg, "type": type(e).__name__, "time": time.time()}
+                (Path(folder) / f"{time.time_ns()}-{os.getpid()}.json").write_text(json.dumps(record))
+        raise
+
+
+def apply_context(ctx: dict) -> None:
+    """Put the run context's environment (tracking, S3 endpoint, parent run) into this process."""
+    for key, value in (ctx.get("env") or {}).items():
+        if value in (None, ""):
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = str(value)
+
+
+def load_cfg(params_file: str, overrides: Sequence[str]):
+    """The config from ``params_file`` (local path or s3 URI; '' = built-in defaults) with ``overrides``."""
+    from blip_core.config import load_config
+    from components import storage
+
+    overrides = [str(o) for o in overrides or []]
+    if not params_file:
+        return load_config(None, overrides)
+    if storage.is_s3(params_file):
+        with storage.local_copy(params_file) as p:
+            return load_config(str(p), overrides)
+    if not Path(params_file).is_file():
+        raise UserError(f"params file not found: {params_file}")
+    return load_config(params_file, overrides)
+
+
+def output_location(artifact, run_root: str, name: str) -> str:
+    """Where a stage writes the output behind ``artifact``: ``<run_root>/<name>`` or the artifact's path."""
+    from components import storage
+
+    if not run_root:
+        Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+        return artifact.path
+    loc = storage.join(run_root, name)
+    artifact.metadata[LOCATION] = loc
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(json.dumps({LOCATION: loc}) + "\n")
+    return loc
+
+
+def input_location(artifact) -> str:
+    """The output location behind an input artifact (see :func:`output_location`)."""
+    return str(artifact.metadata.get(LOCATION) or artifact.path)
+
+
+def _config_args(params_file: str, overrides: Sequence[str]) -> list[str]:
+    from components import storage
+
+    if params_file and storage.is_s3(params_file):
+        raise UserError(f"launcher=torchx needs params_file to be a path inside the image, not {params_file}")
+    args = ["--config", params_file] if params_file else []
+    for o in overrides or []:
+        args += ["--set", str(o)]
+    return args
+
+
+def _launch(stage: str, args: list[str], ctx: dict, torchx: dict) -> None:
+    from components import launch, storage
+
+    output = launch.option_value(args, "--output") or ""
+    opts = {**torchx}
+    scheduler = opts.pop("scheduler", "kubernetes")
+    if scheduler == "kubernetes" and not storage.is_s3(output):
+        raise UserError(f"launcher=torchx writes to S3: set the pipeline parameter output_root (got output {output})")
+    allowed = {"nodes", "procs_per_node", "gpus_per_node", "cpu", "mem_mb", "image", "queue", "namespace",
+               "service_account", "secret", "config_map", "node_selector", "priority_class", "mounts",
+               "timeout_s", "log_dir"}
+    unknown = sorted(set(opts) - allowed)
+    if unknown:
+        raise UserError(f"torchx: unknown settings {', '.join(unknown)} (known: scheduler, {', '.join(sorted(allowed))})")
+    for k in ("nodes", "procs_per_node", "gpus_per_node", "cpu", "mem_mb"):  # JSON numbers arrive as floats
+        if opts.get(k) is not None:
+            opts[k] = int(opts[k])
+    env = {k: v for k, v in (ctx.get("env") or {}).items() if v}
+    launch.launch(stage, args, scheduler=scheduler, env=env, **opts)
+
+
+def _result(output: str) -> dict:
+    from components import storage
+
+    path = storage.join(output, "result.json")
+    return storage.read_json(path) if storage.exists(path) else {}
+
+
+def _log_train_metrics(metrics, result: dict) -> None:
+    for k, v in (result.get("losses") or {}).items():
+        metrics.log_metric(f"final_{k}", float(v))
+    for k in ("steps", "epochs", "pairs_per_second"):
+        if result.get(k) is not None:
+            metrics.log_metric(k, float(result[k]))
+
+
+# --------------------------------------------------------------------------------------------------
+# steps
+# --------------------------------------------------------------------------------------------------
+
+
+def start_run(job_id: str, run_name: str, output_root: str, tracking_uri: str, experiment: str,
+              s3_endpoint: str) -> tuple[str, dict]:
+    """Create the MLflow parent run of this pipeline run; return its id and the run context for the stages."""
+    from components import storage, tracking
+
+    env: dict[str, str] = {"MLFLOW_EXPERIMENT_NAME": experiment, "AWS_ENDPOINT_URL_S3": s3_endpoint,
+                           "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    if tracking_uri.strip().lower() in ("off", "none", "0"):
+        env["BLIP_TRACKING"] = "0"
+    elif tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking.resolve_tracking_uri(tracking_uri)
+    apply_context({"env": env})
+    run_root = storage.join(output_root, "runs", job_id) if output_root else ""
+    parent = ""
+    if tracking.tracking_enabled():
+        parent = tracking.start_pipeline_run(
+            run_name or f"kfp-{job_id}", experiment,
+            tags={"blip.kind": "pipeline", "blip.kfp_job_id": job_id, "blip.run_root": run_root or "(artifacts)"},
+            export=False)
+        env[tracking.PARENT_RUN_ENV] = parent
+        print(f"MLflow parent run {parent} in experiment {experiment!r} at {tracking.redact(tracking.resolve_tracking_uri())}")
+    return parent, {"env": env, "run_root": run_root, "parent_run_id": parent}
+
+
+def end_run(job_id: str, tracking_uri: str, experiment: str, state: str, error: str = "") -> None:
+    """End the parent run created for ``job_id`` (FINISHED when the run succeeded, else FAILED)."""
+    if tracking_uri.strip().lower() in ("off", "none", "0"):
+        return
+    from components import tracking
+
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking.resolve_tracking_uri(tracking_uri)
+    client = tracking._client()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    runs = client.search_runs([exp.experiment_id], f"tags.`blip.kfp_job_id` = '{job_id}'")
+    status = "FINISHED" if state == "SUCCEEDED" else "FAILED"
+    for r in runs:
+        if r.data.tags.get("blip.kind") == "pipeline" and r.info.status == "RUNNING":
+            if error:
+                client.set_tag(r.info.run_id, "blip.error", error[:5000])
+            tracking.end_pipeline_run(r.info.run_id, status)
+            print(f"MLflow parent run {r.info.run_id}: {status} (pipeline {state})")
+
+
+def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_file: str,
+           overrides: Sequence[str], dataset, report) -> None:
+    """Ingest ``source`` (default: the config's ``sources.<split>``) into a content-addressed location."""
+    from blip_core.config import to_dict
+    from components import ingest as stage
+
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = s3_endpoint
+    cfg = load_cfg(params_file, overrides)
+    source = source or getattr(cfg.sources, split)
+    # same source and ingest settings -> same location: a re-run (or a cache hit) reuses identical shards
+    key = hashlib.sha256(json.dumps([source, to_dict(cfg.ingest)], sort_keys=True).encode()).hexdigest()[:12]
+    root = f"{output_root.rstrip('/')}/datasets" if output_root else ""
+    out = output_location(dataset, root, f"{split}-{key}")
+    res = stage.run(cfg, source, out, progress=False)
+    m = res.manifest
+    dataset.metadata.update({"split": split, "source": stage.redact(source), "samples": m.samples_out,
+                             "captions": m.captions_out, "shards": len(m.shards), "rejected": dict(m.rejected)})
+    rejected = "".join(f"| {k} | {v} |\n" for k, v in sorted(m.rejected.items())) or "| (none) | 0 |\n"
+    Path(report.path).write_text(
+        f"# Ingest {split}\n\nSource `{stage.redact(source)}` -> `{out}`\n\n"
+        f"| in | out | captions | shards |\n|---|---|---|---|\n"
+        f"| {m.samples_in} | {m.samples_out} | {m.captions_out} | {len(m.shards)} |\n\n"
+        f"| rejected because | samples |\n|---|---|\n{rejected}")
+    print(f"ingest {split}: {m.samples_in} in, {m.samples_out} out at {out}")
+
+
+def train(stage: str, ctx: dict, params_file: str, overrides: Sequence[str], launcher: str, torchx: dict,
+          data: Sequence[str], model, metrics, *, init: str | None = None, task: str | None = None) -> None:
+    """Run a training stage (``pretrain``, ``repretrain``, ``finetune_captioner``, ``finetune_filter``)."""
+    from components import finetune, pretrain
+
+    apply_context(ctx)
+    cfg = load_cfg(params_file, overrides)
+    out = output_location(model, ctx.get("run_root", ""), stage)
+    parent = ctx.get("parent_run_id") or None
+    if launcher == "inline":
+        if task:
+            finetune.run(cfg, task, init, list(data), out, parent_run_id=parent)
+        else:
+            pretrain.run(cfg, list(data), out, init=init, parent_run_id=parent, stage=stage)
+    elif launcher == "torchx":
+        args = ["--data", *data, "--output", out]
+        if task:
+            args = ["--task", task, "--init", str(init), *args]
+        else:
+            args += ["--stage-name", stage] + (["--init", init] if init else [])
+        if parent:
+            args += ["--parent-run-id", parent]
+        _launch("finetune" if task else "pretrain", args + _config_args(params_file, overrides), ctx, torchx)
+    else:
+        raise UserError(f"launcher must be 'inline' or 'torchx', got {launcher!r}")
+    result = _result(out)
+    if not result:
+        raise UserError(f"{stage}: no result.json in {out}: the stage did not finish")
+    _log_train_metrics(metrics, result)
+    model.metadata.update({"stage": stage, "steps": result.get("steps"), "mlflow_run_id": result.get("run_id"),
+                           "model_uri": result.get("model_uri")})
+
+
+def capfilt(ctx: dict, params_file: str, overrides: Sequence[str], launcher: str, torchx: dict, captioner: str,
+            filter_: str, web: Sequence[str], human: Sequence[str], dataset, summary) -> None:
+    """Caption and filter the web data; write the bootstrapped dataset and a summary."""
+    from components import capfilt as stage
+    from components import storage
+
+    apply_context(ctx)
+    cfg = load_cfg(params_file, overrides)
+    out = output_location(dataset, ctx.get("run_root", ""), "capfilt")
+    parent = ctx.get("parent_run_id") or None
+    if launcher == "inline":
+        stage.run(cfg, captioner, filter_, list(web), list(human), out, parent_run_id=parent)
+    elif launcher == "torchx":
+        args = ["--captioner", captioner, "--filter", filter_, "--web", *web, "--human", *human, "--output", out]
+        if parent:
+            args += ["--parent-run-id", parent]
+        _launch("capfilt", args + _config_args(params_file, overrides), ctx, torchx)
+    else:
+        raise UserError(f"launcher must be 'inline' or 'torchx', got {launcher!r}")
+    path = storage.join(out, "summary.json")
+    info = storage.read_json(path) if storage.exists(path) else {}
+    t_in, t_out = info.get("texts_in") or {}, info.get("texts_out") or {}
+    rows = "".join(f"| {src} | {t_in.get(src, 0)} | {t_out.get(src, 0)} |\n" for src in sorted(set(t_in) | set(t_out)))
+    Path(summary.path).write_text(
+        f"# CapFilt\n\nOutput `{out}`\n\n| source | texts in | texts kept |\n|---|---|---|\n{rows}\n"
+        f"Web images in: {info.get('web_images_in', '?')}, kept: {info.get('web_images_out', '?')}; "
+        f"human images: {info.get('human_images', '?')}\n")
+    dataset.metadata.update({"texts_in": t_in, "texts_out": t_out, "web_images_out": info.get("web_images_out")})
+
+
+def evaluate(ctx: dict, params_file: str, overrides: Sequence[str], models: dict[str, str], test: str,
+             capfilt_data: str, min_gain: float, baseline: str, candidate: str, results, metrics, report,
+             html) -> bool:
+    """Evaluate the models on the test split; return whether ``candidate`` beats ``baseline`` by ``min_gain``."""
+    from components import evaluate as stage
+    from components import storage
+
+    apply_context(ctx)
+    cfg = load_cfg(params_file, overrides)
+    out = output_location(results, ctx.get("run_root", ""), "evaluate")
+    res = stage.run(cfg, dict(models), test, out, capfilt=capfilt_data or None,
+                    parent_run_id=ctx.get("parent_run_id") or None)
+    key = cfg.evaluate.metric
+    per_model: dict[str, dict[str, Any]] = res.metrics.get("models") or {}
+    for name, values in per_model.items():
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                metrics.log_metric(f"{name}/{k}", float(v))
+    for k, v in (res.metrics.get("filter") or {}).items():
+        if isinstance(v, (int, float)):
+            metrics.log_metric(f"filter/{k}", float(v))
+    try:
+        gain = float(per_model[candidate][key]) - float(per_model[baseline][key])
+    except KeyError as e:
+        raise UserError(f"evaluate: no {key} for model {e} in {out}") from None
+    promote = gain > min_gain
+    metrics.log_metric("gain", gain)
+    results.metadata.update({"metric": key, "gain": gain, "promote": promote, "metrics_uri":
+                             storage.join(out, stage.METRICS_FILE)})
+    Path(report.path).write_text(storage.read_text(storage.join(out, stage.REPORT_MD)))
+    Path(html.path).write_text(storage.read_text(storage.join(out, stage.REPORT_HTML)))
+    verdict = "promote" if promote else "do not promote"
+    print(f"evaluate: {candidate} {key} - {baseline} {key} = {gain:+.3f} (min_gain {min_gain}): {verdict}")
+    return promote
+
+
+def register(ctx: dict, params_file: str, overrides: Sequence[str], model: str, results: str, candidate: str,
+             name: str) -> dict:
+    """Register the candidate model (the alias moves only when it beats the current champion)."""
+    import dataclasses
+
+    from components import register as stage
+    from components import storage
+
+    apply_context(ctx)
+    cfg = load_cfg(params_file, overrides)
+    res = stage.run(cfg, model, storage.join(results, "metrics.json"), candidate, name,
+                    parent_run_id=ctx.get("parent_run_id") or None)
+    print(f"register {name}: version {res.version}, promoted={res.promoted}: {res.reason}")
+    return {k: v for k, v in dataclasses.asdict(res).items() if v is None or isinstance(v, (str, int, float, bool))}

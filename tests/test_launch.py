@@ -1,0 +1,121 @@
+"""TorchX launching (components.launch): a real 1x2 local_cwd torchrun job, a failing job, the kubernetes spec."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from toy_data import TINY, no_tracking, toy_data  # noqa: F401 - fixtures
+
+from blip_core.errors import UserError
+from components import launch
+
+
+def _sets(overrides):
+    return sum((["--set", s] for s in overrides), [])
+
+
+def test_local_cwd_1x2_pretrain_finishes_with_a_checkpoint(toy_data, tmp_path, no_tracking):
+    out = tmp_path / "pre"
+    lines: list[str] = []
+    res = launch.launch("pretrain", ["--data", toy_data["web"], toy_data["human"], "--output", str(out),
+                                     *_sets(TINY + ["pretrain.epochs=1", "pretrain.log_every=100"])],
+                        scheduler="local_cwd", nodes=1, procs_per_node=2, log_dir=str(tmp_path / "logs"),
+                        stream=lines.append, timeout_s=300)
+    assert res.succeeded and res.handle.startswith("local_cwd://")
+    result = json.loads((out / "result.json").read_text())
+    # 2 gloo processes split the 64 web + 24x5 human pairs: half the steps of one process
+    assert result["steps"] == (64 + 24 * 5) // 2 // 8
+    assert (out / "model" / "model.safetensors").is_file() and (out / "checkpoints" / "latest.json").is_file()
+    assert any(ln.startswith("[pretrain/0] [0]:") for ln in lines)
+    assert any("pretrain:" in ln and "steps" in ln for ln in res.last_lines)
+    assert (tmp_path / "logs").is_dir()
+
+
+def test_failing_job_surfaces_its_error(tmp_path, no_tracking):
+    missing = tmp_path / "no-such-data"
+    with pytest.raises(UserError) as e:
+        launch.launch("pretrain", ["--data", str(missing), "--output", str(tmp_path / "out"), "--set",
+                                   "model.preset=tiny"], procs_per_node=2, log_dir=str(tmp_path / "logs"),
+                      stream=False, timeout_s=300)
+    msg = str(e.value)
+    head = msg.splitlines()[0]
+    assert head.startswith("pretrain: TorchX job local_cwd://") and "FAILED" in head
+    assert "no-such-data" in head and "no manifest.json" in head  # the stage's own error, in the first line
+    assert "last log lines:" in msg and str(tmp_path / "out") in msg
+
+
+def test_stage_args_need_output_and_known_stage():
+    with pytest.raises(UserError, match="--output"):
+        launch.build_app("pretrain", ["--data", "d"])
+    with pytest.raises(UserError, match="unknown stage"):
+        launch.build_app("evaluate", ["--output", "o"])
+    with pytest.raises(UserError, match="s3:// output"):
+        launch.build_app("pretrain", ["--data", "s3://b/d", "--output", "local/out"], scheduler="kubernetes")
+    with pytest.raises(UserError, match="bad mount"):
+        launch.mount_tokens(["type=volume,src=x,path=/x"])
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = launch.absolute_paths(["--data", "a", "s3://b/c", "--output=o", "--set", "x=1", "--init", "/abs"])
+    assert args == ["--data", str(tmp_path / "a"), "s3://b/c", f"--output={tmp_path / 'o'}", "--set", "x=1",
+                    "--init", "/abs"]
+
+
+def _containers(job):
+    return [t["template"]["spec"]["containers"][0] for t in job["spec"]["tasks"]]
+
+
+def test_kubernetes_dryrun_spec(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio.blip.svc.cluster.local:9000")
+    image = "registry.example.com/blip/blip-capfilt:0.1.0"
+    res = launch.launch(
+        "pretrain", ["--data", "s3://blip/data/web", "--output", "s3://blip/runs/r1/pretrain", "--stage-name", "pretrain"],
+        scheduler="kubernetes", nodes=2, gpus_per_node=4, cpu=16, mem_mb=120_000, image=image, queue="blip",
+        namespace="blip", service_account="blip-trainer", mounts=["type=volume,src=blip-cache,dst=/cache"],
+        env={"MLFLOW_TRACKING_URI": "http://mlflow.blip.svc.cluster.local:5000", "BLIP_PARENT_RUN_ID": "abc123"},
+        node_selector={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}, dryrun=True)
+    job = res.request
+    assert res.state == "DRYRUN" and job["apiVersion"] == "batch.volcano.sh/v1alpha1" and job["kind"] == "Job"
+    assert job["spec"]["queue"] == "blip" and job["spec"]["schedulerName"] == "volcano"
+    assert res.scheduler_cfg["namespace"] == "blip" and res.scheduler_cfg["service_account"] == "blip-trainer"
+    tasks = job["spec"]["tasks"]
+    assert len(tasks) == 2 and all(t["replicas"] == 1 for t in tasks)  # one Volcano task per node
+    for task, c in zip(tasks, _containers(job)):
+        pod = task["template"]["spec"]
+        assert c["image"] == image
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "4" and c["resources"]["limits"]["cpu"] == "16000m"
+        assert pod["serviceAccountName"] == "blip-trainer"
+        cmd = c["command"][-1]
+        assert "--nnodes 2 --nproc_per_node 4" in cmd and "-m components.pretrain" in cmd
+        assert "--output s3://blip/runs/r1/pretrain" in cmd
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        assert volumes[mounts["/cache"]]["persistentVolumeClaim"]["claimName"] == "blip-cache"
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["MLFLOW_TRACKING_URI"].startswith("http://mlflow.") and env["BLIP_PARENT_RUN_ID"] == "abc123"
+        assert env["AWS_ENDPOINT_URL_S3"] == "http://minio.blip.svc.cluster.local:9000"
+        assert "AWS_SECRET_ACCESS_KEY" not in env  # credentials come from the secret, never inline
+        assert {"secretRef": {"name": "blip-s3-credentials"}} in c["envFrom"]
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+        assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+
+
+def test_launch_cli_dryrun_prints_the_job(capsys):
+    rc = launch.main(["finetune", "--scheduler", "kubernetes", "--nodes", "1", "--gpus", "2", "--dryrun", "--",
+                      "--task", "captioner", "--init", "s3://blip/r/pretrain", "--data", "s3://blip/d/human",
+                      "--output", "s3://blip/r/finetune_captioner"])
+    assert rc == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    (c,) = _containers(job)
+    assert c["image"] == launch.IMAGE and c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert "-m components.finetune --task captioner" in c["command"][-1]
+    assert job["metadata"]["name"].startswith("finetune-captioner")
+
+
+def test_package_root_holds_the_stage_modules():
+    root = launch.package_root()
+    for module in launch.STAGES.values():
+        assert (root / Path(*module.split("."))).with_suffix(".py").is_file()

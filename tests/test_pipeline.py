@@ -1,0 +1,208 @@
+"""The Kubeflow pipeline: compiled YAML settings, the committed copy, the CLI, and whole runs with kfp.local."""
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from blip_core.errors import UserError
+from components.cli import main as blip
+from pipelines import cli, settings
+from pipelines.pipeline import make_pipeline
+
+STAGE_EXECUTORS = ("exec-ingest", "exec-ingest-2", "exec-ingest-3", "exec-pretrain", "exec-finetune",
+                   "exec-finetune-2", "exec-capfilt", "exec-repretrain", "exec-evaluate", "exec-register")
+GPU_EXECUTORS = ("exec-pretrain", "exec-finetune", "exec-finetune-2", "exec-capfilt", "exec-repretrain",
+                 "exec-evaluate")
+TRAIN_EXECUTORS = ("exec-pretrain", "exec-finetune", "exec-finetune-2", "exec-capfilt", "exec-repretrain")
+
+
+def _compile(tmp_path, name="p.yaml", **kw):
+    path = cli.compile_pipeline(tmp_path / name, make_pipeline(**kw) if kw else None)
+    docs = list(yaml.safe_load_all(path.read_text()))
+    assert len(docs) == 2, "pipeline spec + kubernetes platform spec"
+    return docs
+
+
+def _tasks(spec: dict) -> dict[str, dict]:
+    """Every task of every DAG (root, exit handler, condition), by task name."""
+    out = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        out.update(comp.get("dag", {}).get("tasks", {}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return _compile(tmp_path_factory.mktemp("compiled"))
+
+
+def test_resources_per_step(compiled):
+    spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    for ex in executors.values():
+        c = ex["container"]
+        assert c["image"] == settings.DEFAULT_IMAGE
+        assert "pip install" not in " ".join(c["command"])  # install_kfp_package=False: kfp comes with the image
+        assert c["resources"]["resourceCpuLimit"] and c["resources"]["resourceMemoryLimit"]
+    for name in GPU_EXECUTORS:
+        res = executors[name]["container"]["resources"]
+        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
+        assert res["resourceCpuLimit"] == "8" and res["resourceMemoryLimit"] == "32Gi"
+    for name in ("exec-ingest", "exec-register", "exec-start-run", "exec-end-run"):
+        assert "accelerator" not in executors[name]["container"]["resources"]
+
+
+def test_retries_caching_gate_and_exit_handler(compiled):
+    spec, _ = compiled
+    tasks = _tasks(spec)
+    retried = {n for n, t in tasks.items() if "retryPolicy" in t}
+    assert retried == {"ingest", "ingest-2", "ingest-3", "pretrain", "finetune", "finetune-2", "capfilt",
+                       "repretrain", "evaluate"}
+    assert tasks["evaluate"]["retryPolicy"]["maxRetryCount"] == 2
+    assert tasks["pretrain"]["retryPolicy"]["backoffDuration"] == "60s"
+    cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"ingest", "ingest-2", "ingest-3"}
+    gate = next(t for t in tasks.values() if t.get("triggerPolicy", {}).get("condition"))
+    assert "evaluate" in json.dumps(gate) and "== true" in gate["triggerPolicy"]["condition"]
+    assert tasks["end-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert {t["taskInfo"]["name"] for t in tasks.values()} >= {"ingest web", "finetune captioner", "repretrain"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["mlflow_tracking_uri"]["defaultValue"] == settings.MLFLOW_URI
+    assert params["s3_endpoint"]["defaultValue"] == settings.S3_ENDPOINT
+    assert params["torchx"]["defaultValue"]["queue"] == "blip"
+    assert params["torchx"]["defaultValue"]["service_account"] == "blip-trainer"
+    # the parent MLflow run id reaches every stage through the start step's context
+    for name in ("pretrain", "finetune", "capfilt", "repretrain", "evaluate"):
+        ctx = tasks[name]["inputs"]["parameters"]["ctx"]["taskOutputParameter"]
+        assert ctx == {"outputParameterKey": "ctx", "producerTask": "start-run"}
+
+
+def test_secret_and_volumes(compiled):
+    _, platform = compiled
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in STAGE_EXECUTORS:
+        (secret,) = k8s[name]["secretAsEnv"]
+        assert secret["secretName"] == "blip-s3-credentials"
+        assert {(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]} == {
+            ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")}
+    for name in GPU_EXECUTORS:
+        (shm,) = k8s[name]["emptyDirMounts"]
+        assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory" and shm["sizeLimit"] == "8Gi"
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s[name]["tolerations"]
+    assert "emptyDirMounts" not in k8s["exec-ingest"]
+
+
+def test_torchx_variant_moves_gpus_to_the_jobs(tmp_path):
+    spec, platform = _compile(tmp_path, launcher="torchx", image="reg.example.com/blip-capfilt:0.1.0",
+                              gpu_product="NVIDIA-H100-80GB-HBM3")
+    executors = spec["deploymentSpec"]["executors"]
+    for name in TRAIN_EXECUTORS:
+        assert "accelerator" not in executors[name]["container"]["resources"]
+    assert executors["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    assert {e["container"]["image"] for e in executors.values()} == {"reg.example.com/blip-capfilt:0.1.0"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["launcher"]["defaultValue"] == "torchx"
+    assert params["torchx"]["defaultValue"]["image"] == "reg.example.com/blip-capfilt:0.1.0"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-evaluate"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+
+
+def test_committed_yaml_is_not_stale(tmp_path):
+    fresh = cli.compile_pipeline(tmp_path / "fresh.yaml", make_pipeline(
+        image=settings.DEFAULT_IMAGE, launcher="inline", gpu_type="nvidia.com/gpu", gpus=1, gpu_product=""))
+    assert cli.COMMITTED_YAML.read_text() == fresh.read_text(), (
+        "pipelines/blip_capfilt.yaml is stale: run `blip pipeline compile` and commit it")
+
+
+def test_params_are_typed():
+    p = cli.parse_params(["min_gain=0.5", "config_overrides=[\"pretrain.epochs=2\"]", "torchx.nodes=4",
+                          "web_source=toyweb://?split=web&n=10"], ["pretrain.lr=1e-4"])
+    assert p["min_gain"] == 0.5 and p["torchx"]["nodes"] == 4 and p["torchx"]["queue"] == "blip"
+    assert p["config_overrides"] == ["pretrain.epochs=2", "pretrain.lr=1e-4"]
+    assert p["web_source"] == "toyweb://?split=web&n=10"
+    with pytest.raises(UserError, match="unknown pipeline parameter 'nope'"):
+        cli.parse_params(["nope=1"])
+    with pytest.raises(UserError, match="min_gain"):
+        cli.parse_params(["min_gain=lots"])
+
+
+def test_compile_cli_writes_yaml(tmp_path, capsys):
+    assert blip(["pipeline", "compile", "--output", str(tmp_path / "x.yaml"), "--gpus", "2"]) == 0
+    spec = next(yaml.safe_load_all((tmp_path / "x.yaml").read_text()))
+    assert spec["deploymentSpec"]["executors"]["exec-pretrain"]["container"]["resources"]["accelerator"][
+        "resourceCount"] == "2"
+
+
+def test_submit_to_a_closed_port_is_one_clear_line(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = blip(["pipeline", "submit", "--host", f"http://127.0.0.1:{port}", "--param", "min_gain=0.1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("blip pipeline: error: cannot reach the Kubeflow Pipelines API at http://127.0.0.1:")
+    assert "refused" in err[0].lower()
+
+
+# --------------------------------------------------------------------------------------------------
+# whole runs with kfp.local (SubprocessRunner, use_venv=False)
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_dir(root: Path) -> Path:
+    (run,) = root.glob("blip-capfilt-*")
+    return run
+
+
+@pytest.mark.slow
+def test_run_local_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("BLIP_TRACKING", raising=False)
+    monkeypatch.delenv("BLIP_PARENT_RUN_ID", raising=False)
+    root = tmp_path / "kfp"
+    # min_gain=-100: the tiny models are near chance, so force the promotion branch to run register
+    assert blip(["pipeline", "run-local", "--pipeline-root", str(root), "--param", "min_gain=-100",
+                 "--param", "mlflow_run_name=local-test"]) == 0
+    run = _run_dir(root)
+    for task, output in (("ingest", "dataset"), ("pretrain", "model"), ("finetune", "model"), ("finetune-2", "model"),
+                         ("capfilt", "dataset"), ("repretrain", "model"), ("evaluate", "results")):
+        assert (run / task / output).is_dir(), f"{task}/{output}"
+    assert (run / "pretrain" / "model" / "model" / "model.safetensors").is_file()
+    assert (run / "capfilt" / "dataset" / "manifest.json").is_file()
+    assert "| source |" in (run / "capfilt" / "summary").read_text()
+    metrics = json.loads((run / "evaluate" / "results" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {settings.BASELINE, settings.CANDIDATE}
+    assert "<table" in (run / "evaluate" / "report_html").read_text()
+    ev = json.loads((run / "evaluate" / "executor_output.json").read_text())
+    assert ev["parameterValues"]["Output"] is True and "gain" in ev["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    reg = json.loads((run / "register" / "executor_output.json").read_text())["parameterValues"]["Output"]
+    assert reg["promoted"] is True and reg["version"] == "1"
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(settings.EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("blip.kind") == "pipeline"]
+    assert parent.info.run_name == "local-test" and parent.info.status == "FINISHED"
+    stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(stages) == {"pretrain", "finetune_captioner", "finetune_filter", "capfilt", "repretrain", "evaluate",
+                           "register"}
+    assert all(r.info.status == "FINISHED" for r in stages.values())
+    assert str(client.get_model_version_by_alias("blip-capfilt", "champion").version) == "1"
+    assert "pipeline finished" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_run_local_failing_stage_is_named(tmp_path, capsys):
+    root = tmp_path / "kfp"
+    rc = blip(["pipeline", "run-local", "--pipeline-root", str(root), "--param", "mlflow_tracking_uri=off",
+               "--param", "human_source=toyweb://?split=bogus&n=4"])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("blip pipeline:")]
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("blip pipeline: error: stage 'ingest human' failed:")
+    assert "bogus" in err[0] and "(KFP task 'ingest-2')" in err[0]
+    assert not (_run_dir(root) / "pretrain").exists()  # nothing downstream of the failed stage ran
