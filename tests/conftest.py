@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from blip_core.config import load_config
+from components import ingest
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_restore():
@@ -184,3 +187,23 @@ def flaky_s3(s3_env, monkeypatch):
     yield make
     for p in proxies:
         p.close()
+
+
+# ------------------------------------------------------------------ toy-web datasets for the stage tests
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """``{"web": dir, "human": dir, "test": dir}`` of small toy-web datasets."""
+    root = tmp_path_factory.mktemp("toydata")
+    cfg = load_config(None, ["ingest.resolution=32"])
+    out = {}
+    for split, n in (("web", 64), ("human", 24), ("test", 12)):
+        out[split] = str(root / split)
+        ingest.run(cfg, f"toyweb://?split={split}&n={n}&seed=1&size=32", out[split], progress=False)
+    return out
+
+
+@pytest.fixture
+def no_tracking(monkeypatch):
+    monkeypatch.setenv("BLIP_TRACKING", "0")

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from blip_testing import tiny_model  # noqa: F401
-from toy_data import TINY, no_tracking, toy_data  # noqa: F401 - fixtures
+from toy_data import TINY
 
 from blip_core import build_model, model_preset
 from blip_core.capfilt import decide, filter_batch

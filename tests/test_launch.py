@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from toy_data import TINY, no_tracking, toy_data  # noqa: F401 - fixtures
+from toy_data import TINY
 
 from blip_core.errors import UserError
 from components import launch

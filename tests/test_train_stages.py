@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy_data import TINY, no_tracking, toy_data  # noqa: F401 - fixtures
+from toy_data import TINY
 
 from blip_core import load_checkpoint
 from blip_core.config import load_config
