@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import random
+import os
 
-import numpy as np
-import pytest
-import torch
+# One BLAS/OpenMP thread per process: tests start several processes at once (DDP ranks, stages, servers) and
+# oversubscribed OpenMP threads on a 2-core machine make every one of them many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from blip_core.config import load_config
-from components import ingest
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from blip_core.config import load_config  # noqa: E402
+from components import ingest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
