@@ -74,15 +74,28 @@ def lm_labels(decoder_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_le
 class _ContrastiveBase(nn.Module):
     """Shared machinery: momentum encoders, queues, ITC with soft targets, ITM with sampled negatives."""
 
-    def __init__(self, model: BlipModel, ids: SpecialIds, *, queue_size: int, momentum: float,
-                 with_ids: bool, gather_fn: GatherFn | None):
+    with_ids = False  # whether the queue also stores image ids (positives by image id)
+
+    def __init__(self, model: BlipModel, ids: SpecialIds, *, queue_size: int | None = None,
+                 momentum: float | None = None, gather_fn: GatherFn | None = None):
         super().__init__()
         self.model = model
         self.ids = ids
-        self.momentum = momentum
+        self.momentum = model.cfg.momentum if momentum is None else momentum
         self.momentum_encoders = MomentumEncoders(model)
-        self.queue = FeatureQueue(model.cfg.embed_dim, queue_size, with_ids=with_ids)
+        self.queue = FeatureQueue(model.cfg.embed_dim, queue_size or model.cfg.queue_size, with_ids=self.with_ids)
         self.gather_fn = gather_fn or _identity
+
+    def _encode(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Image tokens, student ITC features and momentum ITC features of a batch."""
+        m = self.model
+        image_embeds = m.encode_image(image)  # (B, 1+N, D)
+        text_ids = with_first_token(input_ids, self.ids.cls)
+        image_feat = m.image_features(image_embeds)  # (B, E)
+        text_feat = m.text_features(m.encode_text(text_ids, attention_mask))  # (B, E)
+        image_feat_m = self.momentum_encoders.image_features(image)
+        text_feat_m = self.momentum_encoders.text_features(text_ids, attention_mask)
+        return image_embeds, image_feat, text_feat, image_feat_m, text_feat_m
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -124,24 +137,12 @@ class _ContrastiveBase(nn.Module):
 class PretrainObjective(_ContrastiveBase):
     """ITC + ITM + LM, each with weight 1, as BLIP pre-training."""
 
-    def __init__(self, model: BlipModel, ids: SpecialIds, *, queue_size: int | None = None,
-                 momentum: float | None = None, gather_fn: GatherFn | None = None):
-        super().__init__(model, ids, queue_size=queue_size or model.cfg.queue_size,
-                         momentum=model.cfg.momentum if momentum is None else momentum, with_ids=False,
-                         gather_fn=gather_fn)
-
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 alpha: float, generator: torch.Generator | None = None, **_) -> ObjectiveOutput:
         """``image`` (B,3,H,W), ``input_ids``/``attention_mask`` (B,L) from the tokenizer ([CLS] first)."""
         m = self.model
         b = image.shape[0]
-        image_embeds = m.encode_image(image)  # (B, 1+N, D)
-        image_feat = m.image_features(image_embeds)  # (B, E)
-        text_ids = with_first_token(input_ids, self.ids.cls)
-        text_feat = m.text_features(m.encode_text(text_ids, attention_mask))  # (B, E)
-
-        image_feat_m = self.momentum_encoders.image_features(image)
-        text_feat_m = self.momentum_encoders.text_features(text_ids, attention_mask)
+        image_embeds, image_feat, text_feat, image_feat_m, text_feat_m = self._encode(image, input_ids, attention_mask)
         hard = torch.zeros(b, b + self.queue.size, device=image.device)
         hard[:, :b] = torch.eye(b, device=image.device)
         loss_itc, sim_i2t, sim_t2i = self._itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha, hard, hard)
@@ -162,22 +163,13 @@ class PretrainObjective(_ContrastiveBase):
 class FilterObjective(_ContrastiveBase):
     """ITC + ITM with positives defined by image id (several captions of one image are all positives)."""
 
-    def __init__(self, model: BlipModel, ids: SpecialIds, *, queue_size: int | None = None,
-                 momentum: float | None = None, gather_fn: GatherFn | None = None):
-        super().__init__(model, ids, queue_size=queue_size or model.cfg.queue_size,
-                         momentum=model.cfg.momentum if momentum is None else momentum, with_ids=True,
-                         gather_fn=gather_fn)
+    with_ids = True
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 alpha: float, image_idx: torch.Tensor, generator: torch.Generator | None = None,
                 **_) -> ObjectiveOutput:
         m = self.model
-        image_embeds = m.encode_image(image)
-        image_feat = m.image_features(image_embeds)
-        text_ids = with_first_token(input_ids, self.ids.cls)
-        text_feat = m.text_features(m.encode_text(text_ids, attention_mask))
-        image_feat_m = self.momentum_encoders.image_features(image)
-        text_feat_m = self.momentum_encoders.text_features(text_ids, attention_mask)
+        image_embeds, image_feat, text_feat, image_feat_m, text_feat_m = self._encode(image, input_ids, attention_mask)
 
         idx = image_idx.view(-1, 1)  # (B, 1)
         idx_all = torch.cat([idx.T, self.queue.idx_queue.clone()], dim=1)  # (1, B+Q)
