@@ -56,6 +56,7 @@ from blip_core.data.webdataset_io import (
 from blip_core.errors import UserError
 from blip_core.train import distributed as D
 from components import storage, training
+from components.cli import add_config_args
 
 log = logging.getLogger(__name__)
 
@@ -312,9 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--web", nargs="+", required=True, help="web dataset directories to bootstrap")
     p.add_argument("--human", nargs="*", default=[], help="human-annotated dataset directories (copied)")
     p.add_argument("--output", required=True, help="output dataset directory or s3:// prefix")
-    p.add_argument("--config", default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--parent-run-id", default=None)
+    add_config_args(p)
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     res = run(cfg, args.captioner, args.filter, args.web, args.human, args.output, parent_run_id=args.parent_run_id)

@@ -26,6 +26,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def add_config_args(parser, *, tracking: bool = True) -> None:
+    """The options every stage shares: ``--config``, repeatable ``--set KEY=VALUE`` and ``--parent-run-id``."""
+    parser.add_argument("--config", default=None, help="params.yaml (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set pretrain.lr=1e-4 (repeatable)")
+    if tracking:
+        parser.add_argument("--parent-run-id", default=None,
+                            help="MLflow parent run (default: $BLIP_PARENT_RUN_ID)")
+
+
 def _usage() -> str:
     lines = ["usage: blip <command> [options]", "", "commands:"]
     for name, (_, text) in COMMANDS.items():

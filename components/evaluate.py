@@ -52,6 +52,7 @@ from blip_core.errors import UserError
 from blip_core.generation import generate_captions
 from blip_core.retrieval import recall_at_k, retrieval_scores
 from components import storage, training
+from components.cli import add_config_args
 
 log = logging.getLogger(__name__)
 
@@ -457,10 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", required=True, help="the clean test split (dataset directory, local or s3)")
     p.add_argument("--output", required=True, help="output directory or s3:// prefix")
     p.add_argument("--capfilt", default=None, help="CapFilt output (with provenance.jsonl) to score the filter")
-    p.add_argument("--config", default=None, help="params.yaml (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set evaluate.k_test=32 (repeatable)")
-    p.add_argument("--parent-run-id", default=None, help="MLflow parent run (default: $BLIP_PARENT_RUN_ID)")
+    add_config_args(p)
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     res = run(cfg, parse_models(args.model), args.test, args.output, capfilt=args.capfilt,

@@ -51,6 +51,7 @@ from blip_core.data.webdataset_io import (
 )
 from blip_core.errors import UserError
 from components import storage
+from components.cli import add_config_args
 
 log = logging.getLogger(__name__)
 
@@ -329,9 +330,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="toyweb://?split=web&n=...&noise=...&seed=..., a directory or s3:// prefix "
                    "of .tar shards, or a .jsonl/.csv manifest (default: ingest.source of the config)")
     p.add_argument("--output", required=True, help="output dataset directory: a local path or s3://bucket/prefix")
-    p.add_argument("--config", help="params.yaml (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set ingest.shard_size=500 (repeatable)")
+    add_config_args(p, tracking=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

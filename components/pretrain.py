@@ -11,6 +11,7 @@ trains a new model rather than continuing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 
 import torch
@@ -20,6 +21,7 @@ from blip_core.objectives import PretrainObjective, SpecialIds
 from blip_core.pretrained import load_bert_weights, load_vit_weights
 from blip_core.train import distributed as D
 from components import storage, training
+from components.cli import add_config_args
 from components.training import TrainStageResult
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,11 @@ def run(cfg: Config, data: list[str], output: str, *, init: str | None = None, v
     else:
         tokenizer = training.make_tokenizer(cfg, data, work, info)
         model = training.new_model(cfg, tokenizer)
-        with storage.local_copy(vit_init) if vit_init else _null() as vit_path:
+        with storage.local_copy(vit_init) if vit_init else contextlib.nullcontext() as vit_path:
             if vit_path is not None:
                 ignored = load_vit_weights(model, vit_path)
                 log.info("ViT initialised from %s (ignored: %s)", vit_init, ignored)
-        with training.local_checkpoint(bert_init) if bert_init else _null() as bert_path:
+        with training.local_checkpoint(bert_init) if bert_init else contextlib.nullcontext() as bert_path:
             if bert_path is not None:
                 unused = load_bert_weights(model, bert_path)
                 log.info("text transformer initialised from %s (unused BERT tensors: %s)", bert_init, unused)
@@ -59,20 +61,9 @@ def run(cfg: Config, data: list[str], output: str, *, init: str | None = None, v
                        "expand_captions": True})
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="params.yaml (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set pretrain.lr=1e-4 (repeatable)")
+    add_config_args(p)
     p.add_argument("--no-resume", action="store_true", help="start over even if the output holds a checkpoint")
-    p.add_argument("--parent-run-id", default=None, help="MLflow parent run (default: $BLIP_PARENT_RUN_ID)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from typing import Any
 from blip_core.config import Config, load_config, to_dict
 from blip_core.errors import UserError
 from components import storage, training
+from components.cli import add_config_args
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default=None, help="metric compared, higher is better (default: evaluate.metric)")
     p.add_argument("--force", action="store_true", help="move the alias whatever the metrics say")
     p.add_argument("--output", default=None, help="write register.json (the decision) to this directory or file")
-    p.add_argument("--config", default=None, help="params.yaml (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
-    p.add_argument("--parent-run-id", default=None, help="MLflow parent run (default: $BLIP_PARENT_RUN_ID)")
+    add_config_args(p)
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     res = run(cfg, args.model, args.metrics, args.candidate, args.name, alias=args.alias, metric=args.metric,

@@ -279,7 +279,10 @@ def run_training(
             objective, optimizer, tcfg, LoaderSource(loader), checkpoint_dir=work / CHECKPOINT_DIR, info=info,
             alpha=cfg.model.alpha, config_dict=config, resume=resume, log_fn=log_fn,
             on_checkpoint=uploader(output))
-        model_uri = storage.join(output, MODEL_DIR)
+        result = TrainStageResult(
+            output=output, model_uri=storage.join(output, MODEL_DIR), steps=res.position.step,
+            epochs=res.position.epoch, losses=res.last_losses, pairs_per_second=res.pairs_per_second,
+            resumed_from=str(res.resumed_from) if res.resumed_from else None, run_id=run.run_id)
         if info.is_main:
             mom = (momentum_state_dict(objective.momentum_encoders, objective.queue)
                    if hasattr(objective, "momentum_encoders") else None)
@@ -293,16 +296,8 @@ def run_training(
             run.log_artifact(work / "train_log.json")
             run.log_blip_model(work / MODEL_DIR, registered_name=registered_name)
             publish(work, output, [MODEL_DIR, "metrics.json", "train_log.json"])
-            result = TrainStageResult(
-                output=output, model_uri=model_uri, steps=res.position.step, epochs=res.position.epoch,
-                losses=res.last_losses, pairs_per_second=res.pairs_per_second,
-                resumed_from=str(res.resumed_from) if res.resumed_from else None, run_id=run.run_id)
             write_result(output, work, {"stage": stage, **dataclasses.asdict(result)})
         D.barrier()
-    if not info.is_main:
-        return TrainStageResult(output=output, model_uri=model_uri, steps=res.position.step,
-                                epochs=res.position.epoch, losses=res.last_losses,
-                                pairs_per_second=res.pairs_per_second)
     return result
 
 

@@ -105,7 +105,6 @@ def test_vit_and_bert_initialisation_from_s3(tmp_path, s3_bucket, no_tracking):
     # The stage reads both from s3://.
     storage.upload_file(tmp_path / "vit.pth", f"s3://{s3_bucket}/init/vit.pth")
     storage.upload_dir(tmp_path / "bert", f"s3://{s3_bucket}/init/bert")
-    from components.pretrain import _null  # noqa: F401 - the stage module imports cleanly
     with storage.local_copy(f"s3://{s3_bucket}/init/vit.pth") as p:
         assert load_vit_weights(build_model(cfg, vocab_size=92), p) == ["head.bias", "head.weight"]
 
