@@ -229,7 +229,7 @@ def config_from_hf(hf_config) -> tuple[ModelConfig, list[str]]:
         text=TextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_layers=t.num_hidden_layers,
                         num_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
                         max_position=t.max_position_embeddings, ln_eps=t.layer_norm_eps,
-                        dropout=float(t.hidden_dropout_prob)),
+                        dropout=float(t.hidden_dropout_prob), init_std=float(t.initializer_range)),
         embed_dim=hf_config.image_text_hidden_size,
     )
     if int(cfg.vision.width * cfg.vision.mlp_ratio) != v.intermediate_size:
@@ -255,7 +255,8 @@ def config_to_hf(cfg: ModelConfig, tokenizer: BlipTokenizer | None = None,
                 intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
                 num_attention_heads=t.num_heads, max_position_embeddings=t.max_position, hidden_act="gelu",
                 layer_norm_eps=t.ln_eps, hidden_dropout_prob=t.dropout, attention_probs_dropout_prob=t.dropout,
-                bos_token_id=bos, sep_token_id=sep, pad_token_id=pad, label_smoothing=label_smoothing)
+                bos_token_id=bos, sep_token_id=sep, pad_token_id=pad, label_smoothing=label_smoothing,
+                initializer_range=t.init_std)
     vision = dict(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio), num_hidden_layers=v.depth,
                   num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
                   layer_norm_eps=v.ln_eps, hidden_act="gelu")

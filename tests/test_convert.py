@@ -13,6 +13,7 @@ from blip_core import build_model, load_checkpoint, model_preset
 from blip_core.checkpoint_io import canonical_state_dict, save_checkpoint
 from blip_core.convert import (
     config_from_hf,
+    config_to_hf,
     hf_to_official_key,
     load_hf,
     load_official,
@@ -204,6 +205,10 @@ def test_hf_default_config_values_are_kept():
     assert (cfg.text.num_heads, cfg.vision.ln_eps, cfg.text.ln_eps) == (8, 1e-5, 1e-12)
     assert (cfg.vision.width, cfg.vision.depth, cfg.vision.mlp_ratio, cfg.embed_dim) == (32, 2, 2.0, 16)
     assert any("label_smoothing is 0.0" in n for n in notes)
+    assert cfg.text.init_std == hf_cfg.text_config.initializer_range == 0.02
+    hf_cfg.text_config.initializer_range = 0.05
+    cfg, _ = config_from_hf(hf_cfg)
+    assert cfg.text.init_std == 0.05 and config_to_hf(cfg).text_config.initializer_range == 0.05
 
 
 def test_hf_unexpected_and_missing_keys_are_named(tmp_path):

@@ -72,6 +72,22 @@ def test_encoder_decoder_share_all_but_self_attention():
     assert m.text_decoder.cls.predictions.decoder.weight is m.text_decoder.bert.embeddings.word_embeddings.weight
 
 
+@pytest.mark.parametrize("std", [0.02, 0.2])
+def test_text_init_std_follows_config(std):
+    """``model.text.init_std`` sets the normal std of every text Linear/Embedding weight (BERT's 0.02)."""
+    import dataclasses
+
+    cfg = model_preset("tiny")
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=500, init_std=std))
+    m = build_model(cfg)
+    for name in ("embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight",
+                 "encoder.layer.1.intermediate.dense.weight"):
+        w = dict(m.text_encoder.named_parameters())[name]
+        assert abs(w.std().item() - std) / std < 0.1, name
+    assert dict(m.text_decoder.bert.named_parameters())["encoder.layer.0.attention.self.query.weight"].std().item() == \
+        pytest.approx(std, rel=0.1)
+
+
 def test_base_preset_parameter_count_matches_paper():
     m = build_model(model_preset("base"))
     n = count_parameters(m)

@@ -13,6 +13,8 @@ decoder (LM, captioning).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,8 +70,9 @@ class BlipModel(nn.Module):
         self.visual_encoder = ImageEncoder(cfg.vision)
         self.text_decoder = TextDecoder(cfg)
         self.text_encoder = TextTransformer(cfg.text, cfg.vision.width)
-        self.text_encoder.apply(init_bert_weights)
-        self.text_decoder.apply(init_bert_weights)
+        init = partial(init_bert_weights, std=cfg.text.init_std)
+        self.text_encoder.apply(init)
+        self.text_decoder.apply(init)
         tie_encoder_to_decoder(self.text_encoder, self.text_decoder.bert)
         self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text.hidden_size, cfg.embed_dim)

@@ -291,10 +291,10 @@ class _Transform(nn.Module):
         return self.LayerNorm(F.gelu(self.dense(x)))
 
 
-def init_bert_weights(module: nn.Module) -> None:
-    """BERT initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorm."""
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT initialisation: normal(0, ``std``) weights (BERT: 0.02), zero biases, unit LayerNorm."""
     if isinstance(module, nn.Linear | nn.Embedding):
-        module.weight.data.normal_(mean=0.0, std=0.02)
+        module.weight.data.normal_(mean=0.0, std=std)
     if isinstance(module, nn.Linear) and module.bias is not None:
         module.bias.data.zero_()
     if isinstance(module, nn.LayerNorm):
