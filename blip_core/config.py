@@ -63,6 +63,7 @@ class TextConfig:
     # BERT's 0.02 suits 768 wide models initialised from a checkpoint; a narrow MED trained from scratch
     # needs about 1/sqrt(hidden_size), or its [CLS]/[ENC] outputs barely depend on the text at first.
     init_std: float = 0.02
+    grad_ckpt_layers: int = 0  # recompute the last k layers' activations in backward (0 = off; memory for time)
 
 
 @dataclass(kw_only=True)

@@ -108,6 +108,31 @@ def test_grad_checkpointing_leaves_outputs_and_grads_unchanged():
         torch.testing.assert_close(p1.grad, p2.grad, msg=n)
 
 
+def test_text_grad_checkpointing_leaves_losses_and_grads_unchanged():
+    """``model.text.grad_ckpt_layers`` recomputes MED layers in backward, dropout included, with equal results."""
+    import dataclasses
+
+    from blip_core.objectives import PretrainObjective
+
+    image, ids, mask = tiny_batch()
+    grads, losses = [], []
+    for k in (0, 1, 2):
+        torch.manual_seed(3)
+        cfg = model_preset("tiny")
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, grad_ckpt_layers=k))
+        m = build_model(cfg, vocab_size=VOCAB).train()  # dropout on
+        obj = PretrainObjective(m, IDS)
+        out = obj(image, ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    for k in (1, 2):
+        torch.testing.assert_close(losses[0], losses[k])
+        assert grads[0].keys() == grads[k].keys()
+        for n in grads[0]:
+            torch.testing.assert_close(grads[0][n], grads[k][n], msg=n)
+
+
 def test_sdpa_kernels_match_math_path():
     m = tiny_model().eval()
     image, ids, mask = tiny_batch()

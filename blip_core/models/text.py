@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from blip_core.config import TextConfig
 
@@ -258,10 +259,15 @@ class TextTransformer(nn.Module):
         x = self.embeddings(input_ids, past_len)
         mask, causal_flag = sdpa_mask(attention_mask, input_ids.shape[1], past_len, is_causal)
         new_cache: KVCache = []
+        first_ckpt = len(self.layers) - self.cfg.grad_ckpt_layers
+        recompute = self.cfg.grad_ckpt_layers > 0 and self.training and torch.is_grad_enabled() and not use_cache
         for i, layer in enumerate(self.layers):
-            kv_i = cross.kv[i] if cross is not None else None
-            x, kv = layer(x, mask, kv_i, cross.index if cross is not None else None, past[i] if past else None,
-                          causal_flag)
+            args = (x, mask, cross.kv[i] if cross is not None else None, cross.index if cross is not None else None,
+                    past[i] if past else None, causal_flag)
+            if recompute and i >= first_ckpt:  # dropout masks are replayed: the RNG state is restored for the recomputation
+                x, kv = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x, kv = layer(*args)
             if use_cache:
                 new_cache.append(kv)
         return x, (new_cache if use_cache else None)
