@@ -1,6 +1,7 @@
 """Pre-training step benchmark: pairs/s, seconds per step and peak memory, for the `toy` and `base` presets.
 
-    python -m benchmarks.train [--presets toy base] [--steps 3] [--threads 2] [--grad-ckpt-layers K] [--text-grad-ckpt-layers K]
+    python -m benchmarks.train [--presets toy base] [--steps 3] [--threads 2]
+                               [--grad-ckpt-layers K] [--text-grad-ckpt-layers K]
 
 Each preset runs in its own subprocess (so peak RSS is that preset's alone) one full pre-training step at a
 time: ITC + ITM + LM forward, backward, AdamW step, momentum update and enqueue, fp32 on CPU.

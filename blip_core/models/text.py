@@ -264,7 +264,7 @@ class TextTransformer(nn.Module):
         for i, layer in enumerate(self.layers):
             args = (x, mask, cross.kv[i] if cross is not None else None, cross.index if cross is not None else None,
                     past[i] if past else None, causal_flag)
-            if recompute and i >= first_ckpt:  # dropout masks are replayed: the RNG state is restored for the recomputation
+            if recompute and i >= first_ckpt:  # the RNG state is restored, so dropout masks replay
                 x, kv = checkpoint(layer, *args, use_reentrant=False)
             else:
                 x, kv = layer(*args)
