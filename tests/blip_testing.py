@@ -13,11 +13,14 @@ VOCAB = 100
 IDS = SpecialIds(cls=2, enc=VOCAB - 1, dec=VOCAB - 2, pad=0)
 
 
-def tiny_model(seed: int = 0, **vision_overrides):
+def tiny_model(seed: int = 0, text: dict | None = None, **vision_overrides):
+    """The `tiny` preset with ``vision_overrides`` and ``text`` (a dict of TextConfig fields) applied."""
     torch.manual_seed(seed)
     cfg = model_preset("tiny")
     if vision_overrides:
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **vision_overrides))
+    if text:
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, **text))
     return build_model(cfg, vocab_size=VOCAB)
 
 

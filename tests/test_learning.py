@@ -57,7 +57,7 @@ def test_toy_pretraining_learns_retrieval_and_captioner_names_drawn_objects(tmp_
     ckpt = load_checkpoint(tmp_path / "pre" / "model")
     model, tok = ckpt.model.eval(), ckpt.tokenizer
     split = load_eval_split(data["test"], model.cfg.vision.image_size)
-    ids, mask = tok(split.texts, max_length=30)
+    ids, mask = tok(split.texts, max_length=cfg.model.max_text_len)
     with torch.no_grad():
         sim = itc_similarity(model, split.images, ids, mask).sim
     r = recall_at_k(sim, sim.T, split.img2txt, split.txt2img)
@@ -68,12 +68,13 @@ def test_toy_pretraining_learns_retrieval_and_captioner_names_drawn_objects(tmp_
 
     finetune.run(cfg, "captioner", str(tmp_path / "pre"), [data["human"]], str(tmp_path / "cap"), resume=False)
     ckpt = load_checkpoint(tmp_path / "cap" / "model")
-    prompt = cfg.finetune_captioner.prompt
+    captioner, ev = ckpt.model.eval(), cfg.evaluate  # beam search as the evaluate stage, with the captioner's prompt
     captions = []
     with torch.no_grad():
         for s in range(0, len(split.images), 50):
-            captions += generate_captions(ckpt.model.eval(), ckpt.tokenizer, split.images[s:s + 50],
-                                          decoding="beam", num_beams=3, max_length=20, min_length=5, prompt=prompt)
+            captions += generate_captions(captioner, ckpt.tokenizer, split.images[s:s + 50], decoding="beam",
+                                          num_beams=ev.num_beams, max_length=ev.max_length,
+                                          min_length=ev.min_length, prompt=cfg.finetune_captioner.prompt)
     scenes = [Scene.from_json(sample["scene"]) for sample in split.samples]
     n = len(captions)
     naming = sum(names_a_drawn_object(sc, c) for sc, c in zip(scenes, captions)) / n

@@ -75,11 +75,7 @@ def test_encoder_decoder_share_all_but_self_attention():
 @pytest.mark.parametrize("std", [0.02, 0.2])
 def test_text_init_std_follows_config(std):
     """``model.text.init_std`` sets the normal std of every text Linear/Embedding weight (BERT's 0.02)."""
-    import dataclasses
-
-    cfg = model_preset("tiny")
-    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=500, init_std=std))
-    m = build_model(cfg)
+    m = tiny_model(text={"init_std": std})
     for name in ("embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight",
                  "encoder.layer.1.intermediate.dense.weight"):
         w = dict(m.text_encoder.named_parameters())[name]
@@ -110,17 +106,12 @@ def test_grad_checkpointing_leaves_outputs_and_grads_unchanged():
 
 def test_text_grad_checkpointing_leaves_losses_and_grads_unchanged():
     """``model.text.grad_ckpt_layers`` recomputes MED layers in backward, dropout included, with equal results."""
-    import dataclasses
-
     from blip_core.objectives import PretrainObjective
 
     image, ids, mask = tiny_batch()
     grads, losses = [], []
     for k in (0, 1, 2):
-        torch.manual_seed(3)
-        cfg = model_preset("tiny")
-        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, grad_ckpt_layers=k))
-        m = build_model(cfg, vocab_size=VOCAB).train()  # dropout on
+        m = tiny_model(seed=3, text={"grad_ckpt_layers": k}).train()  # dropout on
         obj = PretrainObjective(m, IDS)
         out = obj(image, ids, mask, alpha=0.4, generator=torch.Generator().manual_seed(0))
         out.loss.backward()
