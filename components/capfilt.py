@@ -120,6 +120,8 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
                 kept = []
                 record_meta = {"image_id": meta.get("image_id", key), "key": key, "shard": name,
                                "noise": meta.get("noise")}
+                if meta.get("noise_detail"):
+                    record_meta["noise_detail"] = meta["noise_detail"]
                 decisions = []
                 for j, (text, s) in enumerate(zip(texts, sc)):
                     source = "web" if j == 0 else "synthetic"
@@ -129,9 +131,11 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
                         counts_out[source] += 1
                         kept.append(text)
                     decisions.append({"source": source, "caption": text, "itm_score": round(s, 6), "kept": ok})
-                    prov_lines.append(json.dumps({**record_meta, "source": source, "caption": text,
-                                                  "itm_score": round(s, 6), "kept": ok,
-                                                  "noise": record_meta["noise"] if source == "web" else None}))
+                    line = {**record_meta, "source": source, "caption": text, "itm_score": round(s, 6), "kept": ok}
+                    if source != "web":  # the noise labels describe the web caption only
+                        line["noise"] = None
+                        line.pop("noise_detail", None)
+                    prov_lines.append(json.dumps(line))
                 if len(examples) < 16:
                     examples.append((img, decisions))
                 if not kept:

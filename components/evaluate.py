@@ -14,7 +14,8 @@ For every model (a checkpoint directory or a training stage output, local or s3)
 With ``--capfilt`` (a CapFilt output holding ``provenance.jsonl``, or the file itself):
 
 - ``filter``: precision and recall of "dropped" against "noisy" over web captions, overall and per noise kind
-  (for a kind, precision counts only clean captions and that kind, as if it were the only noise);
+  (for a kind, precision counts only clean captions and that kind, as if it were the only noise), and per
+  ``noise_detail`` within a kind where the data records one (toy-web: which attribute a wrong caption changed);
 - ``capfilt``: texts in and kept per source, the kept share, and distinct-1/2 of the synthetic captions.
 
 The output directory holds ``metrics.json`` (numbers only: ``models.<name>.<metric>``, ``filter.*``,
@@ -197,6 +198,12 @@ def filter_metrics(records: Iterable[dict]) -> dict[str, Any]:
             continue
         k_tp = sum(not r["kept"] for r in of_kind)
         out[kind] = {"count": len(of_kind), "dropped": k_tp, **_prf(k_tp, clean_dropped, len(of_kind) - k_tp)}
+        details = sorted({r["noise_detail"] for r in of_kind if r.get("noise_detail")})
+        for detail in details:  # e.g. wrong_attribute: which attribute the noisy caption got wrong
+            of_detail = [r for r in of_kind if r.get("noise_detail") == detail]
+            d_tp = sum(not r["kept"] for r in of_detail)
+            out[kind].setdefault("by_detail", {})[detail] = {
+                "count": len(of_detail), "dropped": d_tp, **_prf(d_tp, clean_dropped, len(of_detail) - d_tp)}
     return out
 
 
@@ -315,6 +322,9 @@ def _report_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[tupl
             d = flt[kind]
             frows.append([kind, str(d["count"]), str(d["dropped"]), _fmt(d.get("precision"), 3),
                           _fmt(d.get("recall"), 3)])
+            for detail, dd in d.get("by_detail", {}).items():
+                frows.append([f"{kind}: {detail}", str(dd["count"]), str(dd["dropped"]),
+                              _fmt(dd.get("precision"), 3), _fmt(dd.get("recall"), 3)])
         frows.append(["clean", str(flt["web_captions"] - flt["noisy"]), str(flt["clean_dropped"]), "–", "–"])
         sections.append(("Filter on the known web-caption noise",
                          f"CapFilt `{info['capfilt']}`: a dropped web caption counts as a positive; a noisy one "

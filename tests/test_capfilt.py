@@ -70,6 +70,9 @@ def test_every_caption_appears_once_in_provenance(tiny_ckpt, toy_data, tmp_path,
     assert by_source == {"web": 64, "synthetic": 64, "human": 24 * 5}
     web_keys = [p["key"] for p in prov if p["source"] == "web"]
     assert len(set(web_keys)) == 64  # every web caption exactly once
+    wrong = [p for p in prov if p["noise"] == "wrong_attribute"]  # toy-web's labels reach the provenance
+    assert wrong and all(p["source"] == "web" and p["noise_detail"] in ("color", "shape") for p in wrong)
+    assert all(p["noise"] is None and "noise_detail" not in p for p in prov if p["source"] != "web")
     assert res.texts_in == dict(by_source) and res.texts_out == dict(by_source)
     manifest = read_manifest(str(out))
     manifest.check_counts()

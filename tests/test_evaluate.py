@@ -53,18 +53,21 @@ def models(tmp_path_factory, test_split) -> dict[str, str]:
     return out
 
 
-def _record(source, caption, kept, noise=None, score=0.5, key="k"):
-    return {"image_id": key, "key": key, "source": source, "caption": caption,
-            "itm_score": score if caption is not None else None, "kept": kept, "noise": noise}
+def _record(source, caption, kept, noise=None, score=0.5, key="k", detail=None):
+    rec = {"image_id": key, "key": key, "source": source, "caption": caption,
+           "itm_score": score if caption is not None else None, "kept": kept, "noise": noise}
+    return {**rec, "noise_detail": detail} if detail else rec
 
 
 def provenance() -> list[dict]:
-    """Web: 6 clean (1 dropped), 4 unrelated (4 dropped), 3 boilerplate (3), 4 wrong attribute (2), 1 unreadable;
+    """Web: 6 clean (1 dropped), 4 unrelated (4 dropped), 3 boilerplate (3), 4 wrong attribute (2: the one
+    wrong colour and one of three wrong shapes), 1 unreadable;
     synthetic: 4 (3 kept); human: 5 (all kept)."""
     recs = [_record("web", f"clean caption {i}", kept=i != 0) for i in range(6)]
     recs += [_record("web", f"unrelated {i}", kept=False, noise="unrelated") for i in range(4)]
     recs += [_record("web", f"IMG_{i}.jpg", kept=False, noise="boilerplate") for i in range(3)]
-    recs += [_record("web", f"wrong {i}", kept=i >= 2, noise="wrong_attribute") for i in range(4)]
+    recs += [_record("web", f"wrong {i}", kept=i >= 2, noise="wrong_attribute", detail="color" if i == 0 else "shape")
+             for i in range(4)]
     recs.append(_record("web", None, kept=False))  # unreadable image: no filter decision
     recs += [_record("synthetic", c, kept=k) for c, k in
              (("a red circle", True), ("a red circle", True), ("a blue square", False), ("two green stars", True))]
@@ -97,6 +100,10 @@ def test_filter_metrics_hand_worked():
     assert f["boilerplate"]["precision"] == pytest.approx(0.75) and f["boilerplate"]["recall"] == 1.0
     assert f["wrong_attribute"]["precision"] == pytest.approx(2 / 3)
     assert f["wrong_attribute"]["recall"] == pytest.approx(0.5)
+    by = f["wrong_attribute"]["by_detail"]
+    assert (by["color"]["count"], by["color"]["recall"], by["color"]["precision"]) == (1, 1.0, 0.5)
+    assert (by["shape"]["count"], by["shape"]["dropped"]) == (3, 1) and by["shape"]["recall"] == pytest.approx(1 / 3)
+    assert "by_detail" not in f["unrelated"]
 
 
 def test_filter_metrics_without_noise_labels_has_no_precision():
@@ -188,6 +195,7 @@ def test_evaluate_cli_writes_metrics_and_reports(no_tracking, test_split, models
     row = next(line for line in md.splitlines() if line.startswith("| noisy |"))
     assert row.split("|")[6].strip() == f"{m['models']['noisy']['mean_r1']:.1f}"
     assert "| wrong_attribute | 4 | 2 | 0.667 | 0.500 |" in md
+    assert "| wrong_attribute: shape | 3 | 1 | 0.500 | 0.333 |" in md
     assert "synthetic distinct 1 0.667" in md
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("<table>") == 3 and "<td>capfilt</td>" in page

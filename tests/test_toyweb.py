@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import random
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
@@ -72,6 +72,7 @@ def test_noise_mix_weights():
 
 
 def test_clean_captions_describe_the_scene_and_noisy_ones_do_not():
+    details = defaultdict(set)
     for s in generate("toyweb://?split=web&n=600&noise=0.5&seed=2"):
         scene = Scene.from_json(s.json["scene"])
         if s.json["noise"] is None:
@@ -80,6 +81,13 @@ def test_clean_captions_describe_the_scene_and_noisy_ones_do_not():
             assert not caption_matches(scene, s.txt), (s.json["noise"], s.txt)
             if s.json["noise"] == "boilerplate":
                 assert parse_caption(s.txt).mentions == ()
+        details[s.json["noise"]].add(s.json.get("noise_detail"))
+        if s.json.get("noise_detail"):  # the other attribute is untouched: every mention keeps it
+            kept = "shape" if s.json["noise_detail"] == "color" else "color"
+            assert {getattr(m, kept) for m in parse_caption(s.txt).mentions} <= \
+                {getattr(o, kept) for o in scene.objects}, (s.json["noise_detail"], s.txt)
+    assert details == {None: {None}, "unrelated": {None}, "boilerplate": {None},
+                       "wrong_attribute": {"color", "shape"}}
 
 
 def test_human_captions_parse_back_to_the_drawn_scene():

@@ -11,7 +11,8 @@ Splits, addressed as ``toyweb://?split=web&n=2000&noise=0.3&seed=0&size=64``:
 - ``web``: one web-style caption ("alt text") per image, terse or wordy. With probability ``noise`` the
   caption is replaced by a noisy one of a known kind: ``unrelated`` (the caption of another scene),
   ``boilerplate`` ("IMG_2041.jpg", "click to enlarge") or ``wrong_attribute`` (one object's colour or shape
-  changed). The kind is stored in the sample's ``json["noise"]`` for evaluation only.
+  changed). The kind is stored in the sample's ``json["noise"]`` (and, for ``wrong_attribute``, the changed
+  attribute, ``color`` or ``shape``, in ``json["noise_detail"]``) for evaluation only.
 - ``human``: clean, COCO-like: ``captions`` (default 5) human-style captions per image, varied in wording.
 - ``test``: like ``human``, held out.
 
@@ -283,6 +284,11 @@ def boilerplate_caption(rng: random.Random) -> str:
 
 def wrong_attribute_scene(scene: Scene, rng: random.Random) -> Scene:
     """The same scene with one object's colour or shape changed (a group changes as a whole)."""
+    return wrong_attribute_change(scene, rng)[0]
+
+
+def wrong_attribute_change(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
+    """:func:`wrong_attribute_scene` and the attribute it changed: ``"color"`` or ``"shape"``."""
     idx = list(range(len(scene.objects))) if scene.is_group else [rng.randrange(len(scene.objects))]
     target = scene.objects[idx[0]]
     used = {(o.shape, o.color) for i, o in enumerate(scene.objects) if i not in idx}
@@ -294,7 +300,7 @@ def wrong_attribute_scene(scene: Scene, rng: random.Random) -> Scene:
         options = [s for s in SHAPES if s != target.shape and (s, target.color) not in used]
         changes = {"shape": rng.choice(options)}
     objs = tuple(dataclasses.replace(o, **changes) if i in idx else o for i, o in enumerate(scene.objects))
-    return Scene(objs, scene.background, scene.texture)
+    return Scene(objs, scene.background, scene.texture), attr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,7 +499,7 @@ def generate_sample(spec: ToyWebSpec, index: int, jpeg_quality: int = 95) -> Toy
     img.save(buf, format="JPEG", quality=jpeg_quality)
     key = f"{spec.split}-s{spec.seed}-{index:07d}"
     crng = random.Random(f"toyweb/captions/{spec.split}/{spec.seed}/{index}")
-    noise_kind = None
+    noise_kind = noise_detail = None
     if spec.split == "web":
         nrng = random.Random(f"toyweb/noise/{spec.seed}/{index}")
         if nrng.random() < spec.noise:
@@ -503,7 +509,8 @@ def generate_sample(spec: ToyWebSpec, index: int, jpeg_quality: int = 95) -> Toy
         elif noise_kind == "unrelated":
             caption = unrelated_caption(scene, crng)
         elif noise_kind == "wrong_attribute":
-            caption = web_caption(wrong_attribute_scene(scene, crng), crng)
+            wrong, noise_detail = wrong_attribute_change(scene, crng)
+            caption = web_caption(wrong, crng)
         else:
             caption = web_caption(scene, crng)
         captions = [caption]
@@ -511,6 +518,8 @@ def generate_sample(spec: ToyWebSpec, index: int, jpeg_quality: int = 95) -> Toy
         captions = human_captions(scene, crng, spec.captions)
     meta = {"image_id": key, "captions": captions, "source": "web" if spec.split == "web" else "human",
             "noise": noise_kind, "split": spec.split, "seed": spec.seed, "scene": scene.to_json()}
+    if noise_detail:
+        meta["noise_detail"] = noise_detail
     return ToySample(key, buf.getvalue(), captions[0], meta)
 
 
