@@ -14,7 +14,8 @@ Each sample in a shard has ``__key__`` plus:
 - ``txt``: the primary caption, already cleaned with ``pre_caption``;
 - ``json``: ``{"image_id": str, "captions": [every caption of the image, primary first], "source":
   "web"|"human"|"synthetic", "noise": null|"unrelated"|"boilerplate"|"wrong_attribute"}`` plus whatever
-  else the source's json held (``noise`` is set by toy-web only and is used by evaluation only).
+  else the source's json held (``noise``, and ``noise_detail`` for a wrong attribute, are set by toy-web only
+  and used by evaluation only).
 
 ``manifest.json`` holds ``format``, ``source``, ``samples_in``, ``samples_out``, ``captions_out``,
 ``rejected`` (reason -> count, with ``samples_in == samples_out + sum(rejected.values())``), ``shards``
