@@ -196,15 +196,18 @@ def filter_metrics(records: Iterable[dict]) -> dict[str, Any]:
         of_kind = [r for r in noisy if r["noise"] == kind]
         if not of_kind:
             continue
-        k_tp = sum(not r["kept"] for r in of_kind)
-        out[kind] = {"count": len(of_kind), "dropped": k_tp, **_prf(k_tp, clean_dropped, len(of_kind) - k_tp)}
+        out[kind] = _noise_group(of_kind, clean_dropped)
         details = sorted({r["noise_detail"] for r in of_kind if r.get("noise_detail")})
-        for detail in details:  # e.g. wrong_attribute: which attribute the noisy caption got wrong
-            of_detail = [r for r in of_kind if r.get("noise_detail") == detail]
-            d_tp = sum(not r["kept"] for r in of_detail)
-            out[kind].setdefault("by_detail", {})[detail] = {
-                "count": len(of_detail), "dropped": d_tp, **_prf(d_tp, clean_dropped, len(of_detail) - d_tp)}
+        if details:  # e.g. wrong_attribute: which attribute the noisy caption got wrong
+            out[kind]["by_detail"] = {d: _noise_group([r for r in of_kind if r.get("noise_detail") == d],
+                                                      clean_dropped) for d in details}
     return out
+
+
+def _noise_group(noisy: list[dict], clean_dropped: int) -> dict[str, Any]:
+    """Count, dropped, and precision/recall/F1 of one group of noisy captions against the clean ones."""
+    tp = sum(not r["kept"] for r in noisy)
+    return {"count": len(noisy), "dropped": tp, **_prf(tp, clean_dropped, len(noisy) - tp)}
 
 
 def capfilt_metrics(records: Iterable[dict]) -> dict[str, Any]:
@@ -318,13 +321,11 @@ def _report_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[tupl
     if flt:
         frows = [["all noise", str(flt["noisy"]), str(flt["noisy_dropped"]), _fmt(flt.get("precision"), 3),
                   _fmt(flt.get("recall"), 3)]]
-        for kind in [k for k, v in flt.items() if isinstance(v, dict)]:
-            d = flt[kind]
-            frows.append([kind, str(d["count"]), str(d["dropped"]), _fmt(d.get("precision"), 3),
-                          _fmt(d.get("recall"), 3)])
-            for detail, dd in d.get("by_detail", {}).items():
-                frows.append([f"{kind}: {detail}", str(dd["count"]), str(dd["dropped"]),
-                              _fmt(dd.get("precision"), 3), _fmt(dd.get("recall"), 3)])
+        for kind, d in ((k, v) for k, v in flt.items() if isinstance(v, dict)):
+            labelled = [(kind, d)] + [(f"{kind}: {detail}", g) for detail, g in d.get("by_detail", {}).items()]
+            for label, g in labelled:
+                frows.append([label, str(g["count"]), str(g["dropped"]), _fmt(g.get("precision"), 3),
+                              _fmt(g.get("recall"), 3)])
         frows.append(["clean", str(flt["web_captions"] - flt["noisy"]), str(flt["clean_dropped"]), "–", "–"])
         sections.append(("Filter on the known web-caption noise",
                          f"CapFilt `{info['capfilt']}`: a dropped web caption counts as a positive; a noisy one "
