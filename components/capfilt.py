@@ -118,10 +118,10 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
             scores = filter_batch(models.filter, models.filter_tokenizer, fil_images, candidates)
             for (key, ext, img_bytes, meta, img), texts, sc in zip(batch, candidates, scores):
                 kept = []
-                record_meta = {"image_id": meta.get("image_id", key), "key": key, "shard": name,
-                               "noise": meta.get("noise")}
-                if meta.get("noise_detail"):
-                    record_meta["noise_detail"] = meta["noise_detail"]
+                record_meta = {"image_id": meta.get("image_id", key), "key": key, "shard": name}
+                # The known-noise labels (toy-web) describe the web caption, never the synthetic ones.
+                web_labels = {"noise": meta.get("noise"),
+                              **({"noise_detail": meta["noise_detail"]} if meta.get("noise_detail") else {})}
                 decisions = []
                 for j, (text, s) in enumerate(zip(texts, sc)):
                     source = "web" if j == 0 else "synthetic"
@@ -131,11 +131,9 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
                         counts_out[source] += 1
                         kept.append(text)
                     decisions.append({"source": source, "caption": text, "itm_score": round(s, 6), "kept": ok})
-                    line = {**record_meta, "source": source, "caption": text, "itm_score": round(s, 6), "kept": ok}
-                    if source != "web":  # the noise labels describe the web caption only
-                        line["noise"] = None
-                        line.pop("noise_detail", None)
-                    prov_lines.append(json.dumps(line))
+                    labels = web_labels if source == "web" else {"noise": None}
+                    prov_lines.append(json.dumps({**record_meta, **labels, "source": source, "caption": text,
+                                                  "itm_score": round(s, 6), "kept": ok}))
                 if len(examples) < 16:
                     examples.append((img, decisions))
                 if not kept:
