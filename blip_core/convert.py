@@ -247,6 +247,9 @@ def config_to_hf(cfg: ModelConfig, tokenizer: BlipTokenizer | None = None,
     from transformers import BlipConfig
 
     v, t = cfg.vision, cfg.text
+    if v.stem != "patch":
+        raise UserError(f"model.vision.stem is {v.stem!r}: the transformers BLIP port has only the linear patch "
+                        "embedding, so this model cannot be written in its layout")
     if tokenizer is not None:
         bos, sep, pad = tokenizer.dec_id, tokenizer.sep_id, tokenizer.pad_id
     else:  # BlipTokenizer appends [DEC] and [ENC] after the base vocabulary

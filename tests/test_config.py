@@ -48,6 +48,7 @@ def test_preset_then_overrides():
         ({}, ["data.randaugment=3"], "data.randaugment"),
         ({}, ["pretrain.schedule=linear"], "pretrain.schedule"),
         ({}, ["model.preset=huge"], "model.preset"),
+        ({}, ["model.vision.stem=cnn"], "model.vision.stem"),
         ({"pretrain": 3}, [], "pretrain"),
     ],
 )

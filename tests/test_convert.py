@@ -1,5 +1,6 @@
 """Checkpoint directories and conversion from/to Hugging Face and official BLIP, with numerical parity."""
 
+import dataclasses
 import json
 
 import pytest
@@ -71,6 +72,24 @@ def test_checkpoint_dir_round_trip_with_momentum(tmp_path):
     assert ck.model.text_encoder.embeddings is ck.model.text_decoder.bert.embeddings  # ties rebuilt
     assert (ck.tokenizer.dec_id, ck.tokenizer.enc_id, len(ck.tokenizer)) == (tok.dec_id, tok.enc_id, len(tok))
     _equal_dicts(ck.momentum_state, momentum)
+
+
+def test_conv_stem_checkpoint_round_trip_keeps_batch_norm_statistics(tmp_path):
+    tok = make_tokenizer()
+    cfg = model_preset("tiny")
+    model = build_model(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, stem="conv")), vocab_size=len(tok))
+    with torch.no_grad():  # running statistics as training leaves them, not the initial 0 / 1
+        model.train().visual_encoder(torch.randn(4, 3, 32, 32) * 2 + 1)
+    stats = {n: b for n, b in model.state_dict().items() if "running_" in n or "num_batches" in n}
+    assert stats and all(not torch.equal(b, torch.zeros_like(b)) for n, b in stats.items() if "running_mean" in n)
+    save_checkpoint(tmp_path / "ck", model, tok)
+    ck = load_checkpoint(tmp_path / "ck")
+    assert ck.model.cfg.vision.stem == "conv"
+    _equal_dicts(ck.model.state_dict(), model.state_dict())
+    image = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ck.model.eval().encode_image(image), model.eval().encode_image(image))
+    with pytest.raises(UserError, match="stem"):
+        config_to_hf(ck.model.cfg)
 
 
 def test_model_save_overwrites_atomically(tmp_path):

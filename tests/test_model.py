@@ -4,6 +4,7 @@ from blip_testing import IDS, VOCAB, tiny_batch, tiny_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from blip_core import build_model, model_preset
+from blip_core.config import ConfigError
 from blip_core.models import count_parameters, interpolate_pos_embed
 from blip_core.objectives import with_first_token
 
@@ -179,3 +180,24 @@ def test_pos_embed_interpolation():
     torch.testing.assert_close(interpolate_pos_embed(flat, 64), torch.ones(1, 65, 4))
     with pytest.raises(ValueError):
         interpolate_pos_embed(pe, 50)
+
+
+def test_conv_stem_keeps_the_patch_grid_in_row_major_order():
+    m = tiny_model(stem="conv").eval()  # 32 px, patch 8: a 4 x 4 grid
+    image = torch.zeros(1, 3, 32, 32)
+    base = m.visual_encoder.patch_embed(image)
+    assert base.shape == (1, 16, 32)
+    poked = image.clone()
+    poked[:, :, 0:8, 24:32] = 3.0  # the top-right cell: token 3 in row-major order
+    diff = (m.visual_encoder.patch_embed(poked) - base).abs().sum(-1)[0]  # (16,)
+    changed = set(torch.nonzero(diff).flatten().tolist())
+    # token 3 itself and some of its neighbours; never the left column or the bottom row (column-major order
+    # would put the top-right cell at token 12)
+    assert 3 in changed and changed <= {1, 2, 3, 5, 6, 7, 9, 10, 11}
+    assert m.encode_image(image).shape == (1, 17, 32)
+
+
+@pytest.mark.parametrize("patch", [6, 1])
+def test_conv_stem_needs_a_power_of_two_patch(patch):
+    with pytest.raises(ConfigError, match="model.vision.stem"):
+        tiny_model(stem="conv", patch_size=patch, image_size=patch * 4)

@@ -12,8 +12,9 @@ from blip_core.objectives import (
 )
 
 
-def test_one_pretrain_step_gives_every_trainable_parameter_a_gradient():
-    obj = PretrainObjective(tiny_model(), IDS)
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_one_pretrain_step_gives_every_trainable_parameter_a_gradient(stem):
+    obj = PretrainObjective(tiny_model(stem=stem), IDS)
     out = obj(*tiny_batch(), alpha=0.4, generator=torch.Generator().manual_seed(0))
     assert set(out.parts) == {"itc", "itm", "lm"}
     torch.testing.assert_close(out.loss, sum(out.parts.values()))
@@ -24,8 +25,9 @@ def test_one_pretrain_step_gives_every_trainable_parameter_a_gradient():
     assert obj.model.temp.grad is not None
 
 
-def test_momentum_update_is_exact():
-    m = tiny_model()
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_momentum_update_is_exact(stem):
+    m = tiny_model(stem=stem)
     mom = MomentumEncoders(m)
     before = {n: p.clone() for n, p in mom.named_parameters()}
     with torch.no_grad():

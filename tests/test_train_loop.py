@@ -32,8 +32,8 @@ class FixedSource:
 CFG = TrainConfig(epochs=2, batch_size=4, lr=1e-3, warmup_steps=3, warmup_lr=1e-5, log_every=1)
 
 
-def _run(tmp_path, cfg=CFG, source=None, resume=True, **kw):
-    obj = PretrainObjective(tiny_model(seed=0), IDS, queue_size=10)
+def _run(tmp_path, cfg=CFG, source=None, resume=True, stem="patch", **kw):
+    obj = PretrainObjective(tiny_model(seed=0, stem=stem), IDS, queue_size=10)
     opt = build_optimizer(obj, cfg)
     res = train(obj, opt, cfg, source or FixedSource(), checkpoint_dir=tmp_path, progress=False, resume=resume, **kw)
     return obj, opt, res
@@ -64,12 +64,13 @@ def test_train_logs_and_checkpoints(tmp_path):
     assert 0.001 <= float(obj.model.temp) <= 0.5
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("stem", ["patch", "conv"])  # conv: batch-norm statistics are state too
+def test_resume_is_bit_identical(tmp_path, stem):
     """Stop after 5 steps (mid-epoch) from a checkpoint, resume, and compare to one uninterrupted run."""
-    ref, _, _ = _run(tmp_path / "ref")
+    ref, _, _ = _run(tmp_path / "ref", stem=stem)
     cfg_stop = dataclasses.replace(CFG, max_steps=5)
-    _run(tmp_path / "resumed", cfg=cfg_stop)
-    resumed, _, res = _run(tmp_path / "resumed")
+    _run(tmp_path / "resumed", cfg=cfg_stop, stem=stem)
+    resumed, _, res = _run(tmp_path / "resumed", stem=stem)
     assert res.resumed_from is not None and res.position.step == 12
     for (n, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
