@@ -1,6 +1,6 @@
 """Vision probe: can the demo's image encoder learn to see shapes within the demo's step budget?
 
-    python -m benchmarks.vision_probe [--config params.yaml] [--steps 900] [--eval-every 150] [--threads 2]
+    python -m benchmarks.vision_probe [--config params.yaml] [--stem patch|conv] [--steps 900] [--eval-every 150]
 
 Trains image encoders from scratch, *supervised*, to say which shapes and which colours a toy-web image
 shows (11 binary labels: 5 shapes, 6 colours; binary cross-entropy, AdamW, batch 32, 100 warmup steps) on
@@ -8,7 +8,8 @@ shows (11 binary labels: 5 shapes, 6 colours; binary cross-entropy, AdamW, batch
 set are predicted exactly. Direct labels are a far stronger signal than captions, so an encoder that cannot
 learn shapes here within the pre-training stage's step count cannot learn them from ITC/ITM/LM either.
 
-- ``vit``: the demo's ViT (``model.vision`` of the config), its [CLS] token read out, as ITC reads it.
+- ``vit``: the demo's ViT (``model.vision`` of the config; ``--stem`` overrides its patch embedding: the
+  paper's linear patchify or the convolutional stem), its [CLS] token read out, as ITC reads it.
 - ``vit-max``: the same ViT, max over its patch tokens (what cross-attention could pick from).
 - ``cnn``: a 4-layer CNN with global max pooling (a reference point: not BLIP's encoder).
 
@@ -117,6 +118,7 @@ def run_probe(kind: str, vision_cfg, train, test, steps: int, eval_every: int, l
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="params.yaml", help="params.yaml whose model.vision is probed")
+    p.add_argument("--stem", choices=("patch", "conv"), help="the ViT's patch embedding (default: the config's)")
     p.add_argument("--encoders", nargs="+", choices=ENCODERS, default=list(ENCODERS))
     p.add_argument("--steps", type=int, default=900, help="optimizer steps (the demo pre-trains ~875)")
     p.add_argument("--eval-every", type=int, default=150)
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     vision = load_config(args.config).model.vision
+    if args.stem:
+        vision = dataclasses.replace(vision, stem=args.stem)
     size = vision.image_size
     train = _data(f"toyweb://?split=web&n={args.train_images}&noise=0&seed=0&size={size}", size)
     test = _data(f"toyweb://?split=test&n={args.test_images}&seed=0&size={size}", size)
