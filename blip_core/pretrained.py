@@ -58,6 +58,10 @@ def load_vit_weights(model: BlipModel, path: str | Path) -> list[str]:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    stems = {"patch" if "patch_embed.proj.weight" in keys else "conv" for keys in (state, own)}
+    if len(stems) == 2:
+        raise UserError(f"{path}: its patch embedding is not the model's: the model has "
+                        f"model.vision.stem={model.cfg.vision.stem}; set the stem the weights were trained with")
     if missing or unexpected or bad_shape:
         raise UserError(f"{path}: does not fit the ViT ({model.cfg.vision.width} wide, depth "
                         f"{model.cfg.vision.depth}): missing {missing[:8]}, unexpected {unexpected[:8]}, "

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from toy_data import TINY
 
 from blip_core import load_checkpoint
 from blip_core.config import load_config
+from blip_core.errors import UserError
 from components import finetune, pretrain, storage
 from components.cli import main as blip
 
@@ -92,6 +94,9 @@ def test_vit_and_bert_initialisation_from_s3(tmp_path, s3_bucket, no_tracking):
     assert ignored == ["head.bias", "head.weight"]
     assert torch.equal(model.visual_encoder.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
     assert model.visual_encoder.pos_embed.shape[1] == 1 + 16  # 16 px -> 32 px: 4 -> 16 patches
+    conv = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, stem="conv"))
+    with pytest.raises(UserError, match=r"model.vision.stem=conv"):
+        load_vit_weights(build_model(conv, vocab_size=92), tmp_path / "vit.pth")
     unused = load_bert_weights(model, tmp_path / "bert")
     assert "bert.embeddings.token_type_embeddings.weight" not in unused
     sd = bert.state_dict()
