@@ -45,7 +45,7 @@ class VisionConfig:
     ln_eps: float = 1e-6
     drop_path_rate: float = 0.0
     grad_ckpt_layers: int = 0  # checkpoint the last k blocks (0 = off)
-    # "patch": the paper's linear patchify; "conv": a few stride-2 3x3 convolutions give the same token grid
+    # "patch": the paper's linear patchify; "conv": 3x3 convolutions and 2x2 max-pools give the same token grid
     # (Xiao et al. 2021), which a small ViT trained from scratch needs to see shapes (docs/results.md).
     stem: Literal["patch", "conv"] = "patch"
 
