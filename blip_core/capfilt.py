@@ -5,6 +5,8 @@
 * :func:`filter_batch`: the ITM match probability of each image's candidate captions (web and synthetic),
   with each image's cross-attention keys/values computed once and shared by all its candidates.
 * :func:`decide`: keep a caption when its match probability reaches the threshold (0.5: the ITM argmax).
+* :func:`choose_threshold`: the threshold that drops the most wrong captions of a labelled calibration
+  sample while the dropped ones stay at least ``target_precision`` wrong.
 
 No I/O here: :mod:`components.capfilt` reads shards, calls these, and writes outputs and provenance.
 """
@@ -12,6 +14,7 @@ No I/O here: :mod:`components.capfilt` reads shards, calls these, and writes out
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -62,3 +65,56 @@ def filter_batch(model: BlipModel, tokenizer, images: torch.Tensor, texts: Seque
 def decide(score: float, threshold: float) -> bool:
     """Keep a caption whose ITM match probability is at least ``threshold``."""
     return score >= threshold
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A filter threshold chosen on a labelled sample, with what it does on that sample."""
+
+    threshold: float
+    precision: float | None  # share of the dropped captions that are wrong (None: nothing dropped)
+    recall: float  # share of the wrong captions dropped
+    dropped: int
+    samples: int
+    wrong: int
+    met: bool  # whether ``precision >= target_precision`` (with at least one caption dropped)
+
+
+def choose_threshold(scores: Sequence[float], wrong: Sequence[bool], target_precision: float) -> ThresholdChoice:
+    """The threshold with the highest recall of ``wrong`` captions at precision >= ``target_precision``.
+
+    A caption is dropped when its score is below the threshold (:func:`decide`). Candidates lie midway
+    between consecutive distinct scores, so a threshold never sits on a sample's own score. Among equal
+    recalls the lowest threshold wins (it keeps the most captions). When no threshold reaches the target
+    precision, the one with the highest precision is returned (ties: the higher recall) with ``met=False``;
+    with no wrong caption in the sample, the threshold drops nothing.
+    """
+    if len(scores) != len(wrong):
+        raise ValueError(f"{len(scores)} scores but {len(wrong)} labels")
+    if not scores:
+        raise ValueError("choose_threshold needs at least one labelled caption")
+    if not 0.0 < target_precision <= 1.0:
+        raise ValueError(f"target_precision must be in (0, 1], got {target_precision}")
+    pairs = sorted(zip((float(s) for s in scores), (bool(w) for w in wrong)))
+    n_wrong = sum(w for _, w in pairs)
+    lowest = pairs[0][0]
+    nothing = ThresholdChoice(lowest, None, 0.0, 0, len(pairs), n_wrong, False)
+    if n_wrong == 0:
+        return nothing
+    best: ThresholdChoice | None = None  # best that meets the target
+    fallback = nothing
+    dropped = dropped_wrong = 0
+    for i, (score, is_wrong) in enumerate(pairs):
+        dropped += 1
+        dropped_wrong += is_wrong
+        if i + 1 < len(pairs) and pairs[i + 1][0] == score:
+            continue  # equal scores are dropped together
+        threshold = (score + pairs[i + 1][0]) / 2 if i + 1 < len(pairs) else score + 1e-6
+        precision, recall = dropped_wrong / dropped, dropped_wrong / n_wrong
+        choice = ThresholdChoice(threshold, precision, recall, dropped, len(pairs), n_wrong,
+                                 precision >= target_precision)
+        if choice.met and (best is None or recall > best.recall):
+            best = choice
+        if fallback.precision is None or (precision, recall) > (fallback.precision, fallback.recall):
+            fallback = choice
+    return best if best is not None else fallback

@@ -164,6 +164,9 @@ class SourcesConfig:
     web: str = "toyweb://?split=web&n=3000&noise=0.3&seed=0"  # noisy web pairs
     human: str = "toyweb://?split=human&n=500&seed=0"  # clean human-annotated pairs (several captions each)
     test: str = "toyweb://?split=test&n=200&seed=0"  # clean held-out test split
+    # optional: a few hundred web pairs labelled by hand (sample json "noise": null when the caption is right,
+    # a reason when it is wrong) on which CapFilt chooses its threshold; "" = use capfilt.threshold
+    calibration: str = ""
 
 
 @dataclass(kw_only=True)
@@ -209,6 +212,9 @@ class CapFiltConfig:
     min_length: int = 10
     repetition_penalty: float = 1.1
     threshold: float = 0.5  # keep a caption when its ITM match probability is >= threshold
+    # With a labelled calibration sample (blip capfilt --calibration, sources.calibration), the threshold is
+    # chosen on it instead: the most wrong captions dropped while >= target_precision of the dropped are wrong.
+    target_precision: float = 0.9
     batch_size: int = 64
     prompt: str = "a picture of "
     seed: int = 0

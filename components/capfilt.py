@@ -1,6 +1,13 @@
 """CapFilt stage: caption every web image, filter web and synthetic captions with ITM, write the bootstrap set.
 
-``blip capfilt --captioner CKPT --filter CKPT --web URI [URI ...] --human URI [URI ...] --output URI``
+``blip capfilt --captioner CKPT --filter CKPT --web URI [URI ...] --human URI [URI ...] --output URI
+[--calibration URI ...]``
+
+The filter keeps a caption whose ITM match probability reaches ``capfilt.threshold`` (0.5, the paper's). With
+``--calibration``, a dataset of web pairs whose sample json says which captions are wrong (``noise``: null
+for a right caption, a reason for a wrong one; toy-web writes it, and so does ``blip ingest`` of a labelled
+JSONL/CSV), the threshold is chosen on that sample instead: the one that drops the most wrong captions while
+at least ``capfilt.target_precision`` of the captions it drops are wrong (:func:`blip_core.capfilt.choose_threshold`).
 
 The output (local directory or ``s3://`` prefix) is a dataset directory (see
 :mod:`blip_core.data.webdataset_io`) the pretrain stage reads directly::
@@ -9,7 +16,7 @@ The output (local directory or ``s3://`` prefix) is a dataset directory (see
                          kept synthetic captions (images left with no caption are dropped and counted)
     human-XXXXXX.tar     the human-annotated shards, copied unchanged
     provenance.jsonl     every caption that entered: image, source (web/synthetic/human), ITM score, kept
-    summary.json         texts in and out per source, images dropped
+    summary.json         texts in and out per source, images dropped, the threshold and where it came from
     manifest.json        written last
     parts/               per-shard completion records (resume: finished shards are not redone)
 
@@ -37,9 +44,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 from webdataset.writer import TarWriter
 
-from blip_core.capfilt import caption_batch, decide, filter_batch
+from blip_core.capfilt import caption_batch, choose_threshold, decide, filter_batch
 from blip_core.config import Config, load_config, to_dict
-from blip_core.data.loader import dataset_shards, decode_image
+from blip_core.data.loader import dataset_shards, decode_image, load_eval_split
 from blip_core.data.transforms import EvalTransform
 from blip_core.data.webdataset_io import (
     DATASET_FORMAT,
@@ -70,6 +77,8 @@ class CapFiltResult:
     images_out: int
     shards_done: int
     shards_skipped: int
+    threshold: float = 0.5
+    threshold_source: str = "capfilt.threshold"
     run_id: str | None = None
 
 
@@ -91,8 +100,44 @@ class _Models:
         self.fil_tf = EvalTransform(self.filter.cfg.vision.image_size)
 
 
+def calibrate(models: _Models, cfg: Config, uris: list[str]) -> dict:
+    """Choose the filter threshold on a labelled calibration sample; returns what was chosen and measured."""
+    c = cfg.capfilt
+    if not 0.0 < c.target_precision <= 1.0:
+        raise UserError(f"capfilt.target_precision: expected a share in (0, 1], got {c.target_precision}")
+    split = load_eval_split(uris, models.filter.cfg.vision.image_size)
+    wrong_img = [bool(s.get("noise")) for s in split.samples]
+    wrong = [wrong_img[i] for i in split.txt2img]
+    if not any(wrong) or all(wrong):
+        kind = "wrong" if not any(wrong) else "right"
+        raise UserError(f"calibration sample {', '.join(uris)}: no caption labelled {kind}; the sample json's "
+                        "'noise' field must be null for a right caption and a reason (e.g. 'unrelated') for a "
+                        "wrong one, with both kinds present")
+    scores: list[float] = []
+    step = max(1, c.batch_size)
+    for b in range(0, len(split.samples), step):
+        idx = range(b, min(b + step, len(split.samples)))
+        images = split.images[b:b + step].to(models.device)
+        for group in filter_batch(models.filter, models.filter_tokenizer, images,
+                                  [[split.texts[j] for j in split.img2txt[i]] for i in idx]):
+            scores.extend(group)
+    choice = choose_threshold(scores, wrong, c.target_precision)
+    info = {"threshold": choice.threshold, "target_precision": c.target_precision, "met": choice.met,
+            "precision": choice.precision, "recall": choice.recall, "captions": choice.samples,
+            "wrong": choice.wrong, "dropped": choice.dropped, "data": list(uris)}
+    prec = "n/a" if choice.precision is None else f"{choice.precision:.3f}"
+    msg = (f"calibration on {choice.samples} labelled captions ({choice.wrong} wrong): threshold "
+           f"{choice.threshold:.4f} drops {choice.dropped}, precision {prec}, recall {choice.recall:.3f}")
+    if choice.met:
+        log.info(msg)
+    else:
+        log.warning("%s: no threshold reaches capfilt.target_precision %.2f on this sample; using the most "
+                    "precise one", msg, c.target_precision)
+    return info
+
+
 def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, work: Path, fs,
-                   examples: list) -> dict:
+                   examples: list, threshold: float) -> dict:
     """Caption and filter one web shard; write ``capfilt-<index>.tar`` and its provenance; return stats."""
     c = cfg.capfilt
     name = f"capfilt-{index:06d}.tar"
@@ -125,7 +170,7 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
                 decisions = []
                 for j, (text, s) in enumerate(zip(texts, sc)):
                     source = "web" if j == 0 else "synthetic"
-                    ok = decide(s, c.threshold)
+                    ok = decide(s, threshold)
                     counts_in[source] += 1
                     if ok:
                         counts_out[source] += 1
@@ -172,9 +217,9 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
             "bytes": tar_path.stat().st_size, "sha256": sha256_file(tar_path)}
 
 
-def _fingerprint(cfg: Config, models: _Models) -> str:
+def _fingerprint(cfg: Config, models: _Models, threshold: float) -> str:
     """Identity of a CapFilt run's settings and weights: finished shards are reused only when it matches."""
-    h = hashlib.sha256(json.dumps(asdict(cfg.capfilt), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps([asdict(cfg.capfilt), threshold], sort_keys=True).encode())
     for model in (models.captioner, models.filter):
         for name, t in sorted(model.state_dict().items()):
             h.update(name.encode())
@@ -198,8 +243,12 @@ def _figure_html(examples: list) -> str:
 
 
 def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[str], output: str, *,  # noqa: A002
-        parent_run_id: str | None = None, progress: bool = True) -> CapFiltResult:
-    """Bootstrap ``web`` with the captioner and the filter; copy ``human``; write the dataset to ``output``."""
+        calibration: list[str] | None = None, parent_run_id: str | None = None,
+        progress: bool = True) -> CapFiltResult:
+    """Bootstrap ``web`` with the captioner and the filter; copy ``human``; write the dataset to ``output``.
+
+    ``calibration``: labelled web pairs on which the filter threshold is chosen (else ``capfilt.threshold``).
+    """
     from components import tracking
 
     info = D.init_from_env()
@@ -213,13 +262,19 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
         storage.delete(storage.join(output, MANIFEST_NAME))  # an unfinished output never looks complete
     D.barrier()
 
+    calib = None
+    if calibration:
+        calib = calibrate(models, cfg, list(calibration)) if info.is_main else None
+        calib = D.broadcast_object(calib)  # every rank filters with rank 0's threshold
+    threshold = calib["threshold"] if calib else cfg.capfilt.threshold
+
     mine = [(i, s) for i, s in enumerate(web_shards) if i % info.world_size == info.rank]
     done = skipped = 0
     examples: list = []
     with tracking.stage_run("capfilt", to_dict(cfg), parent_run_id=parent_run_id) as run_:
         bar = tqdm(total=sum(s.samples for _, s in mine), desc="capfilt", unit="img",
                    disable=not (progress and info.is_main))
-        fingerprint = _fingerprint(cfg, models)
+        fingerprint = _fingerprint(cfg, models, threshold)
         for i, shard in mine:
             part = storage.join(output, "parts", f"capfilt-{i:06d}.json")
             if storage.exists(part) and storage.read_json(part).get("fingerprint") == f"{fingerprint}:{shard.uri}":
@@ -227,7 +282,7 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
                 bar.update(shard.samples)
                 continue
             with tempfile.TemporaryDirectory(prefix="blip-capfilt-") as tmp:
-                stats = _process_shard(models, cfg, shard.uri, i, Path(tmp), fs, examples)
+                stats = _process_shard(models, cfg, shard.uri, i, Path(tmp), fs, examples, threshold)
                 storage.upload_file(Path(tmp) / stats["shard"], storage.join(output, stats["shard"]))
                 storage.upload_file(Path(tmp) / "provenance" / f"{stats['shard']}.jsonl",
                                     storage.join(output, "parts", f"{stats['shard']}.provenance.jsonl"))
@@ -239,11 +294,14 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
         D.barrier()
         result = None
         if info.is_main:
-            result = _merge(cfg, output, web_shards, human_shards, fs, done, skipped)
+            result = _merge(cfg, output, web_shards, human_shards, fs, done, skipped, threshold, calib)
             result.run_id = run_.run_id
+            calib_metrics = {f"calibration_{k}": calib[k] for k in ("precision", "recall")
+                             if calib and calib[k] is not None}
             run_.log_metrics(0, {**{f"texts_in_{k}": v for k, v in result.texts_in.items()},
                                  **{f"texts_out_{k}": v for k, v in result.texts_out.items()},
-                                 "images_in": result.images_in, "images_out": result.images_out})
+                                 "images_in": result.images_in, "images_out": result.images_out,
+                                 "threshold": threshold, **calib_metrics})
             if examples:
                 run_.log_text(_figure_html(examples), "capfilt_examples.html")
                 run_.log_table([{"source": d["source"], "caption": d["caption"], "itm_score": d["itm_score"],
@@ -251,11 +309,13 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
                                "capfilt_examples.json")
         D.barrier()
     if result is None:
-        return CapFiltResult(output, {}, {}, 0, 0, done, skipped)
+        return CapFiltResult(output, {}, {}, 0, 0, done, skipped, threshold,
+                             "calibration" if calib else "capfilt.threshold")
     return result
 
 
-def _merge(cfg: Config, output: str, web_shards, human_shards, fs, done: int, skipped: int) -> CapFiltResult:
+def _merge(cfg: Config, output: str, web_shards, human_shards, fs, done: int, skipped: int, threshold: float,
+           calib: dict | None) -> CapFiltResult:
     """Rank 0: copy human shards, concatenate provenance, write summary.json and then manifest.json."""
     parts = [storage.read_json(storage.join(output, "parts", f"capfilt-{i:06d}.json")) for i in range(len(web_shards))]
     shards = [ShardInfo(p["shard"], p["images_out"], p["captions_out"], p["bytes"], p["sha256"]) for p in parts]
@@ -292,7 +352,9 @@ def _merge(cfg: Config, output: str, web_shards, human_shards, fs, done: int, sk
     storage.write_text(storage.join(output, "provenance.jsonl"), "".join(prov))
     summary = {"texts_in": dict(texts_in), "texts_out": dict(texts_out), "web_images_in": images_in,
                "web_images_out": images_out, "web_images_dropped": images_in - images_out - unreadable,
-               "unreadable": unreadable, "human_images": human_samples, "threshold": cfg.capfilt.threshold,
+               "unreadable": unreadable, "human_images": human_samples, "threshold": threshold,
+               "threshold_source": "calibration" if calib else "capfilt.threshold",
+               **({"calibration": calib} if calib else {}),
                "decoding": cfg.capfilt.decoding, "shards_done": done, "shards_skipped": skipped}
     storage.write_json(storage.join(output, "summary.json"), summary)
     rejected = {"no_caption_kept": images_in - images_out - unreadable}
@@ -305,7 +367,8 @@ def _merge(cfg: Config, output: str, web_shards, human_shards, fs, done: int, sk
                         extra={"capfilt": summary})
     manifest.check_counts()
     storage.write_text(storage.join(output, MANIFEST_NAME), manifest.to_json())
-    return CapFiltResult(output, dict(texts_in), dict(texts_out), images_in, images_out, done, skipped)
+    return CapFiltResult(output, dict(texts_in), dict(texts_out), images_in, images_out, done, skipped,
+                         threshold, summary["threshold_source"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,13 +378,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--web", nargs="+", required=True, help="web dataset directories to bootstrap")
     p.add_argument("--human", nargs="*", default=[], help="human-annotated dataset directories (copied)")
     p.add_argument("--output", required=True, help="output dataset directory or s3:// prefix")
+    p.add_argument("--calibration", nargs="*", default=[],
+                   help="labelled web pairs (dataset directories; sample json 'noise': null = right caption) on "
+                        "which to choose the filter threshold for capfilt.target_precision")
     add_config_args(p)
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    res = run(cfg, args.captioner, args.filter, args.web, args.human, args.output, parent_run_id=args.parent_run_id)
+    res = run(cfg, args.captioner, args.filter, args.web, args.human, args.output, calibration=args.calibration,
+              parent_run_id=args.parent_run_id)
     if D.rank() == 0:
         print(f"capfilt: web images {res.images_in} -> {res.images_out}; texts in {res.texts_in}, "
-              f"kept {res.texts_out}; output {res.output}")
+              f"kept {res.texts_out}; threshold {res.threshold:.4f} ({res.threshold_source}); output {res.output}")
     D.destroy()
     return 0
 

@@ -157,6 +157,26 @@ def read_provenance(uri: str) -> list[dict]:
     return records
 
 
+def read_capfilt_summary(uri: str) -> dict:
+    """A CapFilt output's ``summary.json`` (threshold and where it came from); {} when there is none."""
+    if uri.endswith(".jsonl"):
+        return {}
+    path = storage.join(uri, "summary.json")
+    return storage.read_json(path) if storage.exists(path) else {}
+
+
+def threshold_note(summary: dict) -> str:
+    """One sentence on how CapFilt's filter threshold was set ('' without a summary)."""
+    if "threshold" not in summary:
+        return ""
+    cal = summary.get("calibration")
+    if not cal:
+        return f" Filter threshold {summary['threshold']:g} (capfilt.threshold)."
+    return (f" Filter threshold {cal['threshold']:.4f}, chosen on {cal['captions']} labelled calibration captions "
+            f"for precision >= {cal['target_precision']:g} there"
+            + ("." if cal.get("met") else " (not reached there: the most precise threshold)."))
+
+
 def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
@@ -329,7 +349,8 @@ def _report_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[tupl
         frows.append(["clean", str(flt["web_captions"] - flt["noisy"]), str(flt["clean_dropped"]), "–", "–"])
         sections.append(("Filter on the known web-caption noise",
                          f"CapFilt `{info['capfilt']}`: a dropped web caption counts as a positive; a noisy one "
-                         "is the truth.", ["web captions", "count", "dropped", "precision", "recall"], frows))
+                         f"is the truth.{info.get('threshold', '')}",
+                         ["web captions", "count", "dropped", "precision", "recall"], frows))
     cf = metrics.get("capfilt") or {}
     if cf.get("texts_in"):
         crows = [[src, str(cf["texts_in"][src]), str(cf["texts_kept"][src]), _fmt(cf["kept_share"][src], 3)]
@@ -398,6 +419,7 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
             raise UserError(f"evaluate: model name {name!r} may hold only letters, digits, '_', '-' and '.'")
     ecfg = cfg.evaluate
     records = read_provenance(capfilt) if capfilt else None
+    capfilt_summary = read_capfilt_summary(capfilt) if capfilt else {}
     device = _device()
     splits: dict[int, EvalSplit] = {}
     config = {**to_dict(cfg), "inputs": {"models": dict(models), "test": test, "capfilt": capfilt}}
@@ -428,9 +450,11 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
             "capfilt": capfilt_metrics(records) if records is not None else {},
             "test": {"images": len(split.samples), "texts": len(split.texts), "k_test": ecfg.k_test},
         }
+        if metrics["filter"] and "threshold" in capfilt_summary:
+            metrics["filter"]["threshold"] = capfilt_summary["threshold"]
         info = {"test": test, "capfilt": capfilt, "images": len(split.samples), "texts": len(split.texts),
                 "k_test": ecfg.k_test, "num_beams": ecfg.num_beams, "min_length": ecfg.min_length,
-                "max_length": ecfg.max_length, "prompt": ecfg.prompt}
+                "max_length": ecfg.max_length, "prompt": ecfg.prompt, "threshold": threshold_note(capfilt_summary)}
         table = comparison_table(model_metrics)
         keys = [s.get("__key__") for s in split.samples]
         files = {

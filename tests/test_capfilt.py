@@ -12,10 +12,11 @@ import torch
 from toy_data import TINY
 
 from blip_core import build_model, model_preset
-from blip_core.capfilt import decide, filter_batch
+from blip_core.capfilt import choose_threshold, decide, filter_batch
 from blip_core.config import load_config
-from blip_core.data.loader import make_loader
+from blip_core.data.loader import load_eval_split, make_loader
 from blip_core.data.webdataset_io import iter_shard, read_manifest
+from blip_core.errors import UserError
 from blip_core.tokenizer import BlipTokenizer
 from components import capfilt, ingest
 
@@ -59,6 +60,75 @@ def test_filter_batch_shares_image_kv_and_decides():
             alone = filter_batch(model, tok, images[i:i + 1], [[t]])[0][0]
             assert alone == pytest.approx(scores[i][j], abs=1e-5)
     assert decide(0.5, 0.5) and not decide(0.4999, 0.5)
+
+
+def test_choose_threshold_hand_worked():
+    scores = [0.1, 0.2, 0.3, 0.4, 0.6, 0.8]
+    wrong = [True, True, False, True, False, False]
+    # dropped below 0.15: P 1 R 1/3; 0.25: P 1 R 2/3; 0.35: P 2/3 R 2/3; 0.5: P 3/4 R 1; 0.7: P 3/5 R 1
+    c = choose_threshold(scores, wrong, 0.9)
+    assert c.threshold == pytest.approx(0.25) and c.met
+    assert (c.precision, c.recall, c.dropped, c.samples, c.wrong) == (1.0, pytest.approx(2 / 3), 2, 6, 3)
+    c = choose_threshold(scores, wrong, 0.75)
+    assert c.threshold == pytest.approx(0.5) and c.recall == 1.0 and c.precision == 0.75
+    # recall 1 at 0.5, 0.7 and above 0.8 (all precise enough for 0.5): the lowest threshold keeps the most
+    assert choose_threshold(scores, wrong, 0.5).threshold == pytest.approx(0.5)
+    # order of the input does not matter
+    assert choose_threshold(scores[::-1], wrong[::-1], 0.9) == choose_threshold(scores, wrong, 0.9)
+    # the chosen threshold drops exactly what it reports (decide keeps score >= threshold)
+    assert sum(not decide(s, c.threshold) for s in scores) == c.dropped
+
+
+def test_choose_threshold_ties_unreachable_target_and_no_wrong():
+    # equal scores fall together: below 0.35 drops both 0.2s (P 1/2 R 1/2); above 0.5 drops all (P 2/3 R 1)
+    c = choose_threshold([0.2, 0.2, 0.5], [True, False, True], 0.9)
+    assert not c.met and c.precision == pytest.approx(2 / 3) and c.recall == 1.0 and c.threshold > 0.5
+    c = choose_threshold([0.3, 0.7], [False, False], 0.9)
+    assert (c.dropped, c.recall, c.precision, c.met) == (0, 0.0, None, False)
+    assert all(decide(s, c.threshold) for s in (0.3, 0.7))
+    for args in (([0.1], [True, False], 0.9), ([], [], 0.9), ([0.1], [True], 0.0), ([0.1], [True], 1.5)):
+        with pytest.raises(ValueError):
+            choose_threshold(*args)
+
+
+def test_calibrated_threshold_is_chosen_on_the_sample_and_used(tiny_ckpt, toy_data, web_three_shards, tmp_path,
+                                                               no_tracking):
+    calib = web_three_shards  # labelled toy-web pairs (another seed than the web data)
+    cfg = load_config(None, CAPFILT + ["capfilt.target_precision=0.6"])
+    out = tmp_path / "cf"
+    res = capfilt.run(cfg, tiny_ckpt, tiny_ckpt, [toy_data["web"]], [], str(out), calibration=[calib],
+                      progress=False)
+    # The same choice, made by hand from the filter's scores of the calibration sample.
+    models = capfilt._Models(tiny_ckpt, tiny_ckpt, torch.device("cpu"))
+    split = load_eval_split(calib, 32)
+    scores = [s for i in range(len(split.samples))
+              for s in filter_batch(models.filter, models.filter_tokenizer, split.images[i:i + 1],
+                                    [[split.texts[j] for j in split.img2txt[i]]])[0]]
+    wrong = [bool(split.samples[i].get("noise")) for i in split.txt2img]
+    assert 0 < sum(wrong) < len(wrong)
+    expect = choose_threshold(scores, wrong, 0.6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold_source"] == "calibration" and res.threshold_source == "calibration"
+    assert summary["threshold"] == pytest.approx(expect.threshold, abs=1e-6) == res.threshold
+    cal = summary["calibration"]
+    assert (cal["captions"], cal["wrong"], cal["dropped"], cal["met"]) == (
+        len(scores), sum(wrong), expect.dropped, expect.met)
+    assert cal["target_precision"] == 0.6 and cal["data"] == [calib]
+    # Every web caption was decided with that threshold.
+    prov = [json.loads(line) for line in (out / "provenance.jsonl").read_text().splitlines()]
+    decided = [p for p in prov if p["source"] in ("web", "synthetic")]
+    assert len(decided) == 128
+    assert all(p["kept"] == (p["itm_score"] >= res.threshold) for p in decided
+               if abs(p["itm_score"] - res.threshold) > 1e-5)
+
+    # A sample without any caption labelled wrong cannot calibrate: a clear error, nothing written.
+    with pytest.raises(UserError, match="no caption labelled wrong"):
+        capfilt.run(cfg, tiny_ckpt, tiny_ckpt, [toy_data["web"]], [], str(tmp_path / "bad"),
+                    calibration=[toy_data["human"]], progress=False)
+    assert not (tmp_path / "bad" / "manifest.json").exists()
+    with pytest.raises(UserError, match="target_precision"):
+        capfilt.run(load_config(None, CAPFILT + ["capfilt.target_precision=0"]), tiny_ckpt, tiny_ckpt,
+                    [toy_data["web"]], [], str(tmp_path / "bad2"), calibration=[calib], progress=False)
 
 
 def test_every_caption_appears_once_in_provenance(tiny_ckpt, toy_data, tmp_path, no_tracking):

@@ -80,6 +80,10 @@ def capfilt_dir(tmp_path) -> str:
     d = tmp_path / "capfilt"
     d.mkdir()
     (d / "provenance.jsonl").write_text("".join(json.dumps(r) + "\n" for r in provenance()))
+    calibration = {"threshold": 0.1234, "target_precision": 0.9, "met": True, "precision": 0.95, "recall": 0.8,
+                   "captions": 300, "wrong": 90, "dropped": 76, "data": ["data/calibration"]}
+    (d / "summary.json").write_text(json.dumps({"threshold": 0.1234, "threshold_source": "calibration",
+                                                "calibration": calibration}))
     return str(d)
 
 
@@ -189,8 +193,10 @@ def test_evaluate_cli_writes_metrics_and_reports(no_tracking, test_split, models
     assert m["filter"]["precision"] == pytest.approx(0.9) and m["filter"]["recall"] == pytest.approx(9 / 11)
     assert m["filter"]["wrong_attribute"]["recall"] == pytest.approx(0.5)
     assert m["capfilt"]["kept_share"]["synthetic"] == pytest.approx(0.75)
+    assert m["filter"]["threshold"] == 0.1234  # from CapFilt's summary.json
 
     md = (out / "report.md").read_text()
+    assert "Filter threshold 0.1234, chosen on 300 labelled calibration captions for precision >= 0.9 there." in md
     assert "| model | TR@1 | IR@1 | TR@5 | IR@5 | mean R@1 | BLEU-4 | CIDEr | grammar match |" in md
     row = next(line for line in md.splitlines() if line.startswith("| noisy |"))
     assert row.split("|")[6].strip() == f"{m['models']['noisy']['mean_r1']:.1f}"
@@ -288,3 +294,11 @@ def test_evaluate_logs_to_mlflow(tmp_path, monkeypatch, test_split, models, capf
     assert [row[0] for row in table["data"]] == ["noisy", "capfilt"]
     samples = json.loads(Path(client.download_artifacts(res.run_id, "captions_capfilt.json", str(tmp_path))).read_text())
     assert len(samples["data"]) == 2  # evaluate.log_samples
+
+
+def test_threshold_note():
+    assert evaluate.threshold_note({}) == ""
+    assert evaluate.threshold_note({"threshold": 0.5}) == " Filter threshold 0.5 (capfilt.threshold)."
+    cal = {"threshold": 0.2, "captions": 30, "target_precision": 0.9, "met": False}
+    assert "(not reached there: the most precise threshold)" in evaluate.threshold_note({"threshold": 0.2,
+                                                                                          "calibration": cal})

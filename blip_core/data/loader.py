@@ -327,8 +327,8 @@ class EvalSplit(NamedTuple):
     samples: list[dict]  # each image's json, with "__key__"
 
 
-def load_eval_split(uri: str, image_size: int, max_words: int = 30) -> EvalSplit:
-    """Load every sample of a dataset directory with the eval transform (skipping unreadable ones)."""
+def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = 30) -> EvalSplit:
+    """Load every sample of one or more dataset directories with the eval transform (skipping unreadable ones)."""
     transform = EvalTransform(image_size)
     images: list[torch.Tensor] = []
     texts: list[str] = []
@@ -336,8 +336,9 @@ def load_eval_split(uri: str, image_size: int, max_words: int = 30) -> EvalSplit
     img2txt: list[list[int]] = []
     samples: list[dict] = []
     skipped = 0
-    fs = s3_filesystem() if is_s3(uri) else None
-    for shard in dataset_shards([uri]):
+    uris = [uri] if isinstance(uri, str) else list(uri)
+    fs = s3_filesystem() if any(is_s3(u) for u in uris) else None
+    for shard in dataset_shards(uris):
         try:
             for sample in iter_shard(shard.uri, fs):
                 try:
@@ -361,7 +362,7 @@ def load_eval_split(uri: str, image_size: int, max_words: int = 30) -> EvalSplit
             log.warning("shard %s unreadable: %s", shard.uri, e)
             skipped += 1
     if skipped:
-        log.warning("load_eval_split(%s): skipped %d unreadable sample(s)", uri, skipped)
+        log.warning("load_eval_split(%s): skipped %d unreadable sample(s)", ", ".join(uris), skipped)
     if not images:
-        raise UserError(f"{uri}: no readable samples")
+        raise UserError(f"{', '.join(uris)}: no readable samples")
     return EvalSplit(torch.stack(images), texts, txt2img, img2txt, samples)
