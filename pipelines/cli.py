@@ -47,6 +47,7 @@ LOCAL_SOURCES = {
     "web_source": "toyweb://?split=web&n=64&seed=1&size=32",
     "human_source": "toyweb://?split=human&n=24&seed=1&size=32",
     "test_source": "toyweb://?split=test&n=12&seed=1&size=32",
+    "calibration_source": "toyweb://?split=web&n=24&noise=0.5&seed=2&size=32",
 }
 
 

@@ -36,7 +36,7 @@ def start_run(job_id: str, run_name: str, output_root: str, mlflow_tracking_uri:
 @component
 def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_file: str, config_overrides: list,
            dataset: Output[Dataset], report: Output[Markdown]):
-    """Ingest one split (web, human or test) into checked WebDataset shards."""
+    """Ingest one split (web, human, test or the optional calibration sample) into checked WebDataset shards."""
     from pipelines import steps
 
     with steps.step(f"ingest {split}"):
@@ -67,15 +67,16 @@ def finetune(task: str, pretrained: Input[Model], human: Input[Dataset], ctx: di
 
 @component
 def capfilt(captioner: Input[Model], filter_model: Input[Model], web: Input[Dataset], human: Input[Dataset],
-            ctx: dict, params_file: str, config_overrides: list, launcher: str, torchx: dict,
-            dataset: Output[Dataset], summary: Output[Markdown]):
+            calibration: Input[Dataset], ctx: dict, params_file: str, config_overrides: list, launcher: str,
+            torchx: dict, dataset: Output[Dataset], summary: Output[Markdown]):
     """Caption the web images, filter web and synthetic captions: the bootstrapped dataset."""
     from pipelines import steps
 
     with steps.step("capfilt"):
+        calib = [] if calibration.metadata.get("empty") else [steps.input_location(calibration)]
         steps.capfilt(ctx, params_file, config_overrides, launcher, torchx, steps.input_location(captioner),
                       steps.input_location(filter_model), [steps.input_location(web)],
-                      [steps.input_location(human)], dataset, summary)
+                      [steps.input_location(human)], dataset, summary, calibration=calib)
 
 
 @component

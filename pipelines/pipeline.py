@@ -10,6 +10,9 @@
                                                            dsl.If(capfilt beats noisy) ──► register
     end_run (exit handler): ends the MLflow parent run FINISHED or FAILED
 
+An optional labelled calibration sample is ingested with the other splits; capfilt chooses its filter
+threshold on it (without one, ``capfilt.threshold``).
+
 Task settings (see :func:`make_pipeline`):
 
 - resources: CPU/memory requests and limits per step; training, CapFilt and evaluate ask for
@@ -86,6 +89,7 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
         web_source: str = "",
         human_source: str = "",
         test_source: str = "",
+        calibration_source: str = "",
         params_file: str = settings.PARAMS_FILE,
         config_overrides: list = [],  # noqa: B006 - a KFP parameter default, never mutated
         output_root: str = settings.OUTPUT_ROOT,
@@ -98,7 +102,8 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
         min_gain: float = 0.0,
         registered_model: str = settings.REGISTERED_MODEL,
     ):
-        """Parameters: ``*_source`` ('' = the config's ``sources.*``), ``params_file`` (in the image, local or
+        """Parameters: ``*_source`` ('' = the config's ``sources.*``; the calibration sample is optional: with
+        none, CapFilt filters with ``capfilt.threshold``), ``params_file`` (in the image, local or
         s3) and ``config_overrides`` ("key=value" strings), ``output_root`` (s3 prefix for stage outputs, ''
         = KFP artifacts), tracking and S3 endpoints, ``launcher`` (inline | torchx), ``torchx`` (job settings,
         see components.launch), ``min_gain`` (mean R@1 the bootstrapped model must gain over the noisy one to
@@ -114,7 +119,8 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
             cfg = {"params_file": params_file, "config_overrides": config_overrides}
             train = {**cfg, "ctx": ctx, "launcher": launcher, "torchx": torchx}
             data = {}
-            for split, source in (("web", web_source), ("human", human_source), ("test", test_source)):
+            for split, source in (("web", web_source), ("human", human_source), ("test", test_source),
+                                  ("calibration", calibration_source)):
                 data[split] = conf(C.ingest(split=split, source=source, output_root=output_root,
                                             s3_endpoint=s3_endpoint, **cfg), "ingest", f"ingest {split}",
                                    retries=2, cache=True)
@@ -127,7 +133,9 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
                                    "finetune", f"finetune {task}", retries=2)
             cf = conf(C.capfilt(captioner=tuned["captioner"].outputs["model"],
                                 filter_model=tuned["filter"].outputs["model"], web=data["web"].outputs["dataset"],
-                                human=data["human"].outputs["dataset"], **train), "capfilt", "capfilt", retries=2)
+                                human=data["human"].outputs["dataset"],
+                                calibration=data["calibration"].outputs["dataset"], **train),
+                      "capfilt", "capfilt", retries=2)
             re = conf(C.repretrain(data=cf.outputs["dataset"], **train), "pretrain", "repretrain", retries=2)
             ev = conf(C.evaluate(noisy=pre.outputs["model"], bootstrapped=re.outputs["model"],
                                  test=data["test"].outputs["dataset"], capfilt_data=cf.outputs["dataset"],

@@ -217,6 +217,14 @@ def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_f
         os.environ["AWS_ENDPOINT_URL_S3"] = s3_endpoint
     cfg = load_cfg(params_file, overrides)
     source = source or getattr(cfg.sources, split)
+    if not source and split == "calibration":  # optional: without it CapFilt uses capfilt.threshold
+        output_location(dataset, "", "calibration")
+        dataset.metadata.update({"split": split, "empty": True})
+        Path(report.path).write_text("# Ingest calibration\n\nNo calibration source (pipeline parameter "
+                                     "`calibration_source` or `sources.calibration`): CapFilt filters with "
+                                     f"`capfilt.threshold` = {cfg.capfilt.threshold}.\n")
+        print("ingest calibration: no source; CapFilt uses capfilt.threshold")
+        return
     # same source and ingest settings -> same location: a re-run (or a cache hit) reuses identical shards
     key = hashlib.sha256(json.dumps([source, to_dict(cfg.ingest)], sort_keys=True).encode()).hexdigest()[:12]
     root = f"{output_root.rstrip('/')}/datasets" if output_root else ""
@@ -268,8 +276,12 @@ def train(stage: str, ctx: dict, params_file: str, overrides: Sequence[str], lau
 
 
 def capfilt(ctx: dict, params_file: str, overrides: Sequence[str], launcher: str, torchx: dict, captioner: str,
-            filter_: str, web: Sequence[str], human: Sequence[str], dataset, summary) -> None:
-    """Caption and filter the web data; write the bootstrapped dataset and a summary."""
+            filter_: str, web: Sequence[str], human: Sequence[str], dataset, summary,
+            calibration: Sequence[str] = ()) -> None:
+    """Caption and filter the web data; write the bootstrapped dataset and a summary.
+
+    ``calibration``: labelled web pairs on which the filter threshold is chosen (none: ``capfilt.threshold``).
+    """
     from components import capfilt as stage
     from components import storage
 
@@ -278,9 +290,12 @@ def capfilt(ctx: dict, params_file: str, overrides: Sequence[str], launcher: str
     out = output_location(dataset, ctx.get("run_root", ""), "capfilt")
     parent = ctx.get("parent_run_id") or None
     if launcher == "inline":
-        stage.run(cfg, captioner, filter_, list(web), list(human), out, parent_run_id=parent)
+        stage.run(cfg, captioner, filter_, list(web), list(human), out, calibration=list(calibration),
+                  parent_run_id=parent)
     elif launcher == "torchx":
         args = ["--captioner", captioner, "--filter", filter_, "--web", *web, "--human", *human, "--output", out]
+        if calibration:
+            args += ["--calibration", *calibration]
         if parent:
             args += ["--parent-run-id", parent]
         _launch("capfilt", args + _config_args(params_file, overrides), ctx, torchx)
@@ -293,8 +308,20 @@ def capfilt(ctx: dict, params_file: str, overrides: Sequence[str], launcher: str
     Path(summary.path).write_text(
         f"# CapFilt\n\nOutput `{out}`\n\n| source | texts in | texts kept |\n|---|---|---|\n{rows}\n"
         f"Web images in: {info.get('web_images_in', '?')}, kept: {info.get('web_images_out', '?')}; "
-        f"human images: {info.get('human_images', '?')}\n")
-    dataset.metadata.update({"texts_in": t_in, "texts_out": t_out, "web_images_out": info.get("web_images_out")})
+        f"human images: {info.get('human_images', '?')}\n\n{_threshold_line(info)}\n")
+    dataset.metadata.update({"texts_in": t_in, "texts_out": t_out, "web_images_out": info.get("web_images_out"),
+                             "threshold": info.get("threshold"), "threshold_source": info.get("threshold_source")})
+
+
+def _threshold_line(info: dict) -> str:
+    """How CapFilt's filter threshold was set, for the step's Markdown summary."""
+    cal = info.get("calibration")
+    if not cal:
+        return f"Filter threshold: {info.get('threshold', '?')} (capfilt.threshold)."
+    prec = "n/a" if cal.get("precision") is None else f"{cal['precision']:.3f}"
+    return (f"Filter threshold: {cal['threshold']:.4f}, chosen on {cal['captions']} labelled calibration captions "
+            f"({cal['wrong']} wrong) for precision >= {cal['target_precision']}: there it has precision {prec} "
+            f"and recall {cal['recall']:.3f}" + ("" if cal.get("met") else " (target not reached)") + ".")
 
 
 def evaluate(ctx: dict, params_file: str, overrides: Sequence[str], models: dict[str, str], test: str,

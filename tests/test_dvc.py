@@ -12,7 +12,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ["ingest@web", "ingest@human", "ingest@test", "pretrain", "finetune_captioner", "finetune_filter",
+STAGES = ["ingest@web", "ingest@human", "ingest@test", "ingest@calibration", "pretrain", "finetune_captioner", "finetune_filter",
           "capfilt", "repretrain", "evaluate", "register"]
 
 

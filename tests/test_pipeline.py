@@ -12,7 +12,7 @@ from components.cli import main as blip
 from pipelines import cli, settings
 from pipelines.pipeline import make_pipeline
 
-STAGE_EXECUTORS = ("exec-ingest", "exec-ingest-2", "exec-ingest-3", "exec-pretrain", "exec-finetune",
+STAGE_EXECUTORS = ("exec-ingest", "exec-ingest-2", "exec-ingest-3", "exec-ingest-4", "exec-pretrain", "exec-finetune",
                    "exec-finetune-2", "exec-capfilt", "exec-repretrain", "exec-evaluate", "exec-register")
 GPU_EXECUTORS = ("exec-pretrain", "exec-finetune", "exec-finetune-2", "exec-capfilt", "exec-repretrain",
                  "exec-evaluate")
@@ -59,12 +59,12 @@ def test_retries_caching_gate_and_exit_handler(compiled):
     spec, _ = compiled
     tasks = _tasks(spec)
     retried = {n for n, t in tasks.items() if "retryPolicy" in t}
-    assert retried == {"ingest", "ingest-2", "ingest-3", "pretrain", "finetune", "finetune-2", "capfilt",
+    assert retried == {"ingest", "ingest-2", "ingest-3", "ingest-4", "pretrain", "finetune", "finetune-2", "capfilt",
                        "repretrain", "evaluate"}
     assert tasks["evaluate"]["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["pretrain"]["retryPolicy"]["backoffDuration"] == "60s"
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
-    assert cached == {"ingest", "ingest-2", "ingest-3"}
+    assert cached == {"ingest", "ingest-2", "ingest-3", "ingest-4"}
     gate = next(t for t in tasks.values() if t.get("triggerPolicy", {}).get("condition"))
     assert "evaluate" in json.dumps(gate) and "== true" in gate["triggerPolicy"]["condition"]
     assert tasks["end-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
@@ -174,7 +174,10 @@ def test_run_local_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
         assert (run / task / output).is_dir(), f"{task}/{output}"
     assert (run / "pretrain" / "model" / "model" / "model.safetensors").is_file()
     assert (run / "capfilt" / "dataset" / "manifest.json").is_file()
-    assert "| source |" in (run / "capfilt" / "summary").read_text()
+    summary = (run / "capfilt" / "summary").read_text()
+    assert "| source |" in summary and "chosen on 24 labelled calibration captions" in summary
+    assert json.loads((run / "capfilt" / "executor_output.json").read_text())["artifacts"]["dataset"]["artifacts"][0][
+        "metadata"]["threshold_source"] == "calibration"
     metrics = json.loads((run / "evaluate" / "results" / "metrics.json").read_text())
     assert set(metrics["models"]) == {settings.BASELINE, settings.CANDIDATE}
     assert "<table" in (run / "evaluate" / "report_html").read_text()
@@ -206,3 +209,19 @@ def test_run_local_failing_stage_is_named(tmp_path, capsys):
     assert err[0].startswith("blip pipeline: error: stage 'ingest human' failed:")
     assert "bogus" in err[0] and "(KFP task 'ingest-2')" in err[0]
     assert not (_run_dir(root) / "pretrain").exists()  # nothing downstream of the failed stage ran
+
+
+def test_ingest_without_a_calibration_source_marks_the_dataset_empty(tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines import steps
+
+    dataset = SimpleNamespace(path=str(tmp_path / "dataset"), metadata={})
+    report = SimpleNamespace(path=str(tmp_path / "report.md"))
+    steps.ingest("calibration", "", "", "", "", ["capfilt.threshold=0.7"], dataset, report)
+    assert dataset.metadata == {"split": "calibration", "empty": True}
+    assert "`capfilt.threshold` = 0.7" in Path(report.path).read_text()
+    assert not Path(dataset.path).exists()
+    # Any other split needs its source: the default config has one for web, none is made up for calibration.
+    with pytest.raises(UserError):
+        steps.ingest("web", "toyweb://?split=bogus&n=2", "", "", "", [], dataset, report)
