@@ -79,6 +79,7 @@ class CapFiltResult:
     shards_skipped: int
     threshold: float = 0.5
     threshold_source: str = "capfilt.threshold"
+    calibration: dict | None = None  # what calibrate() chose and measured, when the threshold came from it
     run_id: str | None = None
 
 
@@ -129,7 +130,7 @@ def calibrate(models: _Models, cfg: Config, uris: list[str]) -> dict:
     msg = (f"calibration on {choice.samples} labelled captions ({choice.wrong} wrong): threshold "
            f"{choice.threshold:.4f} drops {choice.dropped}, precision {prec}, recall {choice.recall:.3f}")
     if choice.met:
-        log.info(msg)
+        print(f"capfilt: {msg}", flush=True)
     else:
         log.warning("%s: no threshold reaches capfilt.target_precision %.2f on this sample; using the most "
                     "precise one", msg, c.target_precision)
@@ -310,7 +311,7 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
         D.barrier()
     if result is None:
         return CapFiltResult(output, {}, {}, 0, 0, done, skipped, threshold,
-                             "calibration" if calib else "capfilt.threshold")
+                             "calibration" if calib else "capfilt.threshold", calib)
     return result
 
 
@@ -368,7 +369,7 @@ def _merge(cfg: Config, output: str, web_shards, human_shards, fs, done: int, sk
     manifest.check_counts()
     storage.write_text(storage.join(output, MANIFEST_NAME), manifest.to_json())
     return CapFiltResult(output, dict(texts_in), dict(texts_out), images_in, images_out, done, skipped,
-                         threshold, summary["threshold_source"])
+                         threshold, summary["threshold_source"], calib)
 
 
 def main(argv: list[str] | None = None) -> int:

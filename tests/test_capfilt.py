@@ -113,7 +113,7 @@ def test_calibrated_threshold_is_chosen_on_the_sample_and_used(tiny_ckpt, toy_da
     cal = summary["calibration"]
     assert (cal["captions"], cal["wrong"], cal["dropped"], cal["met"]) == (
         len(scores), sum(wrong), expect.dropped, expect.met)
-    assert cal["target_precision"] == 0.6 and cal["data"] == [calib]
+    assert cal["target_precision"] == 0.6 and cal["data"] == [calib] and res.calibration == cal
     # Every web caption was decided with that threshold.
     prov = [json.loads(line) for line in (out / "provenance.jsonl").read_text().splitlines()]
     decided = [p for p in prov if p["source"] in ("web", "synthetic")]
