@@ -284,6 +284,7 @@ def capfilt(ctx: dict, params_file: str, overrides: Sequence[str], launcher: str
     """
     from components import capfilt as stage
     from components import storage
+    from components.evaluate import threshold_note
 
     apply_context(ctx)
     cfg = load_cfg(params_file, overrides)
@@ -308,20 +309,9 @@ def capfilt(ctx: dict, params_file: str, overrides: Sequence[str], launcher: str
     Path(summary.path).write_text(
         f"# CapFilt\n\nOutput `{out}`\n\n| source | texts in | texts kept |\n|---|---|---|\n{rows}\n"
         f"Web images in: {info.get('web_images_in', '?')}, kept: {info.get('web_images_out', '?')}; "
-        f"human images: {info.get('human_images', '?')}\n\n{_threshold_line(info)}\n")
+        f"human images: {info.get('human_images', '?')}\n\n{threshold_note(info).strip()}\n")
     dataset.metadata.update({"texts_in": t_in, "texts_out": t_out, "web_images_out": info.get("web_images_out"),
                              "threshold": info.get("threshold"), "threshold_source": info.get("threshold_source")})
-
-
-def _threshold_line(info: dict) -> str:
-    """How CapFilt's filter threshold was set, for the step's Markdown summary."""
-    cal = info.get("calibration")
-    if not cal:
-        return f"Filter threshold: {info.get('threshold', '?')} (capfilt.threshold)."
-    prec = "n/a" if cal.get("precision") is None else f"{cal['precision']:.3f}"
-    return (f"Filter threshold: {cal['threshold']:.4f}, chosen on {cal['captions']} labelled calibration captions "
-            f"({cal['wrong']} wrong) for precision >= {cal['target_precision']}: there it has precision {prec} "
-            f"and recall {cal['recall']:.3f}" + ("" if cal.get("met") else " (target not reached)") + ".")
 
 
 def evaluate(ctx: dict, params_file: str, overrides: Sequence[str], models: dict[str, str], test: str,
