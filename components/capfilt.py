@@ -78,9 +78,16 @@ class CapFiltResult:
     shards_done: int
     shards_skipped: int
     threshold: float = 0.5
-    threshold_source: str = "capfilt.threshold"
     calibration: dict | None = None  # what calibrate() chose and measured, when the threshold came from it
     run_id: str | None = None
+
+    @property
+    def threshold_source(self) -> str:
+        return _threshold_source(self.calibration)
+
+
+def _threshold_source(calibration: dict | None) -> str:
+    return "calibration" if calibration else "capfilt.threshold"
 
 
 def _image_of(sample: dict) -> tuple[str, bytes]:
@@ -310,8 +317,7 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
                                "capfilt_examples.json")
         D.barrier()
     if result is None:
-        return CapFiltResult(output, {}, {}, 0, 0, done, skipped, threshold,
-                             "calibration" if calib else "capfilt.threshold", calib)
+        return CapFiltResult(output, {}, {}, 0, 0, done, skipped, threshold, calib)
     return result
 
 
@@ -354,7 +360,7 @@ def _merge(cfg: Config, output: str, web_shards, human_shards, fs, done: int, sk
     summary = {"texts_in": dict(texts_in), "texts_out": dict(texts_out), "web_images_in": images_in,
                "web_images_out": images_out, "web_images_dropped": images_in - images_out - unreadable,
                "unreadable": unreadable, "human_images": human_samples, "threshold": threshold,
-               "threshold_source": "calibration" if calib else "capfilt.threshold",
+               "threshold_source": _threshold_source(calib),
                **({"calibration": calib} if calib else {}),
                "decoding": cfg.capfilt.decoding, "shards_done": done, "shards_skipped": skipped}
     storage.write_json(storage.join(output, "summary.json"), summary)
@@ -369,7 +375,7 @@ def _merge(cfg: Config, output: str, web_shards, human_shards, fs, done: int, sk
     manifest.check_counts()
     storage.write_text(storage.join(output, MANIFEST_NAME), manifest.to_json())
     return CapFiltResult(output, dict(texts_in), dict(texts_out), images_in, images_out, done, skipped,
-                         threshold, summary["threshold_source"], calib)
+                         threshold, calib)
 
 
 def main(argv: list[str] | None = None) -> int:
