@@ -453,6 +453,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed runs per side, the fastest kept (default 3)")
     p.add_argument("--skip", nargs="*", choices=("pretrain", "pipeline", "compare"), default=[],
                    help="sections to leave out")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole run (s)")
     p.add_argument("--quick", action="store_true",
                    help="CPU smoke-run sizes: " + " ".join(f"--{k.replace('_', '-')} {v}"
@@ -490,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"gpu_check: error: {exc}", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     deadline = start + args.budget_s
     print(f"[gpu_check] {describe(device)}", file=sys.stderr, flush=True)
 
