@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import platform
@@ -508,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, names, rows_of in sections:
             if name not in args.skip:
                 rows += run_section(names, rows_of, min(SECTION_CAPS_S[name], deadline - time.time()))
+                gc.collect()  # a section's models and optimizer state go before the next one starts
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     print(f"GPU check: {describe(device)}; total {time.time() - start:.0f} s")
     print()
