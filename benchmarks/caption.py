@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,35 +35,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import peak_rss_mib, reset_peak_rss, rss_mib, sync
+
 PROMPT = "a picture of "
 MAX_LENGTH, MIN_LENGTH = 20, 5
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) so the task's peak excludes model loading."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mib() -> float:
-    """Peak RSS since the last reset (VmHWM), else since process start (ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _write_vocab(d: Path) -> None:
@@ -76,8 +50,9 @@ def _write_vocab(d: Path) -> None:
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
 
 
-def prepare(workdir: Path) -> None:
-    """Random base weights at 384 px, saved for both sides (blip_core dir, HF caption and retrieval dirs)."""
+def prepare(workdir: Path, preset: str = "base", image_size: int = 384) -> None:
+    """Random weights of ``preset`` at ``image_size`` px, saved for both sides (blip_core dir, HF caption and
+    retrieval dirs)."""
     import dataclasses
 
     from blip_core import build_model, model_preset
@@ -86,8 +61,8 @@ def prepare(workdir: Path) -> None:
 
     _write_vocab(workdir / "vocab")
     tok = BlipTokenizer.from_dir(workdir / "vocab")
-    cfg = model_preset("base")
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=384))
+    cfg = model_preset(preset)
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=image_size))
     torch.manual_seed(0)
     model = build_model(cfg, vocab_size=len(tok)).eval()
     model.save(workdir / "blip", tokenizer=tok)
@@ -95,23 +70,26 @@ def prepare(workdir: Path) -> None:
     save_hf(model, workdir / "hf_retrieval", "retrieval", tok)
 
 
-def _inputs(batch: int, texts: int):
+def _inputs(batch: int, texts: int, image_size: int = 384):
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(batch, 3, 384, 384, generator=g)
+    images = torch.randn(batch, 3, image_size, image_size, generator=g)
     words = ["a", "dog", "cat", "on", "the", "grass", "with", "and", "picture", "of"]
     captions = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(5 + i % 15)) for i in range(texts)]
     return images, captions
 
 
-def load_side(side: str, task: str, workdir: Path, tok, batch: int, texts: int):
-    """Load one side's model for ``task`` and return a no-argument function running the measured work."""
-    images, captions = _inputs(batch, texts)
+def load_side(side: str, task: str, workdir: Path, tok, batch: int, texts: int, *, image_size: int = 384,
+              device: torch.device | str = "cpu"):
+    """Load one side's model for ``task`` onto ``device`` and return a no-argument function running the
+    measured work (inputs already on the device)."""
+    images, captions = _inputs(batch, texts, image_size)
     ids, mask = tok(captions, max_length=35)
+    images, ids, mask = images.to(device), ids.to(device), mask.to(device)
     if side == "blip":
         from blip_core import load_checkpoint
         from blip_core.generation import generate_ids, itm_itc, prompt_token_ids
 
-        model = load_checkpoint(workdir / "blip").model.eval()
+        model = load_checkpoint(workdir / "blip").model.to(device).eval()
         prompt = prompt_token_ids(tok, PROMPT)
 
         def caption(x, beams):
@@ -125,12 +103,13 @@ def load_side(side: str, task: str, workdir: Path, tok, batch: int, texts: int):
         from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
         if task == "itm":
-            model = BlipForImageTextRetrieval.from_pretrained(workdir / "hf_retrieval").eval()
+            model = BlipForImageTextRetrieval.from_pretrained(workdir / "hf_retrieval").to(device).eval()
         else:
-            model = BlipForConditionalGeneration.from_pretrained(workdir / "hf_caption").eval()
+            model = BlipForConditionalGeneration.from_pretrained(workdir / "hf_caption").to(device).eval()
 
         def caption(x, beams):
             prompt, _ = tok([PROMPT] * x.shape[0], max_length=MAX_LENGTH)
+            prompt = prompt.to(x.device)
             return model.generate(pixel_values=x, input_ids=prompt, num_beams=beams, do_sample=False,
                                   max_length=MAX_LENGTH, min_length=MIN_LENGTH)
 
@@ -141,7 +120,8 @@ def load_side(side: str, task: str, workdir: Path, tok, batch: int, texts: int):
             enc_ids[:, 0] = tok.enc_id
             hidden = model.text_encoder(input_ids=enc_ids, attention_mask=mask,
                                         encoder_hidden_states=emb.expand(n, -1, -1),  # (T, N, D)
-                                        encoder_attention_mask=torch.ones(n, emb.shape[1], dtype=torch.long))
+                                        encoder_attention_mask=torch.ones(n, emb.shape[1], dtype=torch.long,
+                                                                         device=emb.device))
             itm = model.itm_head(hidden.last_hidden_state[:, 0])
             text = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             text_feat = torch.nn.functional.normalize(model.text_proj(text[:, 0]), dim=-1)
@@ -170,21 +150,25 @@ def worker(side: str, task: str, workdir: Path, threads: int, batch: int, texts:
     tok = BlipTokenizer.from_dir(workdir / "vocab")
     with torch.inference_mode():
         run = load_side(side, task, workdir, tok, batch, texts)
-        loaded_rss = _rss_mib()
-        _reset_peak()
+        loaded_rss = rss_mib()
+        reset_peak_rss()
         out = run()
-    return {**_summary(task, out), "loaded_rss_mib": loaded_rss, "peak_rss_mib": _peak_mib()}
+    return {**_summary(task, out), "loaded_rss_mib": loaded_rss, "peak_rss_mib": peak_rss_mib()}
 
 
-def timing(task: str, workdir: Path, tok, args) -> dict[str, dict]:
+def timing(task: str, workdir: Path, tok, args, *, image_size: int = 384,
+           device: torch.device | str = "cpu") -> dict[str, dict]:
     """Both sides in this process, runs alternating, the fastest of ``args.repeats`` kept per side."""
     with torch.inference_mode():
-        runs = {side: load_side(side, task, workdir, tok, args.batch, args.texts) for side in ("blip", "hf")}
+        runs = {side: load_side(side, task, workdir, tok, args.batch, args.texts, image_size=image_size,
+                                device=device) for side in ("blip", "hf")}
         best: dict[str, dict] = {}
         for r in range(args.repeats):
             for side in (("blip", "hf") if r % 2 == 0 else ("hf", "blip")):
+                sync(device)
                 t = time.perf_counter()
                 out = runs[side]()
+                sync(device)
                 seconds = time.perf_counter() - t
                 if side not in best or seconds < best[side]["seconds"]:
                     best[side] = {**_summary(task, out), "seconds": seconds}

@@ -33,6 +33,7 @@ def _worker(preset: str, steps: int, threads: int, grad_ckpt_layers: int = 0, te
     import torch
 
     torch.set_num_threads(threads)
+    from benchmarks.common import bert_special_ids, pretrain_step, random_pretrain_batches
     from blip_core import build_model
     from blip_core.config import load_config
     from blip_core.objectives import PretrainObjective, SpecialIds
@@ -41,17 +42,12 @@ def _worker(preset: str, steps: int, threads: int, grad_ckpt_layers: int = 0, te
     if preset == "base":
         cfg = load_config(None, ["model.preset=base", f"model.text.grad_ckpt_layers={text_grad_ckpt}"])
         model = build_model(cfg.model)
-        ids = SpecialIds(cls=101, enc=30523, dec=30522, pad=0)
+        vocab = cfg.model.text.vocab_size
+        ids = bert_special_ids(vocab)
         batch_size = 8
-        g = torch.Generator().manual_seed(0)
 
         def batches():
-            while True:
-                input_ids = torch.randint(1000, 30000, (batch_size, 30), generator=g)
-                input_ids[:, 0] = 101
-                input_ids[:, -1] = 102
-                yield {"image": torch.randn(batch_size, 3, 224, 224, generator=g), "input_ids": input_ids,
-                       "attention_mask": torch.ones_like(input_ids)}
+            yield from random_pretrain_batches(batch_size, cfg.model.vision.image_size, vocab)
     else:
         from blip_core.data.loader import make_loader
         from blip_core.tokenizer import BlipTokenizer
@@ -81,13 +77,7 @@ def _worker(preset: str, steps: int, threads: int, grad_ckpt_layers: int = 0, te
         t0 = time.perf_counter()
         batch = next(it)
         t1 = time.perf_counter()
-        out = objective(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=0.4)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        model.clamp_temp()
-        objective.momentum_update()
-        objective.enqueue(out)
+        pretrain_step(objective, optimizer, batch)
         t2 = time.perf_counter()
         if i:
             step_times.append(t2 - t0)

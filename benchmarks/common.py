@@ -1,0 +1,100 @@
+"""Helpers shared by the benchmarks: process memory, device timing, random pre-training batches and one step."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import time
+from collections.abc import Iterator
+
+import torch
+
+
+def rss_mib() -> float:
+    """This process's resident set size now, in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM), so a later peak excludes what came before."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS since the last reset (VmHWM), else since process start (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so wall-clock timings cover it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device | str, precision: str):
+    """bf16 autocast on the device's type for ``precision == "bf16"``, else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def random_pretrain_batches(batch_size: int, image_size: int, vocab_size: int, *, text_len: int = 30,
+                            device: torch.device | str = "cpu", seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless random pre-training batches: images, captions of ``text_len`` tokens ([CLS] ... [SEP]).
+
+    Token ids follow a BERT vocabulary (``[CLS]`` 101, ``[SEP]`` 102, words above 103) of ``vocab_size``
+    entries whose last two are ``[DEC]`` and ``[ENC]`` (see :func:`bert_special_ids`).
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    while True:
+        ids = torch.randint(104, vocab_size - 2, (batch_size, text_len), generator=g, device=device)
+        ids[:, 0] = 101
+        ids[:, -1] = 102
+        yield {"image": torch.randn(batch_size, 3, image_size, image_size, generator=g, device=device),
+               "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def bert_special_ids(vocab_size: int):
+    """The objectives' special ids for the vocabulary of :func:`random_pretrain_batches`."""
+    from blip_core.objectives import SpecialIds
+
+    return SpecialIds(cls=101, enc=vocab_size - 1, dec=vocab_size - 2, pad=0)
+
+
+def pretrain_step(objective, optimizer, batch: dict[str, torch.Tensor], *, alpha: float = 0.4,
+                  precision: str = "fp32"):
+    """One full pre-training step as the training loop runs it: ITC + ITM + LM forward (under ``precision``),
+    backward, AdamW step, temperature clamp, momentum update, enqueue. Returns the objective's output."""
+    device = batch["image"].device
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        out = objective(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha)
+    out.loss.backward()
+    optimizer.step()
+    objective.model.clamp_temp()
+    objective.momentum_update()
+    objective.enqueue(out)
+    return out
+
+
+def timed(fn, device: torch.device | str):
+    """``fn()``'s result and its wall-clock seconds, the device's queued work included."""
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t
