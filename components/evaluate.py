@@ -367,8 +367,7 @@ def _report_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[tupl
             f"top-{info['k_test']} re-ranked by ITM (score = ITM match logit + ITC cosine), recall in %. "
             f"Captioning: beam {info['num_beams']}, length {info['min_length']}-{info['max_length']}, prompt "
             f"\"{info['prompt']}\"{info.get('decoding_note', '')}; BLEU-4 and CIDEr x100. Grammar match: % of "
-            "captions naming the drawn "
-            "scene's objects exactly.")
+            "captions naming the drawn scene's objects exactly.")
     sections.append(("Models on the clean test split", note, header, rows))
     flt = metrics.get("filter") or {}
     if flt:
