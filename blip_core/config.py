@@ -224,12 +224,16 @@ class CapFiltConfig:
 class EvalConfig:
     """Evaluation: retrieval (ITC top-k re-ranked by ITM) and captioning metrics."""
 
-    k_test: int = 16  # ITC candidates per image (i2t) and per text (t2i) re-ranked by ITM
+    k_test: int = 256  # ITC candidates per image (i2t) and per text (t2i) re-ranked by ITM (COCO: 256,
+    # Flickr30k: 128); more than there are candidates means all of them
     batch_size: int = 64  # images/texts per encoder and captioning batch
     itm_batch_size: int = 256  # image-text pairs per ITM re-rank forward (at least one row's k_test candidates)
     num_beams: int = 3
     max_length: int = 20
     min_length: int = 5
+    repetition_penalty: float = 1.0  # beam-search captions (official COCO: 1.0, NoCaps: 1.1)
+    length_norm: Literal["current", "hf415"] = "current"  # finished-beam scoring: today's transformers, or
+    # transformers 4.15 as the official code ran (blip_core.generation)
     prompt: str = "a picture of "
     metric: str = "mean_r1"  # the metric register compares against the champion
     max_text_len: int = 35  # tokens per caption for retrieval (official retrieval uses 35)

@@ -7,8 +7,18 @@ Semantics follow the official BLIP captioner, which runs Hugging Face ``generate
   After decoding (special tokens skipped) the prompt text is cut off the front.
 * Repetition penalty divides positive and multiplies negative scores of every token already in the sequence
   (prompt included); min length bans ``[SEP]`` while the sequence is shorter. Beam search applies both to
-  log-probabilities and ranks finished hypotheses by ``sum_logprob / generated_len ** length_penalty``, with
-  the ``transformers`` stopping heuristic (``early_stopping=False``), so tokens equal ``generate``'s.
+  log-probabilities. Finished hypotheses are ranked by a length-normalised score, by one of two rules
+  (``length_norm``):
+
+  - ``current`` (default): ``sum_logprob / generated_len ** length_penalty``, where ``generated_len`` counts
+    the generated tokens including the final ``[SEP]`` (not the prompt), with the stopping heuristic of
+    today's ``transformers`` (``early_stopping=False``), so tokens equal ``generate``'s;
+  - ``hf415``: the rule of ``transformers`` 4.15, which the official BLIP code ran for the published numbers:
+    a hypothesis ending in ``[SEP]`` scores ``sum_logprob / len ** length_penalty`` with ``len`` the whole
+    sequence *before* ``[SEP]``, prompt included; at ``max_length`` the open beams are added with
+    ``len = max_length``; a row stops once its best candidate, ``best_sum_logprob / cur_len **
+    length_penalty``, cannot beat its worst finished hypothesis. Longer prompts therefore damp the
+    preference between short and long captions, and the two rules can pick different captions.
 * Nucleus sampling applies repetition penalty (1.1 by default, hard-coded in the official sampler),
   temperature, top-k (50, the ``generate`` default the official sampler inherits; 0 disables) and top-p.
 
@@ -29,6 +39,8 @@ from blip_core.models.blip import BlipModel
 from blip_core.models.text import CrossKV, KVCache
 
 Decoding = Literal["greedy", "beam", "nucleus"]
+LengthNorm = Literal["current", "hf415"]
+LENGTH_NORMS: tuple[str, ...] = ("current", "hf415")
 NEG_INF = float("-inf")
 _BEAM_NEG = -1.0e9
 
@@ -141,8 +153,17 @@ def _greedy_or_sample(model, cross, prompt, n_images, rows_per_image, *, eos_id,
         logits, cache = _step(model, nxt[:, None], seqs.shape[1], cross, cache)
 
 
-def _beam_search(model, cross, prompt, n_images, *, num_beams, num_return, eos_id, pad_id, max_length,
-                 min_length, repetition_penalty, length_penalty) -> torch.Tensor:
+def _beam_search(step, prompt, n_images, *, num_beams, num_return, eos_id, pad_id, max_length, min_length,
+                 repetition_penalty, length_penalty, length_norm: LengthNorm = "current") -> torch.Tensor:
+    """Beam search over ``n_images`` rows of ``num_beams`` beams; ``step(tokens, length, cache)`` runs the decoder.
+
+    ``step`` returns the last position's logits ``(rows, V)`` and the KV cache (a list of ``(k, v)`` tensors
+    with rows first, reordered here as beams move). ``length_norm`` picks how finished hypotheses are scored
+    (see the module docstring).
+    """
+    if length_norm not in LENGTH_NORMS:
+        raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
+    hf415 = length_norm == "hf415"
     b, k, p = n_images, num_beams, prompt.shape[1]
     dev = prompt.device
     keep = 2 * k  # candidates kept per image: enough to continue even if k of them end here
@@ -157,7 +178,20 @@ def _beam_search(model, cross, prompt, n_images, *, num_beams, num_return, eos_i
     first_k = torch.arange(keep, device=dev) < k  # (2k,)
     offsets = (torch.arange(b, device=dev) * k)[:, None]  # (b, 1)
 
-    logits, cache = _step(model, prompt.expand(b * k, -1), p, cross, None)
+    def merge(seqs, scores, flags):
+        """Keep each image's ``k`` best finished hypotheses among the old ones and ``seqs``/``scores``."""
+        nonlocal done_seqs, done_scores, done_flags
+        merged_scores = torch.cat([done_scores, scores], dim=1)
+        best = merged_scores.topk(k, dim=1).indices
+        done_seqs = torch.cat([done_seqs, seqs], dim=1).gather(1, best[:, :, None].expand(-1, -1, max_length))
+        done_scores = merged_scores.gather(1, best)
+        done_flags = torch.cat([done_flags, flags], dim=1).gather(1, best)
+
+    def worst_done() -> torch.Tensor:
+        return torch.where(done_flags, done_scores.min(dim=1, keepdim=True).values,
+                           torch.full_like(done_scores, _BEAM_NEG))
+
+    logits, cache = step(prompt.expand(b * k, -1), p, None)
     cur_len = p
     while True:
         logp = F.log_softmax(logits, dim=-1)  # (b*k, V)
@@ -170,7 +204,9 @@ def _beam_search(model, cross, prompt, n_images, *, num_beams, num_return, eos_i
         cand_tok = cand_idx % vocab
         cand_seqs = running.gather(1, cand_beam[:, :, None].expand(-1, -1, max_length)).clone()  # (b, 2k, T)
         cand_seqs[:, :, cur_len] = cand_tok
-        ends = (cand_tok == eos_id) | (cur_len + 1 >= max_length)  # (b, 2k)
+        last = cur_len + 1 >= max_length
+        # hf415 ends a hypothesis only at [SEP]; at max_length its open beams are added below instead.
+        ends = (cand_tok == eos_id) if hf415 else (cand_tok == eos_id) | last  # (b, 2k)
 
         # Live beams: the best k candidates that did not end.
         live_scores = cand_scores + ends.float() * _BEAM_NEG
@@ -181,23 +217,29 @@ def _beam_search(model, cross, prompt, n_images, *, num_beams, num_return, eos_i
 
         # Finished hypotheses: among the top k candidates that ended, length-normalised.
         just_done = ends & first_k[None]
-        fin = cand_scores / ((cur_len + 1 - p) ** length_penalty)
+        norm_len = cur_len if hf415 else cur_len + 1 - p  # hf415: the whole sequence before [SEP]
+        fin = cand_scores / (norm_len ** length_penalty)
         fin = fin + (~improvable).float() * _BEAM_NEG + (~just_done).float() * _BEAM_NEG
-        merged_scores = torch.cat([done_scores, fin], dim=1)  # (b, 3k)
-        best = merged_scores.topk(k, dim=1).indices
-        done_seqs = torch.cat([done_seqs, cand_seqs], dim=1).gather(1, best[:, :, None].expand(-1, -1, max_length))
-        done_scores = merged_scores.gather(1, best)
-        done_flags = torch.cat([done_flags, just_done], dim=1).gather(1, best)
+        merge(cand_seqs, fin, just_done)
 
-        cur_len += 1
-        best_possible = running_scores[:, :1] / ((cur_len - p) ** length_penalty)
-        worst_done = torch.where(done_flags, done_scores.min(dim=1, keepdim=True).values,
-                                 torch.full_like(done_scores, _BEAM_NEG))
-        improvable = improvable & (best_possible > worst_done).any(dim=1, keepdim=True)
-        if not bool(improvable.any()) or bool(ends.all()):
+        if hf415:
+            # transformers 4.15: a row is done once its best candidate of this step (ended or not), scored at
+            # the current length, cannot beat its worst finished hypothesis.
+            best_possible = cand_scores[:, :1] / (cur_len ** length_penalty)
+            improvable = improvable & (best_possible > worst_done()).any(dim=1, keepdim=True)
+            if last:  # finalize: the open beams of rows not done, scored at their full length
+                open_scores = running_scores / ((cur_len + 1) ** length_penalty)
+                open_scores = open_scores + (~improvable).float() * _BEAM_NEG
+                merge(running, open_scores, improvable.expand(-1, k))
+            cur_len += 1
+        else:
+            cur_len += 1
+            best_possible = running_scores[:, :1] / ((cur_len - p) ** length_penalty)
+            improvable = improvable & (best_possible > worst_done()).any(dim=1, keepdim=True)
+        if not bool(improvable.any()) or bool(ends.all()) or last:
             break
         cache = _reorder(cache, (source_beam + offsets).view(-1))
-        logits, cache = _step(model, running[:, :, cur_len - 1].reshape(b * k, 1), cur_len, cross, cache)
+        logits, cache = step(running[:, :, cur_len - 1].reshape(b * k, 1), cur_len, cache)
 
     out = done_seqs[:, :num_return].reshape(b * num_return, max_length)
     return _crop(out, p, eos_id, pad_id)
@@ -238,6 +280,7 @@ def generate_ids(
     temperature: float = 1.0,
     repetition_penalty: float | None = None,
     length_penalty: float = 1.0,
+    length_norm: LengthNorm = "current",
     num_return: int = 1,
     generator: torch.Generator | None = None,
     image_embeds: torch.Tensor | None = None,
@@ -251,6 +294,8 @@ def generate_ids(
         decoding: ``greedy``, ``beam`` or ``nucleus``.
         max_length, min_length: total lengths, prompt included.
         repetition_penalty: None = 1.0 for greedy/beam, 1.1 for nucleus (the official sampler).
+        length_norm: how beam search scores finished hypotheses: ``current`` (today's ``transformers``) or
+            ``hf415`` (``transformers`` 4.15, as the official BLIP code ran); see the module docstring.
         num_return: sequences per image (at most ``num_beams`` for beam search).
         generator: random generator for nucleus sampling.
         image_embeds: precomputed ViT tokens ``(B, 1+N, D)``.
@@ -259,6 +304,8 @@ def generate_ids(
     """
     if decoding not in ("greedy", "beam", "nucleus"):
         raise ValueError(f"decoding must be greedy, beam or nucleus, got {decoding!r}")
+    if length_norm not in LENGTH_NORMS:
+        raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
     if image_embeds is None:
         image_embeds = model.encode_image(images)  # (B, 1+N, D)
     prompt = torch.as_tensor(list(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else prompt_ids,
@@ -274,9 +321,14 @@ def generate_ids(
     if decoding == "beam":
         if num_return > num_beams:
             raise ValueError(f"num_return {num_return} exceeds num_beams {num_beams}")
-        return _beam_search(model, cross, prompt, n, num_beams=num_beams, num_return=num_return, eos_id=eos_id,
+
+        def step(tokens, length, cache):
+            return _step(model, tokens, length, cross, cache)
+
+        return _beam_search(step, prompt, n, num_beams=num_beams, num_return=num_return, eos_id=eos_id,
                             pad_id=pad_id, max_length=max_length, min_length=min_length,
-                            repetition_penalty=repetition_penalty, length_penalty=length_penalty)
+                            repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+                            length_norm=length_norm)
     sample = decoding == "nucleus"
     rows = num_return if sample else 1
     out = _greedy_or_sample(model, cross, prompt, n, rows, eos_id=eos_id, pad_id=pad_id, max_length=max_length,
@@ -303,6 +355,7 @@ def generate_captions(
     temperature: float = 1.0,
     repetition_penalty: float | None = None,
     length_penalty: float = 1.0,
+    length_norm: LengthNorm = "current",
     prompt: str = "a picture of ",
     generator: torch.Generator | None = None,
     num_return: int = 1,
@@ -316,7 +369,7 @@ def generate_captions(
                        pad_id=tokenizer.pad_id, decoding=decoding, num_beams=num_beams, max_length=max_length,
                        min_length=min_length, top_p=top_p, top_k=top_k, temperature=temperature,
                        repetition_penalty=repetition_penalty, length_penalty=length_penalty,
-                       num_return=num_return, generator=generator)
+                       length_norm=length_norm, num_return=num_return, generator=generator)
     return [strip_prompt(tokenizer.decode(row), prompt) for row in ids]
 
 

@@ -177,6 +177,16 @@ def threshold_note(summary: dict) -> str:
             + ("." if cal.get("met") else " (not reached there: the most precise threshold)."))
 
 
+def decoding_note(ecfg: EvalConfig) -> str:
+    """The captioning settings that differ from the defaults, for the report ('' when none does)."""
+    parts = []
+    if ecfg.repetition_penalty != 1.0:
+        parts.append(f"repetition penalty {ecfg.repetition_penalty:g}")
+    if ecfg.length_norm != "current":
+        parts.append("beams length-normalised as transformers 4.15")
+    return "".join(f", {p}" for p in parts)
+
+
 def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
@@ -256,25 +266,47 @@ def capfilt_metrics(records: Iterable[dict]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def evaluate_model(model, tokenizer, split: EvalSplit, ecfg: EvalConfig) -> tuple[dict[str, float], list[str]]:
-    """Retrieval, captioning and grammar metrics of one model on an eval split; returns (metrics, captions)."""
-    dev = next(model.parameters()).device
-    t0 = time.perf_counter()
+def retrieval_metrics(model, tokenizer, split: EvalSplit, ecfg: EvalConfig) -> dict[str, float]:
+    """TR/IR recall@1/5/10, their means (``r_mean``: the official model-selection metric) and ``mean_r1``.
+
+    ITC top-``ecfg.k_test`` candidates (all of them when there are fewer) re-ranked by ITM.
+    """
     ids, mask = tokenizer(split.texts, max_length=ecfg.max_text_len)
     scores = retrieval_scores(model, split.images, ids, mask, enc_id=tokenizer.enc_id, k=ecfg.k_test,
                               batch_size=ecfg.batch_size, itm_batch_size=ecfg.itm_batch_size)
-    metrics = recall_at_k(scores.i2t, scores.t2i, split.img2txt, split.txt2img)
-    t1 = time.perf_counter()
+    return recall_at_k(scores.i2t, scores.t2i, split.img2txt, split.txt2img)
+
+
+def split_captions(model, tokenizer, split: EvalSplit, ecfg: EvalConfig) -> list[str]:
+    """One beam-search caption per image of the split, with the evaluation's decoding settings."""
+    dev = next(model.parameters()).device
     captions: list[str] = []
     for s in range(0, split.images.shape[0], ecfg.batch_size):
         captions += generate_captions(model, tokenizer, split.images[s:s + ecfg.batch_size].to(dev),
                                       decoding="beam", num_beams=ecfg.num_beams, max_length=ecfg.max_length,
-                                      min_length=ecfg.min_length, prompt=ecfg.prompt)
-    t2 = time.perf_counter()
-    metrics.update(caption_scores(captions, [[split.texts[j] for j in js] for js in split.img2txt]))
+                                      min_length=ecfg.min_length, repetition_penalty=ecfg.repetition_penalty,
+                                      length_norm=ecfg.length_norm, prompt=ecfg.prompt)
+    return captions
+
+
+def caption_metrics(model, tokenizer, split: EvalSplit, ecfg: EvalConfig) -> tuple[dict[str, float], list[str]]:
+    """BLEU-4, CIDEr and (toy-web scenes) grammar match of the split's captions; returns (metrics, captions)."""
+    captions = split_captions(model, tokenizer, split, ecfg)
+    metrics = caption_scores(captions, [[split.texts[j] for j in js] for js in split.img2txt])
     gm = grammar_match(captions, split.samples)
     if gm is not None:
         metrics["grammar_match"] = gm
+    return metrics, captions
+
+
+def evaluate_model(model, tokenizer, split: EvalSplit, ecfg: EvalConfig) -> tuple[dict[str, float], list[str]]:
+    """Retrieval, captioning and grammar metrics of one model on an eval split; returns (metrics, captions)."""
+    t0 = time.perf_counter()
+    metrics = retrieval_metrics(model, tokenizer, split, ecfg)
+    t1 = time.perf_counter()
+    caption_part, captions = caption_metrics(model, tokenizer, split, ecfg)
+    t2 = time.perf_counter()
+    metrics.update(caption_part)
     metrics.update(retrieval_seconds=t1 - t0, captioning_seconds=t2 - t1)
     return metrics, captions
 
@@ -334,8 +366,8 @@ def _report_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[tupl
     note = (f"Test split `{info['test']}`: {info['images']} images, {info['texts']} captions. Retrieval: ITC "
             f"top-{info['k_test']} re-ranked by ITM (score = ITM match logit + ITC cosine), recall in %. "
             f"Captioning: beam {info['num_beams']}, length {info['min_length']}-{info['max_length']}, prompt "
-            f"\"{info['prompt']}\"; BLEU-4 and CIDEr x100. Grammar match: % of captions naming the drawn "
-            "scene's objects exactly.")
+            f"\"{info['prompt']}\"{info.get('decoding_note', '')}; BLEU-4 and CIDEr x100. Grammar match: % of "
+            "captions naming the drawn scene's objects exactly.")
     sections.append(("Models on the clean test split", note, header, rows))
     flt = metrics.get("filter") or {}
     if flt:
@@ -454,7 +486,8 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
             metrics["filter"]["threshold"] = capfilt_summary["threshold"]
         info = {"test": test, "capfilt": capfilt, "images": len(split.samples), "texts": len(split.texts),
                 "k_test": ecfg.k_test, "num_beams": ecfg.num_beams, "min_length": ecfg.min_length,
-                "max_length": ecfg.max_length, "prompt": ecfg.prompt, "threshold": threshold_note(capfilt_summary)}
+                "max_length": ecfg.max_length, "prompt": ecfg.prompt, "threshold": threshold_note(capfilt_summary),
+                "decoding_note": decoding_note(ecfg)}
         table = comparison_table(model_metrics)
         keys = [s.get("__key__") for s in split.samples]
         files = {

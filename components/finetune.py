@@ -1,28 +1,60 @@
 """Fine-tuning stage: the captioner (LM with a prompt) or the filter (ITC + ITM, positives by image id).
 
-``blip finetune --task captioner|filter --init CKPT --data URI [URI ...] --output URI``
+``blip finetune --task captioner|filter --init CKPT --data URI [URI ...] --output URI [--val URI ...]``
 
 Both start from the pre-trained model (decoupled: each is fine-tuned separately from the same checkpoint,
 as the paper's CapFilt) on clean human-annotated pairs, every caption of an image being its own pair.
+
+With ``--val`` (a held-out split of human-annotated data) the model is scored after every epoch and the best
+epoch's model becomes ``model/``, as the official ``train_caption.py`` / ``train_retrieval.py`` keep their best
+checkpoint: the captioner by CIDEr + BLEU-4 of its beam-search captions (``cider_bleu4``; the fine-tuning
+prompt and the ``evaluate`` decoding settings), the filter by ``r_mean``, the mean of TR and IR recall@1/5/10
+(ITC top-``evaluate.k_test`` re-ranked by ITM). Without it ``model/`` is the last epoch's model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from blip_core.config import Config, load_config
+from blip_core.data.loader import load_eval_split
 from blip_core.objectives import CaptionerObjective, FilterObjective, SpecialIds, prompt_length
 from blip_core.train import distributed as D
 from components import training
 from components.pretrain import _fmt, add_common_args
-from components.training import TrainStageResult
+from components.training import TrainStageResult, Validation
 
 TASKS = ("captioner", "filter")
 
 
+def validation_for(cfg: Config, task: str, tokenizer, val: list[str], image_size: int,
+                   prompt: str) -> Validation:
+    """Best-epoch selection for ``task`` on the validation split ``val`` (loaded once, on this rank)."""
+    from components.evaluate import caption_metrics, retrieval_metrics
+
+    split = load_eval_split(val, cfg.data.image_size or image_size, cfg.data.max_words)
+    if task == "captioner":
+        ecfg = dataclasses.replace(cfg.evaluate, prompt=prompt)
+
+        def evaluate(model) -> dict[str, float]:
+            metrics, _ = caption_metrics(model, tokenizer, split, ecfg)
+            return {**metrics, "cider_bleu4": metrics["cider"] + metrics["bleu4"]}
+
+        return Validation(data=",".join(val), metric="cider_bleu4", evaluate=evaluate)
+
+    def evaluate(model) -> dict[str, float]:
+        return retrieval_metrics(model, tokenizer, split, cfg.evaluate)
+
+    return Validation(data=",".join(val), metric="r_mean", evaluate=evaluate)
+
+
 def run(cfg: Config, task: str, init: str, data: list[str], output: str, *, resume: bool = True,
-        parent_run_id: str | None = None) -> TrainStageResult:
-    """Fine-tune the checkpoint ``init`` as the captioner or the filter; write the model under ``output``."""
+        parent_run_id: str | None = None, val: list[str] | None = None) -> TrainStageResult:
+    """Fine-tune the checkpoint ``init`` as the captioner or the filter; write the model under ``output``.
+
+    ``val``: validation dataset directories; when given, the best epoch on them is the stage's model.
+    """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     info = D.init_from_env()
@@ -48,10 +80,15 @@ def run(cfg: Config, task: str, init: str, data: list[str], output: str, *, resu
 
         loader_kwargs = {"max_length": 35}
         registered = "blip-filter"
+    validation = None
+    if val and info.is_main:
+        validation = validation_for(cfg, task, tokenizer, val, model.cfg.vision.image_size, tcfg.prompt)
+    elif val:  # the other ranks wait while rank 0 scores; they only need to know that it does
+        validation = Validation(data=",".join(val), metric="", evaluate=lambda m: {})
     return training.run_training(
         cfg, tcfg, stage=f"finetune_{task}", objective_factory=objective, model=model, tokenizer=tokenizer,
         data=data, output=output, work=work, info=info, resume=resume, parent_run_id=parent_run_id,
-        registered_name=registered,
+        registered_name=registered, validation=validation,
         loader_kwargs={"min_scale": cfg.data.min_scale_finetune, "expand_captions": True, **loader_kwargs})
 
 
@@ -61,13 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", required=True, help="pre-trained checkpoint or pretrain stage output")
     p.add_argument("--data", nargs="+", required=True, help="human-annotated dataset directories")
     p.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    p.add_argument("--val", nargs="+", default=None, metavar="URI",
+                   help="validation dataset directories: score every epoch and keep the best one as model/")
     add_common_args(p)
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     res = run(cfg, args.task, args.init, args.data, args.output, resume=not args.no_resume,
-              parent_run_id=args.parent_run_id)
+              parent_run_id=args.parent_run_id, val=args.val)
     if D.rank() == 0:
         print(f"finetune {args.task}: {res.steps} steps, losses {_fmt(res.losses)}, model at {res.model_uri}")
+        if res.validation:
+            best = res.validation["best"]
+            print(f"finetune {args.task}: model of epoch {best['epoch']:g} (step {best['step']}), validation "
+                  f"{res.validation['metric']} {best['score']:.4f}")
     D.destroy()
     return 0
 

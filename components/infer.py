@@ -23,7 +23,7 @@ from PIL import Image
 
 from blip_core.checkpoint_io import Checkpoint, load_checkpoint
 from blip_core.errors import UserError
-from blip_core.generation import generate_captions, itm_scores
+from blip_core.generation import LENGTH_NORMS, generate_captions, itm_scores
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -101,6 +101,9 @@ def caption_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="default 1.0 for greedy/beam, 1.1 for nucleus")
+    p.add_argument("--length-norm", choices=list(LENGTH_NORMS), default="current",
+                   help="beam search: score finished captions as today's transformers (current) or as "
+                        "transformers 4.15, which the official BLIP numbers used (hf415)")
     p.add_argument("--prompt", default="a picture of ")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=None, help="seed for nucleus sampling")
@@ -130,8 +133,8 @@ def main_caption(argv: list[str] | None = None) -> int:
         captions = generate_captions(
             ckpt.model, ckpt.tokenizer, batch, decoding=args.decoding, num_beams=args.num_beams,
             max_length=args.max_length, min_length=args.min_length, top_p=args.top_p,
-            temperature=args.temperature, repetition_penalty=args.repetition_penalty, prompt=args.prompt,
-            generator=generator)
+            temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+            length_norm=args.length_norm, prompt=args.prompt, generator=generator)
         for (i, _), text in zip(pending, captions):
             results[i] = {"image": args.images[i], "caption": text}
         pending.clear()

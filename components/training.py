@@ -6,8 +6,14 @@ A training stage's output (a local directory or an ``s3://`` prefix) holds::
                         pre-training and the filter, so a later run can resume from it)
     checkpoints/        training checkpoints (step-XXXXXXXX/ + latest.json) used to resume a killed run
     train_log.json      the logged training curve (one record per logged step: DVC plots)
-    metrics.json        final losses, steps, throughput
+    metrics.json        final losses, steps, throughput (and the chosen epoch's validation scores)
+    validation/         with a validation split: history.json (the scores after every epoch), best.json and
+                        best/ (the best model so far), so that a resumed run keeps its choice
     result.json         written last: the stage is complete
+
+With a validation split (:class:`Validation`, ``blip finetune --val``) the model is scored after every epoch
+(and after the last step when a run stops mid-epoch); the best scoring one, the earliest on ties, becomes
+``model/``, as the official fine-tuning scripts keep their best checkpoint. Without one ``model/`` is the last.
 
 With an ``s3://`` output, work happens in a local directory (``BLIP_WORK_DIR``, default a per-output folder
 under the system temp dir); every checkpoint is uploaded when written, and a restarted stage first downloads
@@ -24,7 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +46,7 @@ from blip_core.models.blip import BlipModel
 from blip_core.tokenizer import BlipTokenizer, pre_caption
 from blip_core.train import distributed as D
 from blip_core.train.checkpoint import latest_checkpoint
-from blip_core.train.loop import TrainResult, train
+from blip_core.train.loop import TrainResult, run_identity, train
 from blip_core.train.optim import build_optimizer
 from components import storage
 
@@ -48,6 +54,7 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
+VALIDATION_DIR = "validation"
 
 
 @dataclass
@@ -62,6 +69,20 @@ class TrainStageResult:
     pairs_per_second: float
     resumed_from: str | None = None
     run_id: str | None = None
+    validation: dict | None = None  # with a validation split: the metric, chosen epoch and per-epoch scores
+
+
+@dataclass
+class Validation:
+    """Best-epoch selection on a validation split.
+
+    ``evaluate(model)`` returns the metrics of the (eval-mode) model on ``data``; ``metric`` names the one
+    whose highest value picks the model.
+    """
+
+    data: str
+    metric: str
+    evaluate: Callable[[BlipModel], dict[str, float]]
 
 
 class LoaderSource:
@@ -244,8 +265,13 @@ def run_training(
     parent_run_id: str | None,
     momentum_state: dict | None = None,
     registered_name: str | None = None,
+    validation: Validation | None = None,
 ) -> TrainStageResult:
-    """Build loader, objective and optimizer, run the loop under an MLflow stage run, publish the model."""
+    """Build loader, objective and optimizer, run the loop under an MLflow stage run, publish the model.
+
+    With ``validation`` the model is scored after every epoch and the best one is published (see the module
+    docstring).
+    """
     from components import tracking
 
     torch.manual_seed(tcfg.seed)
@@ -274,22 +300,44 @@ def run_training(
     config = {**train_config_dict(cfg, stage), "data_fingerprint": data_fingerprint(data)}
     if info.is_main and tracking.tracking_enabled():
         tracking.check_tracking()
+
+    def momentum() -> dict | None:
+        return (momentum_state_dict(objective.momentum_encoders, objective.queue)
+                if hasattr(objective, "momentum_encoders") else None)
+
     with tracking.stage_run(stage, config, parent_run_id=parent_run_id) as run:
+        selector = None
+        if validation is not None:
+            selector = _BestEpoch(validation, work, output, resume, info, model,
+                                  lambda m: save_checkpoint(m, model, tokenizer, momentum()), run, config)
         res: TrainResult = train(
             objective, optimizer, tcfg, LoaderSource(loader), checkpoint_dir=work / CHECKPOINT_DIR, info=info,
             alpha=cfg.model.alpha, config_dict=config, resume=resume, log_fn=log_fn,
-            on_checkpoint=uploader(output))
+            on_checkpoint=uploader(output),
+            on_epoch_end=(lambda pos: selector.validate(pos.step, pos.epoch)) if selector else None)
+        chosen = None
+        if selector is not None:  # a run that stopped mid-epoch is scored at its last step too
+            pos = res.position
+            selector.validate(pos.step, pos.epoch + round(pos.batch_in_epoch / max(1, len(loader)), 3),
+                              only_if_missing=True)
+            chosen = selector.record()
         result = TrainStageResult(
             output=output, model_uri=storage.join(output, MODEL_DIR), steps=res.position.step,
             epochs=res.position.epoch, losses=res.last_losses, pairs_per_second=res.pairs_per_second,
-            resumed_from=str(res.resumed_from) if res.resumed_from else None, run_id=run.run_id)
+            resumed_from=str(res.resumed_from) if res.resumed_from else None, run_id=run.run_id,
+            validation=chosen)
         if info.is_main:
-            mom = (momentum_state_dict(objective.momentum_encoders, objective.queue)
-                   if hasattr(objective, "momentum_encoders") else None)
-            save_checkpoint(work / MODEL_DIR, model, tokenizer, mom)
+            if selector is not None:
+                selector.publish_best(work / MODEL_DIR)
+            else:
+                save_checkpoint(work / MODEL_DIR, model, tokenizer, momentum())
             metrics = {**{f"final_{k}": v for k, v in res.last_losses.items()}, "steps": res.position.step,
                        "pairs_per_second": res.pairs_per_second, "data_time_share": res.data_time_share,
                        "skipped_samples": loader.skipped}
+            if chosen is not None:
+                best = chosen["best"]
+                metrics.update({"val_best_epoch": best["epoch"], "val_best_step": best["step"],
+                                **{f"val_{k}": v for k, v in best["metrics"].items()}})
             (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             (work / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
             run.log_metrics(res.position.step, {k: v for k, v in metrics.items() if k != "steps"})
@@ -299,6 +347,90 @@ def run_training(
             write_result(output, work, {"stage": stage, **dataclasses.asdict(result)})
         D.barrier()
     return result
+
+
+class _BestEpoch:
+    """Scores the model on the validation split (rank 0) and keeps the best one under ``validation/``.
+
+    ``history.json`` holds the run's config and one entry per scored step; ``best.json`` names the entry whose
+    weights ``best/`` holds. They are reused only by a run that may resume the same training (same config and
+    data). Training is sequential, so a new entry replaces every entry at or after its step (left by an
+    interrupted run); a resumed run reproduces the same weights, hence the same entries.
+    """
+
+    def __init__(self, validation: Validation, work: Path, output: str, resume: bool, info: D.DistInfo,
+                 model: BlipModel, save: Callable[[Path], None], run, config: dict) -> None:
+        self.v, self.output, self.info, self.model, self.save, self.run = validation, output, info, model, save, run
+        self.dir = work / VALIDATION_DIR
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        if not info.is_main:
+            return
+        if not resume:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        elif storage.is_s3(output) and not (self.dir / "best.json").is_file():
+            remote = storage.join(output, VALIDATION_DIR)
+            if storage.exists(storage.join(remote, "best.json")):
+                storage.download_dir(remote, self.dir)
+        self.identity = run_identity(config)
+        if resume and (self.dir / "best.json").is_file() and (self.dir / "best").is_dir():
+            saved = json.loads((self.dir / "history.json").read_text())
+            if run_identity(saved.get("config")) == self.identity:
+                self.history = saved["epochs"]
+                self.best = json.loads((self.dir / "best.json").read_text())
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+
+    def validate(self, step: int, epoch: float, *, only_if_missing: bool = False) -> None:
+        """Score the model after ``step`` (``epoch`` epochs done); save it when it is the best so far."""
+        if self.info.is_main and not (only_if_missing and any(h["step"] == step for h in self.history)):
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                metrics = {k: float(v) for k, v in self.v.evaluate(self.model).items()}
+            self.model.train(was_training)
+            if self.v.metric not in metrics:
+                raise ValueError(f"validation metrics {sorted(metrics)} lack the selection metric {self.v.metric!r}")
+            entry = {"epoch": epoch, "step": step, "score": metrics[self.v.metric], "metrics": metrics}
+            self.history = [h for h in self.history if h["step"] < step]
+            improved = all(entry["score"] > h["score"] for h in self.history)  # earliest best wins ties
+            self.history.append(entry)
+            if improved:
+                self.save(self.dir / "best")
+                self.best = entry
+                (self.dir / "best.json").write_text(json.dumps(entry, indent=1) + "\n")
+            (self.dir / "history.json").write_text(
+                json.dumps({"config": self.config, "epochs": self.history}, indent=1) + "\n")
+            log.info("validation after epoch %g (step %d): %s %.4f%s", epoch, step, self.v.metric, entry["score"],
+                     " (best)" if improved else "")
+            self.run.log_metrics(step, {f"val_{k}": v for k, v in metrics.items()})
+            if storage.is_s3(self.output):
+                remote = storage.join(self.output, VALIDATION_DIR)
+                if improved:
+                    storage.upload_dir(self.dir / "best", storage.join(remote, "best"))
+                storage.upload_file(self.dir / "best.json", storage.join(remote, "best.json"))
+                storage.upload_file(self.dir / "history.json", storage.join(remote, "history.json"))
+        D.barrier()
+
+    def record(self) -> dict | None:
+        """What the stage result says: the data, the metric, the chosen entry and every scored epoch."""
+        if not self.info.is_main:
+            return None
+        if self.best is None:
+            raise RuntimeError("validation: no model was scored")
+        top = max(h["score"] for h in self.history)
+        if self.best["score"] != top:  # only if a restarted run did not reproduce its earlier epochs
+            log.warning("validation: the saved best model (step %d, %s %.4f) is not the top entry (%.4f)",
+                        self.best["step"], self.v.metric, self.best["score"], top)
+        return {"data": self.v.data, "metric": self.v.metric, "best": self.best, "epochs": self.history}
+
+    def publish_best(self, dst: Path) -> None:
+        """Copy the chosen model to ``dst`` (the stage's ``model/``)."""
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.dir / "best", tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
 
 
 def prepare_work(output: str, resume: bool, info: D.DistInfo) -> Path:

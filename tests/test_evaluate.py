@@ -234,6 +234,48 @@ def test_evaluate_grammar_match_counts_correct_captions(no_tracking, test_split,
     assert res.metrics["filter"] == {} and res.metrics["capfilt"] == {}
 
 
+def test_evaluate_decoding_settings_reach_generation(test_split, models, monkeypatch):
+    """evaluate.repetition_penalty and evaluate.length_norm are what the captions are generated with."""
+    from blip_core.checkpoint_io import load_checkpoint
+    from blip_core.data.loader import load_eval_split
+    from blip_core.generation import generate_captions
+
+    ckpt = load_checkpoint(models["noisy"])
+    model, tok = ckpt.model.eval(), ckpt.tokenizer
+    split = load_eval_split(test_split, 32)
+    sets = CFG + ["evaluate.max_length=12", "evaluate.min_length=3"]
+    base = load_config(None, sets).evaluate
+    assert (base.repetition_penalty, base.length_norm) == (1.0, "current")
+    ecfg = load_config(None, sets + ["evaluate.repetition_penalty=3.0", "evaluate.length_norm=hf415"]).evaluate
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append((kw["repetition_penalty"], kw["length_norm"]))
+        return generate_captions(*args, **kw)
+
+    monkeypatch.setattr(evaluate, "generate_captions", spy)
+    plain = evaluate.split_captions(model, tok, split, base)
+    assert seen and set(seen) == {(1.0, "current")}
+    seen.clear()
+    penalised = evaluate.split_captions(model, tok, split, ecfg)
+    assert seen and set(seen) == {(3.0, "hf415")}
+    direct = generate_captions(model, tok, split.images, num_beams=3, max_length=12, min_length=3,
+                               repetition_penalty=3.0, length_norm="hf415", prompt=ecfg.prompt)
+    assert penalised == direct and len(plain) == len(penalised) == 12
+    assert evaluate.decoding_note(base) == ""
+    assert evaluate.decoding_note(ecfg) == ", repetition penalty 3, beams length-normalised as transformers 4.15"
+    with pytest.raises(UserError, match="evaluate.length_norm"):
+        load_config(None, ["evaluate.length_norm=newest"])
+
+
+def test_k_test_defaults_to_the_official_coco_value_and_the_demo_sets_its_own():
+    import yaml
+
+    assert load_config(None, []).evaluate.k_test == 256
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert params["evaluate"]["k_test"] == 8  # the demo's committed numbers were measured with k_test 8
+
+
 def test_evaluate_s3_inputs_and_output(no_tracking, s3_bucket, test_split, models, capfilt_dir):
     storage.upload_dir(models["noisy"], f"s3://{s3_bucket}/ckpt/model")  # a stage output holding model/
     storage.upload_file(Path(capfilt_dir) / "provenance.jsonl", f"s3://{s3_bucket}/capfilt/provenance.jsonl")

@@ -7,6 +7,7 @@ from transformers import BlipForConditionalGeneration
 
 from blip_core.convert import load_hf
 from blip_core.generation import (
+    _beam_search,
     generate_captions,
     generate_ids,
     itm_itc,
@@ -77,6 +78,78 @@ def test_captions_end_at_various_lengths(pair):
                            max_length=20, min_length=5)
         lengths = {len(r) for r in _trim(got, 4, tok.sep_id)}
         assert len(lengths) > 1, (decoding, got.tolist())
+
+
+# --------------------------------------------------------------------------------------------------
+# Length normalisation of finished beams: today's transformers against transformers 4.15
+# --------------------------------------------------------------------------------------------------
+
+EOS, A, B = 1, 2, 3
+VOCAB = 12  # 0 pad, 1 eos, 2 A, 3 B, 4 [DEC], 5..11 fillers
+PROMPT_IDS = [4, 5]  # two prompt tokens
+# Next-token probabilities after each generated prefix; any other prefix: uniform over tokens 1..11.
+TABLE = {
+    (): {EOS: torch.e ** -1.0, A: 0.5, B: 1 - 0.5 - torch.e ** -1.0},
+    (A,): {EOS: torch.e ** -1.8 / 0.5, A: 0.4, B: 1 - 0.4 - torch.e ** -1.8 / 0.5},
+    (B,): {EOS: 0.05, A: 0.5, B: 0.45},
+}
+
+
+def _table_step(tokens, length, cache):
+    """A decoder whose log-probabilities are TABLE's; its 'cache' is the token history (rows first)."""
+    hist = tokens if cache is None else torch.cat([cache[0][0], tokens], dim=1)
+    assert hist.shape[1] == length
+    logits = torch.full((hist.shape[0], VOCAB), -1.0e4)
+    for r, row in enumerate(hist.tolist()):
+        probs = TABLE.get(tuple(row[len(PROMPT_IDS):]), dict.fromkeys(range(1, VOCAB), 1 / (VOCAB - 1)))
+        for t, pr in probs.items():
+            logits[r, t] = float(torch.tensor(pr).log())
+    return logits, [(hist, hist)]
+
+
+def _beams(length_norm, max_length, num_return=1):
+    out = _beam_search(_table_step, torch.tensor([PROMPT_IDS]), 1, num_beams=2, num_return=num_return, eos_id=EOS,
+                       pad_id=0, max_length=max_length, min_length=0, repetition_penalty=1.0, length_penalty=1.0,
+                       length_norm=length_norm)
+    return [[t for t in row[len(PROMPT_IDS):] if t != 0] for row in out.tolist()]
+
+
+def test_length_norm_rules_pick_different_beams():
+    """Worked by hand (2 beams, prompt of 2 tokens, length_penalty 1).
+
+    Step 1: "[SEP]" ends with log-prob -1.0; A (-0.693) and B continue. Step 2: "A [SEP]" ends with -1.8;
+    "A A" (-1.609) and "A B" (-2.005) continue. Step 3 adds nothing better (uniform next tokens, -2.398 each).
+
+    - current (generated tokens incl. [SEP]): "[SEP]" -1.0 / 1 = -1.0, "A [SEP]" -1.8 / 2 = -0.9 -> "A [SEP]".
+    - hf415 (whole sequence before [SEP], prompt incl.): -1.0 / 2 = -0.5 against -1.8 / 3 = -0.6 -> "[SEP]".
+    """
+    assert _beams("current", max_length=5) == [[A, EOS]]
+    assert _beams("hf415", max_length=5) == [[EOS]]
+    assert _beams("current", max_length=5, num_return=2) == [[A, EOS], [EOS]]
+    assert _beams("hf415", max_length=5, num_return=2) == [[EOS], [A, EOS]]
+
+
+def test_length_norm_hf415_adds_open_beams_at_max_length():
+    """max_length 4 ends after step 2.
+
+    - hf415: the row is not done ("A A" -1.609 / 3 = -0.536 beats the worst finished -0.6), so the open beams
+      join at length 4: "A A" -1.609 / 4 = -0.402 and "A B" -0.501, against "[SEP]" -0.5 and "A [SEP]" -0.6
+      -> "A A", then "[SEP]".
+    - current: the top 2 candidates of step 2 end, scored by generated length 2: "A A" -0.805 and "A [SEP]" -0.9,
+      against "[SEP]" -1.0 -> "A A", then "A [SEP]".
+    """
+    assert _beams("hf415", max_length=4, num_return=2) == [[A, A], [EOS]]
+    assert _beams("current", max_length=4, num_return=2) == [[A, A], [A, EOS]]
+
+
+def test_length_norm_through_generate_captions(pair):
+    tok, _, ours = pair
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    caps = {n: generate_captions(ours, tok, images, length_norm=n, max_length=20, min_length=5)
+            for n in ("current", "hf415")}
+    assert all(len(c) == 6 for c in caps.values())
+    with pytest.raises(ValueError, match="length_norm"):
+        generate_captions(ours, tok, images, length_norm="newest")
 
 
 def test_image_kv_computed_once_per_image(pair, monkeypatch):

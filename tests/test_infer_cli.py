@@ -62,6 +62,29 @@ def test_caption_json_beam_and_nucleus_seed(checkpoint, images, capsys):
     assert sample(3) == sample(3)
 
 
+def test_caption_decoding_options_reach_generation(checkpoint, images, capsys, monkeypatch):
+    """--repetition-penalty and --length-norm are passed to generation; an unknown rule is a usage error."""
+    from components import infer
+
+    (good1, good2), _ = images
+    seen = []
+    real = infer.generate_captions
+
+    def spy(*args, **kw):
+        seen.append((kw["repetition_penalty"], kw["length_norm"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(infer, "generate_captions", spy)
+    assert cli(["caption", "--checkpoint", str(checkpoint), good1, good2, "--device", "cpu"]) == 0
+    assert cli(["caption", "--checkpoint", str(checkpoint), good1, good2, "--device", "cpu",
+                "--repetition-penalty", "1.1", "--length-norm", "hf415"]) == 0
+    assert seen == [(None, "current"), (1.1, "hf415")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli(["caption", "--checkpoint", str(checkpoint), good1, "--length-norm", "newest"])
+    assert e.value.code == 2
+
+
 def test_itm_scores_each_text(checkpoint, images, capsys):
     (good1, _), broken = images
     texts = ["a dog on the grass", "a red circle"]

@@ -80,13 +80,16 @@ def train(
     resume: bool = True,
     log_fn: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    on_epoch_end: Callable[[TrainPosition], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Run ``cfg.epochs`` epochs (or ``cfg.max_steps`` optimizer steps) of ``objective`` on ``data``.
 
     ``objective`` is the unwrapped objective module; it is wrapped in DDP here when ``info`` is distributed.
     Checkpoints go to ``checkpoint_dir`` (rank 0 only) every ``cfg.checkpoint_every`` steps and at the end;
-    with ``resume`` the newest checkpoint there is loaded first.
+    with ``resume`` the newest checkpoint there is loaded first. ``on_epoch_end(position)`` runs on every rank
+    after each completed epoch (``position.epoch`` epochs done), e.g. to score the model on a validation split;
+    it must leave the model in training mode.
     """
     info = info or D.DistInfo()
     inner = objective
@@ -186,6 +189,8 @@ def train(
         if position.batch_in_epoch >= usable:
             position.epoch += 1
             position.batch_in_epoch = 0
+            if on_epoch_end is not None:
+                on_epoch_end(position)
     if bar is not None:
         bar.close()
     last_ckpt = _checkpoint(ckpt_root, inner, optimizer, position, config_dict, info, on_checkpoint)
@@ -198,7 +203,12 @@ def train(
 def _same_config(checkpoint: Path, config_dict: dict | None) -> bool:
     """Whether a checkpoint was written by a run with this config (JSON-normalised comparison)."""
     saved = json.loads((checkpoint / "train_state.json").read_text()).get("config")
-    return _stable(saved) == _stable(json.loads(json.dumps(config_dict or {})))
+    return _stable(saved) == run_identity(config_dict)
+
+
+def run_identity(config_dict: dict | None):
+    """The part of a run's config that must match for a checkpoint to be resumed (JSON-normalised)."""
+    return _stable(json.loads(json.dumps(config_dict or {})))
 
 
 # Settings that may change between a run and its resumption (how long and how often, not what is trained).
