@@ -17,8 +17,8 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> BlipModel:
     return BlipModel(cfg)
 
 
-def load_checkpoint(dir):
+def load_checkpoint(dir, *, with_momentum: bool = True, image_size: int | None = None):
     """Load a blip_core checkpoint directory; see :func:`blip_core.checkpoint_io.load_checkpoint`."""
     from blip_core.checkpoint_io import load_checkpoint as _load
 
-    return _load(dir)
+    return _load(dir, with_momentum=with_momentum, image_size=image_size)

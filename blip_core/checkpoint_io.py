@@ -8,6 +8,10 @@ Layout of a checkpoint directory::
                            text_proj_m.*) and ITC queues (image_queue, text_queue, queue_ptr, idx_queue)
     tokenizer/             optional: Hugging Face tokenizer directory (BlipTokenizer.save)
 
+A checkpoint can be loaded at another image resolution (``load_checkpoint(..., image_size=384)``): the model
+is built at that size and the ViT position embeddings (student and momentum) are resized as the official
+``interpolate_pos_embed`` does (:func:`blip_core.models.vision.interpolate_pos_embed`).
+
 The text encoder shares everything but self-attention with the decoder, and the LM output matrix is tied to
 the word embeddings; safetensors refuses aliased tensors, so only the first name of each shared tensor (in
 ``BlipModel.named_parameters()`` order) is written. A freshly constructed model re-creates the ties, so
@@ -20,7 +24,9 @@ crash never leaves a half-written checkpoint under the final name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import shutil
 import uuid
@@ -36,6 +42,7 @@ from torch import nn
 from blip_core.config import ConfigError, ModelConfig, config_from_dict, to_dict
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
+from blip_core.models.vision import interpolate_pos_embed
 from blip_core.tokenizer import BlipTokenizer
 
 FORMAT = "blip_core"
@@ -47,6 +54,8 @@ TOKENIZER_DIR = "tokenizer"
 
 MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
 QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
+FEATURE_QUEUE_KEYS = ("image_queue", "text_queue")
+POS_EMBED_KEYS = ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed")
 
 
 @dataclass
@@ -98,18 +107,52 @@ def load_canonical(model: nn.Module, state: dict[str, torch.Tensor], source: str
             t.copy_(state[k])
 
 
-def load_canonical_file(model: nn.Module, path: Path) -> None:
-    """Stream a canonical safetensors file into ``model`` one tensor at a time (no second full copy)."""
+def load_canonical_file(model: nn.Module, path: Path, *, resize_pos_embed: bool = False) -> list[str]:
+    """Stream a canonical safetensors file into ``model`` one tensor at a time (no second full copy).
+
+    With ``resize_pos_embed``, a ViT position embedding stored for another token grid is interpolated to the
+    model's (:func:`fit_pos_embed`) instead of being a shape mismatch. Returns notes on what was resized.
+    """
     expected = canonical_state_dict(model)
+    notes: list[str] = []
     try:
         with safe_open(str(path), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            resized = set()
+            if resize_pos_embed:
+                for k in POS_EMBED_KEYS:
+                    if k in shapes and k in expected and _resizable(shapes[k], tuple(expected[k].shape)):
+                        resized.add(k)
+                        shapes[k] = tuple(expected[k].shape)
             _check_keys(expected, shapes, str(path))
             with torch.no_grad():
                 for k, t in expected.items():
-                    t.copy_(f.get_tensor(k))
+                    v = f.get_tensor(k)
+                    if k in resized:
+                        v, note = fit_pos_embed(k, v, t.shape[1] - 1)
+                        notes += [note] if note else []
+                    t.copy_(v)
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: cannot read weights ({e})") from None
+    return notes
+
+
+def _resizable(stored: tuple, wanted: tuple) -> bool:
+    """Whether two position-embedding shapes ``(1, 1+N, D)`` differ only in their number of tokens."""
+    return len(stored) == len(wanted) == 3 and stored[0] == wanted[0] and stored[2] == wanted[2]
+
+
+def fit_pos_embed(key: str, pos_embed: torch.Tensor, num_patches: int) -> tuple[torch.Tensor, str | None]:
+    """``pos_embed`` resized to ``num_patches`` patch positions, and a note saying so (None when unchanged)."""
+    old = pos_embed.shape[1] - 1
+    if old == num_patches:
+        return pos_embed, None
+    try:
+        out = interpolate_pos_embed(pos_embed, num_patches)
+    except ValueError as e:
+        raise UserError(f"{key}: {e}") from None
+    g_old, g_new = math.isqrt(old), math.isqrt(num_patches)
+    return out, f"{key} interpolated from {g_old}x{g_old} to {g_new}x{g_new} patches"
 
 
 def _check_keys(expected: dict[str, torch.Tensor], shapes: dict[str, tuple], source: str) -> None:
@@ -150,7 +193,13 @@ def momentum_state_dict(momentum_encoders: nn.Module | None, queue: nn.Module | 
 
 def load_momentum_state(state: dict[str, torch.Tensor], momentum_encoders: nn.Module | None = None,
                         queue: nn.Module | None = None) -> None:
-    """Restore momentum encoders and/or queues from ``state`` (as returned by :func:`momentum_state_dict`)."""
+    """Restore momentum encoders and/or queues from ``state`` (as returned by :func:`momentum_state_dict`).
+
+    The feature queues always carry over. The pointer and the image ids carry over only between queues of the
+    same kind: a pre-training queue (no image ids) loaded into a retrieval/filter queue keeps its features,
+    while the ids start unknown (-100) and the pointer at 0, as the official retrieval model loading a
+    pre-trained checkpoint (its ``idx_queue``/``ptr_queue`` are not in the pre-trained file).
+    """
     if momentum_encoders is not None:
         enc = {k: v for k, v in state.items() if k.startswith(MOMENTUM_PREFIXES)}
         result = momentum_encoders.load_state_dict(enc, strict=False)
@@ -160,13 +209,26 @@ def load_momentum_state(state: dict[str, torch.Tensor], momentum_encoders: nn.Mo
     if queue is not None:
         q = {k: v for k, v in state.items() if k in QUEUE_KEYS}
         own = queue.state_dict()
-        if set(q) != set(own):
+        if ("idx_queue" in q) != ("idx_queue" in own) and all(k in q for k in FEATURE_QUEUE_KEYS):
+            q = {k: q[k] for k in FEATURE_QUEUE_KEYS}  # another kind of queue: features only
+            with torch.no_grad():
+                queue.queue_ptr.zero_()
+                if "idx_queue" in own:
+                    queue.idx_queue.fill_(-100)
+        elif set(q) != set(own):
             raise UserError(f"queue state has keys {sorted(q)}, the queue expects {sorted(own)}")
         for k, v in q.items():
             if v.shape != own[k].shape:
                 raise UserError(f"queue tensor {k} has shape {tuple(v.shape)}, the queue expects "
                                 f"{tuple(own[k].shape)} (model.queue_size differs?)")
-        queue.load_state_dict(q)
+        with torch.no_grad():
+            for k, v in q.items():
+                own[k].copy_(v)
+
+
+def has_queues(state: dict[str, torch.Tensor] | None) -> bool:
+    """Whether a momentum state holds the ITC feature queues."""
+    return bool(state) and all(k in state for k in FEATURE_QUEUE_KEYS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,15 +342,29 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: cannot read weights ({e})") from None
 
 
-def load_checkpoint(src: str | Path, *, with_momentum: bool = True) -> Checkpoint:
+def with_image_size(cfg: ModelConfig, image_size: int | None, source: str = "checkpoint") -> ModelConfig:
+    """``cfg`` at ``image_size`` pixels (``None``/0 keeps its own); the size must be a multiple of the patch."""
+    if not image_size or image_size == cfg.vision.image_size:
+        return cfg
+    patch = cfg.vision.patch_size
+    if image_size < 0 or image_size % patch:
+        raise UserError(f"{source}: image size {image_size} is not a positive multiple of the model's patch size "
+                        f"{patch}")
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=image_size))
+
+
+def load_checkpoint(src: str | Path, *, with_momentum: bool = True, image_size: int | None = None) -> Checkpoint:
     """Load a checkpoint directory written by :func:`save_checkpoint` (or ``BlipModel.save``).
 
     Returns a :class:`Checkpoint` with the model in eval mode, the tokenizer (None when the directory has
-    none) and the momentum/queue state (None when absent or ``with_momentum`` is False).
+    none) and the momentum/queue state (None when absent or ``with_momentum`` is False). With ``image_size``
+    (None or 0: the stored one) the model is built for that resolution and the position embeddings of the
+    image encoder and its momentum copy are interpolated bicubically; ``Checkpoint.notes`` says so.
     """
     src = Path(src)
     header = read_header(src)
-    cfg = model_config_from_dict(header["model"], str(src / CONFIG_FILE))
+    stored = model_config_from_dict(header["model"], str(src / CONFIG_FILE))
+    cfg = with_image_size(stored, image_size, str(src))
     weights = src / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"{src}: {WEIGHTS_FILE} is missing")
@@ -296,7 +372,7 @@ def load_checkpoint(src: str | Path, *, with_momentum: bool = True) -> Checkpoin
         model = BlipModel(cfg)
     except ValueError as e:
         raise UserError(f"{src}: cannot build the model: {e}") from None
-    load_canonical_file(model, weights)
+    notes = load_canonical_file(model, weights, resize_pos_embed=cfg is not stored)
     model.eval()
     tokenizer = None
     tok_dir = src / TOKENIZER_DIR
@@ -308,7 +384,13 @@ def load_checkpoint(src: str | Path, *, with_momentum: bool = True) -> Checkpoin
     momentum = None
     if with_momentum and (src / MOMENTUM_FILE).is_file():
         momentum = _read_safetensors(src / MOMENTUM_FILE)
-    return Checkpoint(model=model, tokenizer=tokenizer, momentum_state=momentum)
+        key = "visual_encoder_m.pos_embed"
+        if cfg is not stored and key in momentum:
+            want = model.visual_encoder.pos_embed.shape
+            if _resizable(tuple(momentum[key].shape), tuple(want)):
+                momentum[key], note = fit_pos_embed(key, momentum[key], want[1] - 1)
+                notes += [note] if note else []
+    return Checkpoint(model=model, tokenizer=tokenizer, momentum_state=momentum, notes=notes)
 
 
 def is_checkpoint_dir(path: str | Path) -> bool:

@@ -131,7 +131,10 @@ def model_preset(name: str) -> ModelConfig:
 class DataConfig:
     """How training/evaluation data is read and augmented."""
 
-    image_size: int = 0  # 0 = the model's vision.image_size
+    # Resolution of fine-tuning, CapFilt and evaluation; a checkpoint saved at another size is loaded with its
+    # ViT position embeddings interpolated bicubically (paper: pre-train at 224, fine-tune at 384).
+    # 0 = each checkpoint's own. Pre-training runs at model.vision.image_size (or its --init checkpoint's).
+    image_size: int = 0
     max_words: int = 30  # pre_caption truncation
     num_workers: int = 0  # DataLoader worker processes per rank (0 = load in the training process)
     shuffle_buffer: int = 1000  # samples held in the shuffle buffer of each (rank, worker) stream
@@ -192,6 +195,9 @@ class TrainConfig:
     compile: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
     prompt: str = ""  # captioner fine-tuning: "a picture of "
+    # filter fine-tuning: draw ITM hard negatives from every rank's batch, not only the local one (the official
+    # COCO retrieval setting; Flickr leaves it off)
+    negative_all_rank: bool = False
     log_every: int = 10
 
 

@@ -37,13 +37,14 @@ from blip_core.checkpoint_io import (
     Checkpoint,
     _names,
     atomic_directory,
+    fit_pos_embed,
     tensor_aliases,
+    with_image_size,
 )
 from blip_core.config import MODEL_PRESETS, ModelConfig, TextConfig, VisionConfig, model_preset
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
 from blip_core.models.momentum import FeatureQueue, MomentumEncoders
-from blip_core.models.vision import interpolate_pos_embed
 from blip_core.tokenizer import BlipTokenizer
 
 HF_CAPTION = "BlipForConditionalGeneration"
@@ -304,11 +305,12 @@ def _hf_task(arch: list[str] | None, keys: set[str], src: Path) -> str:
     raise UserError(f"{src}: cannot tell the model class (no 'architectures' in config.json)")
 
 
-def load_hf(src: str | Path) -> Checkpoint:
+def load_hf(src: str | Path, *, image_size: int | None = None) -> Checkpoint:
     """Load a Hugging Face ``save_pretrained`` directory of a BLIP caption or retrieval model.
 
     The tokenizer is loaded when the directory holds tokenizer files. ``Checkpoint.notes`` lists the modules
-    the source lacks and how they were initialised, and any config field that could not be kept.
+    the source lacks and how they were initialised, and any config field that could not be kept. With
+    ``image_size`` (default: the config's) the position embeddings are interpolated to that resolution.
     """
     from transformers import BlipConfig
 
@@ -320,6 +322,7 @@ def load_hf(src: str | Path) -> Checkpoint:
         raise UserError(f"{src}: model_type is {raw.get('model_type')!r}, expected 'blip'")
     hf_config = BlipConfig.from_pretrained(str(src))
     cfg, notes = config_from_hf(hf_config)
+    cfg = with_image_size(cfg, image_size, str(src))
     state = _read_hf_weights(src)
     task = _hf_task(raw.get("architectures"), set(state), src)
     renamed: dict[str, torch.Tensor] = {}
@@ -328,6 +331,11 @@ def load_hf(src: str | Path) -> Checkpoint:
             notes.append(f"ignored {k} (a constant index buffer)")
             continue
         renamed[hf_to_official_key(k)] = t
+    pos = renamed.get("visual_encoder.pos_embed")
+    if pos is not None and pos.dim() == 3:
+        renamed["visual_encoder.pos_embed"], note = fit_pos_embed(
+            "visual_encoder.pos_embed", pos, (cfg.vision.image_size // cfg.vision.patch_size) ** 2)
+        notes += [note] if note else []
     model = BlipModel(cfg)
     notes = [f"source: Hugging Face {HF_TASKS[task]}", *notes,
              *_assign_state(model, renamed, str(src))]
@@ -424,8 +432,8 @@ def load_official(src: str | Path, preset: str = "base", *, image_size: int | No
         raise UserError(f"{src}: visual_encoder.pos_embed is missing: not a BLIP checkpoint")
     own_grid = math.isqrt(pos.shape[1] - 1)
     size = image_size or own_grid * patch
-    if size % patch:
-        raise UserError(f"image size {size} is not a multiple of the patch size {patch}")
+    if size <= 0 or size % patch:
+        raise UserError(f"image size {size} is not a positive multiple of the patch size {patch}")
     words = state.get("text_decoder.bert.embeddings.word_embeddings.weight",
                       state.get("text_encoder.embeddings.word_embeddings.weight"))
     text = cfg.text if words is None else dataclasses.replace(cfg.text, vocab_size=int(words.shape[0]))
@@ -433,11 +441,9 @@ def load_official(src: str | Path, preset: str = "base", *, image_size: int | No
 
     n_patches = (size // patch) ** 2
     for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
-        if key in state and state[key].shape[1] - 1 != n_patches:
-            old = state[key].shape[1] - 1
-            state[key] = interpolate_pos_embed(state[key], n_patches)
-            notes.append(f"{key} interpolated from {math.isqrt(old)}x{math.isqrt(old)} to "
-                         f"{size // patch}x{size // patch} patches")
+        if key in state and state[key].dim() == 3:
+            state[key], note = fit_pos_embed(key, state[key], n_patches)
+            notes += [note] if note else []
 
     model_state, momentum, dropped = {}, {}, []
     for k, t in state.items():

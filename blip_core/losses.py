@@ -65,25 +65,29 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float =
 
 
 @torch.no_grad()
-def negative_weights(sim: torch.Tensor, same: torch.Tensor | None = None, eps: float = 1e-4) -> torch.Tensor:
-    """Sampling weights for hard negatives from a square similarity block ``(B, B)``.
+def negative_weights(sim: torch.Tensor, same: torch.Tensor | None = None, eps: float = 1e-4,
+                     own: torch.Tensor | None = None) -> torch.Tensor:
+    """Sampling weights for hard negatives from similarities ``(B, C)`` of each anchor to ``C`` candidates.
 
-    Pre-training (``same=None``): ``softmax(sim) + eps`` with the diagonal zeroed. Retrieval fine-tuning
-    (``same`` = boolean ``(B, B)`` "same image"): ``softmax(sim)`` with every same-image entry zeroed. A row
-    left with no candidate (every other pair shows the same image) falls back to uniform over the others.
+    Pre-training (``same=None``, square ``sim``): ``softmax(sim) + eps`` with the diagonal zeroed. Retrieval
+    fine-tuning (``same`` = boolean ``(B, C)`` "candidate shows the anchor's image"): ``softmax(sim)`` with
+    every same-image entry zeroed. ``own`` (boolean ``(B, C)``) marks each anchor's own pair; default the
+    diagonal of a square ``sim``. A row left with no candidate (every other pair shows the same image) falls
+    back to uniform over all but its own pair.
     """
+    if own is None:
+        own = torch.eye(sim.shape[0], sim.shape[1], dtype=torch.bool, device=sim.device)
     weights = torch.nan_to_num(F.softmax(sim.float(), dim=1), nan=0.0)  # a diverged step must not crash here
-    eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
     if same is None:
-        weights = (weights + eps).masked_fill(eye, 0)
+        weights = (weights + eps).masked_fill(own, 0)
     else:
-        weights = weights.masked_fill(same | eye, 0)
+        weights = weights.masked_fill(same | own, 0)
     empty = weights.sum(dim=1) <= 0
     if empty.any():
-        fallback = (~eye).float()
+        fallback = (~own).float()
         weights[empty] = fallback[empty]
         still = weights.sum(dim=1) <= 0  # batch of one: nothing but itself
-        weights[still] = eye[still].float()
+        weights[still] = own[still].float()
     return weights
 
 

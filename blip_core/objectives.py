@@ -3,12 +3,16 @@
 * :class:`PretrainObjective`: ITC (momentum distillation, queues) + ITM (hard negatives) + LM.
 * :class:`CaptionerObjective`: LM with a prompt whose tokens are not supervised (captioner fine-tuning).
 * :class:`FilterObjective`: ITC with positives by image id + ITM with same-image-masked negatives
-  (retrieval fine-tuning, used as CapFilt's filter).
+  (retrieval fine-tuning, used as CapFilt's filter), optionally drawn from every rank's batch.
 
 An objective's ``forward`` computes losses only. The training step calls :meth:`momentum_update` after the
 optimizer step and :meth:`enqueue` with the returned momentum features; the queue is filled with features
 gathered from every rank through ``gather_fn`` (identity in a single process, so no process group is needed).
 Each image's cross-attention keys/values are computed once and reused by its ITM pairs and its LM pass.
+
+Hard negatives for ITM follow the official code of each stage: pre-training weighs them by the student-vs-
+momentum ITC similarities of the local batch; retrieval fine-tuning by student-vs-student similarities, over
+the local batch or (``negative_all_rank``) over every rank's, with every pair of the anchor's image excluded.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ class ObjectiveOutput:
     image_feat_m: torch.Tensor | None = None
     text_feat_m: torch.Tensor | None = None
     image_idx: torch.Tensor | None = None
+    # filter: image ids of the ITM hard negatives, the negative image of each text and the image of each
+    # image's negative text (B,)
+    neg_image_idx: torch.Tensor | None = None
+    neg_text_idx: torch.Tensor | None = None
 
 
 def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
@@ -119,16 +127,16 @@ class _ContrastiveBase(nn.Module):
         sim_t2i = text_feat @ image_all / temp  # (B, B+Q)
         return losses.itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i), sim_i2t, sim_t2i
 
-    def _itm(self, enc_ids, mask, cross, sim_i2t, sim_t2i, same, generator):
-        """ITM over [positives; (text, hard-negative image); (hard-negative text, image)]."""
+    def _itm(self, enc_ids, mask, cross, neg_image, neg_ids, neg_mask):
+        """ITM over [positives; (text, negative image); (negative text, image)].
+
+        ``neg_image`` (B,) is each text's negative image as a row of ``cross``; ``neg_ids``/``neg_mask`` are
+        each image's negative text.
+        """
         b = enc_ids.shape[0]
-        w_t2i = losses.negative_weights(sim_t2i[:, :b].detach(), same)
-        w_i2t = losses.negative_weights(sim_i2t[:, :b].detach(), same)
-        neg_image = losses.sample_hard_negatives(w_t2i, generator)  # image index for each text
-        neg_text = losses.sample_hard_negatives(w_i2t, generator)  # text index for each image
         arange = torch.arange(b, device=enc_ids.device)
-        ids_all = torch.cat([enc_ids, enc_ids, enc_ids[neg_text]])  # (3B, L)
-        mask_all = torch.cat([mask, mask, mask[neg_text]])
+        ids_all = torch.cat([enc_ids, enc_ids, neg_ids])  # (3B, L)
+        mask_all = torch.cat([mask, mask, neg_mask])
         image_index = torch.cat([arange, neg_image, arange])  # (3B,) image row of each pair
         logits = self.model.itm_logits(ids_all, mask_all, cross.select(image_index))  # (3B, 2)
         return losses.itm_loss(logits, losses.itm_labels(b, enc_ids.device))
@@ -149,7 +157,12 @@ class PretrainObjective(_ContrastiveBase):
 
         cross = m.cross_kv(image_embeds)  # shared by the ITM pairs and the LM pass
         enc_ids = with_first_token(input_ids, self.ids.enc)
-        loss_itm = self._itm(enc_ids, attention_mask, cross, sim_i2t, sim_t2i, None, generator)
+        # negatives weighted by the student-vs-momentum similarities within the batch, as official pre-training
+        w_t2i = losses.negative_weights(sim_t2i[:, :b].detach())
+        w_i2t = losses.negative_weights(sim_i2t[:, :b].detach())
+        neg_image = losses.sample_hard_negatives(w_t2i, generator)  # image index for each text
+        neg_text = losses.sample_hard_negatives(w_i2t, generator)  # text index for each image
+        loss_itm = self._itm(enc_ids, attention_mask, cross, neg_image, enc_ids[neg_text], attention_mask[neg_text])
 
         dec_ids = with_first_token(input_ids, self.ids.dec)
         logits, _ = m.decode(dec_ids, attention_mask, cross)
@@ -161,9 +174,22 @@ class PretrainObjective(_ContrastiveBase):
 
 
 class FilterObjective(_ContrastiveBase):
-    """ITC + ITM with positives defined by image id (several captions of one image are all positives)."""
+    """ITC + ITM with positives defined by image id (several captions of one image are all positives).
+
+    With ``negative_all_rank`` the ITM negatives are drawn from every rank's batch (features gathered with
+    ``gather_fn``, image tokens with ``gather_grad_fn`` so gradients reach the rank that encoded them);
+    ``rank`` locates this rank's rows among the gathered ones.
+    """
 
     with_ids = True
+
+    def __init__(self, model: BlipModel, ids: SpecialIds, *, queue_size: int | None = None,
+                 momentum: float | None = None, gather_fn: GatherFn | None = None,
+                 gather_grad_fn: GatherFn | None = None, negative_all_rank: bool = False, rank: int = 0):
+        super().__init__(model, ids, queue_size=queue_size, momentum=momentum, gather_fn=gather_fn)
+        self.gather_grad_fn = gather_grad_fn or _identity
+        self.negative_all_rank = negative_all_rank
+        self.rank = rank
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 alpha: float, image_idx: torch.Tensor, generator: torch.Generator | None = None,
@@ -175,14 +201,68 @@ class FilterObjective(_ContrastiveBase):
         idx_all = torch.cat([idx.T, self.queue.idx_queue.clone()], dim=1)  # (1, B+Q)
         positives = (idx == idx_all).float()  # (B, B+Q)
         hard = positives / positives.sum(dim=1, keepdim=True)
-        loss_itc, sim_i2t, sim_t2i = self._itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha, hard, hard)
+        loss_itc, _, _ = self._itc(image_feat, text_feat, image_feat_m, text_feat_m, alpha, hard, hard)
 
-        cross = m.cross_kv(image_embeds)
+        b = image.shape[0]
         enc_ids = with_first_token(input_ids, self.ids.enc)
-        same = idx == idx.T  # (B, B)
-        loss_itm = self._itm(enc_ids, attention_mask, cross, sim_i2t, sim_t2i, same, generator)
+        if self.negative_all_rank:
+            world = (self.gather_fn(image_feat.detach()), self.gather_fn(text_feat.detach()),
+                     self.gather_fn(image_idx))
+            world_idx = world[2]
+            w_i2t, w_t2i = self.negative_weights(image_feat, text_feat, image_idx, world, self._offset(b))
+            neg_image = losses.sample_hard_negatives(w_t2i, generator)  # a row of the world batch for each text
+            neg_text = losses.sample_hard_negatives(w_i2t, generator)
+            neg_embeds = self.gather_grad_fn(image_embeds)[neg_image]  # (B, 1+N, D), gradients flow home
+            cross = m.cross_kv(torch.cat([image_embeds, neg_embeds]))  # own images, then the negatives
+            enc_ids, mask, world_ids, world_mask = self._gather_text(enc_ids, attention_mask)
+            loss_itm = self._itm(enc_ids, mask, cross, b + torch.arange(b, device=image.device),
+                                 world_ids[neg_text], world_mask[neg_text])
+        else:
+            world_idx = image_idx
+            w_i2t, w_t2i = self.negative_weights(image_feat, text_feat, image_idx)
+            neg_image = losses.sample_hard_negatives(w_t2i, generator)  # an image of the batch for each text
+            neg_text = losses.sample_hard_negatives(w_i2t, generator)  # a text of the batch for each image
+            loss_itm = self._itm(enc_ids, attention_mask, m.cross_kv(image_embeds), neg_image, enc_ids[neg_text],
+                                 attention_mask[neg_text])
         return ObjectiveOutput(loss=loss_itc + loss_itm, parts={"itc": loss_itc, "itm": loss_itm},
-                               image_feat_m=image_feat_m, text_feat_m=text_feat_m, image_idx=image_idx)
+                               image_feat_m=image_feat_m, text_feat_m=text_feat_m, image_idx=image_idx,
+                               neg_image_idx=world_idx[neg_image], neg_text_idx=world_idx[neg_text])
+
+    @torch.no_grad()
+    def negative_weights(self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_idx: torch.Tensor,
+                         world: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                         offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM sampling weights ``(w_i2t, w_t2i)`` of the official retrieval fine-tuning, each ``(B, C)``.
+
+        Anchors are this rank's ``B`` pairs: student ITC features ``image_feat``/``text_feat`` ``(B, E)`` and
+        image ids ``(B,)``. Candidates are ``world`` = (image features, text features, image ids) of ``C``
+        pairs, this rank's at rows ``offset .. offset+B``; default the anchors themselves.
+        ``w_i2t[b] = softmax(image_feat[b] . text_feat_c / temp)`` over the candidates ``c``, ``w_t2i``
+        likewise, with every candidate showing the anchor's image (same image id) set to 0.
+        """
+        world_image, world_text, world_idx = world if world is not None else (image_feat, text_feat, image_idx)
+        temp = self.model.temp
+        b = image_feat.shape[0]
+        same = image_idx.view(-1, 1) == world_idx.view(1, -1)  # (B, C)
+        own = torch.zeros_like(same)
+        own[:, offset:offset + b] = torch.eye(b, dtype=torch.bool, device=same.device)
+        w_i2t = losses.negative_weights(image_feat.detach() @ world_text.T / temp, same, own=own)
+        w_t2i = losses.negative_weights(text_feat.detach() @ world_image.T / temp, same, own=own)
+        return w_i2t, w_t2i
+
+    def _offset(self, b: int) -> int:
+        """Row of this rank's first pair among the gathered ones (ranks may hold different batch sizes)."""
+        sizes = self.gather_fn(torch.tensor([b], device=self.model.temp.device))  # a collective: every rank calls it
+        return int(sizes[: self.rank].sum())
+
+    def _gather_text(self, ids: torch.Tensor, mask: torch.Tensor):
+        """This rank's and every rank's ``[ENC]`` ids and masks, padded to the longest length of any rank."""
+        length = int(self.gather_fn(torch.tensor([ids.shape[1]], device=ids.device)).max())
+        if ids.shape[1] < length:
+            pad = length - ids.shape[1]
+            ids = torch.nn.functional.pad(ids, (0, pad), value=self.ids.pad)
+            mask = torch.nn.functional.pad(mask, (0, pad), value=0)
+        return ids, mask, self.gather_fn(ids), self.gather_fn(mask)
 
 
 class CaptionerObjective(nn.Module):

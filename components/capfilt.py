@@ -98,9 +98,9 @@ def _image_of(sample: dict) -> tuple[str, bytes]:
 
 
 class _Models:
-    def __init__(self, captioner: str, filter_: str, device: torch.device):
-        self.captioner, self.tokenizer, _ = training.load_init(captioner)
-        self.filter, self.filter_tokenizer, _ = training.load_init(filter_)
+    def __init__(self, captioner: str, filter_: str, device: torch.device, image_size: int = 0):
+        self.captioner, self.tokenizer, _ = training.load_init(captioner, image_size)
+        self.filter, self.filter_tokenizer, _ = training.load_init(filter_, image_size)
         self.captioner.to(device).eval()
         self.filter.to(device).eval()
         self.device = device
@@ -260,7 +260,7 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
     from components import tracking
 
     info = D.init_from_env()
-    models = _Models(captioner, filter, info.device)
+    models = _Models(captioner, filter, info.device, cfg.data.image_size)
     web_shards = dataset_shards(web)
     human_shards = dataset_shards(human) if human else []
     if not web_shards:

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["base", "large"], default="base",
                    help="architecture of an official checkpoint (default: base)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="official: interpolate position embeddings to this resolution (default: the file's own)")
+                   help="build the model for this resolution, interpolating the ViT position embeddings "
+                        "bicubically (default: the source's own)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory to bundle when the source has none (e.g. bert-base-uncased)")
     p.add_argument("--label-smoothing", type=float, default=convert.DEFAULT_LABEL_SMOOTHING,
@@ -44,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args) -> Checkpoint:
     if args.source == "hf":
-        return convert.load_hf(args.src)
+        return convert.load_hf(args.src, image_size=args.image_size)
     if args.source == "official":
         return convert.load_official(args.src, args.preset, image_size=args.image_size)
-    return load_checkpoint(args.src)
+    return load_checkpoint(args.src, image_size=args.image_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -463,11 +463,11 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
         split = None
         for name, uri in models.items():
             with training.local_checkpoint(training.resolve_model_dir(uri)) as d:
-                ckpt = load_checkpoint(d, with_momentum=False)
+                ckpt = load_checkpoint(d, with_momentum=False, image_size=cfg.data.image_size or None)
             if ckpt.tokenizer is None:
                 raise UserError(f"{uri}: the checkpoint has no tokenizer/ directory")
             model = ckpt.model.to(device).eval()
-            size = cfg.data.image_size or model.cfg.vision.image_size
+            size = model.cfg.vision.image_size  # data.image_size when set: position embeddings interpolated
             if size not in splits:
                 splits[size] = load_eval_split(test, size, cfg.data.max_words)
             split = splits[size]

@@ -3,7 +3,10 @@
 ``blip finetune --task captioner|filter --init CKPT --data URI [URI ...] --output URI [--val URI ...]``
 
 Both start from the pre-trained model (decoupled: each is fine-tuned separately from the same checkpoint,
-as the paper's CapFilt) on clean human-annotated pairs, every caption of an image being its own pair.
+as the paper's CapFilt) on clean human-annotated pairs, every caption of an image being its own pair. With
+``data.image_size`` set (the paper: 384 px from a 224 px pre-training) the model is built at that resolution
+and its ViT position embeddings are interpolated bicubically. The filter keeps the checkpoint's momentum
+encoders and ITC queues, as the official retrieval fine-tuning does.
 
 With ``--val`` (a held-out split of human-annotated data) the model is scored after every epoch and the best
 epoch's model becomes ``model/``, as the official ``train_caption.py`` / ``train_retrieval.py`` keep their best
@@ -19,6 +22,7 @@ import dataclasses
 
 from blip_core.config import Config, load_config
 from blip_core.data.loader import load_eval_split
+from blip_core.errors import UserError
 from blip_core.objectives import CaptionerObjective, FilterObjective, SpecialIds, prompt_length
 from blip_core.train import distributed as D
 from components import training
@@ -57,9 +61,12 @@ def run(cfg: Config, task: str, init: str, data: list[str], output: str, *, resu
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if cfg.finetune_captioner.negative_all_rank and task == "captioner":
+        raise UserError("finetune_captioner.negative_all_rank: only the filter draws ITM negatives "
+                        "(set finetune_filter.negative_all_rank)")
     info = D.init_from_env()
     work = training.prepare_work(output, resume, info)
-    model, tokenizer, _ = training.load_init(init)
+    model, tokenizer, momentum_state = training.load_init(init, cfg.data.image_size)
     model.set_grad_checkpointing(cfg.model.vision.grad_ckpt_layers)
     training.freeze_unused(model, task)
     ids = SpecialIds.from_tokenizer(tokenizer)
@@ -76,7 +83,8 @@ def run(cfg: Config, task: str, init: str, data: list[str], output: str, *, resu
         tcfg = cfg.finetune_filter
 
         def objective(m):
-            return FilterObjective(m, ids, gather_fn=D.all_gather_cat)
+            return FilterObjective(m, ids, gather_fn=D.all_gather_cat, gather_grad_fn=D.all_gather_with_grad,
+                                   negative_all_rank=tcfg.negative_all_rank, rank=info.rank)
 
         loader_kwargs = {"max_length": 35}
         registered = "blip-filter"
@@ -88,7 +96,8 @@ def run(cfg: Config, task: str, init: str, data: list[str], output: str, *, resu
     return training.run_training(
         cfg, tcfg, stage=f"finetune_{task}", objective_factory=objective, model=model, tokenizer=tokenizer,
         data=data, output=output, work=work, info=info, resume=resume, parent_run_id=parent_run_id,
-        registered_name=registered, validation=validation,
+        momentum_state=momentum_state if task == "filter" else None, registered_name=registered,
+        validation=validation,
         loader_kwargs={"min_scale": cfg.data.min_scale_finetune, "expand_captions": True, **loader_kwargs})
 
 

@@ -17,6 +17,7 @@ import logging
 import torch
 
 from blip_core.config import Config, load_config
+from blip_core.errors import UserError
 from blip_core.objectives import PretrainObjective, SpecialIds
 from blip_core.pretrained import load_bert_weights, load_vit_weights
 from blip_core.train import distributed as D
@@ -31,6 +32,9 @@ def run(cfg: Config, data: list[str], output: str, *, init: str | None = None, v
         bert_init: str | None = None, resume: bool = True, parent_run_id: str | None = None,
         stage: str = "pretrain") -> TrainStageResult:
     """Pre-train BLIP on the dataset directories ``data`` and write the model under ``output``."""
+    if cfg.pretrain.negative_all_rank:
+        raise UserError("pretrain.negative_all_rank: pre-training draws ITM negatives from the local batch, as "
+                        "the official code; the option is for finetune_filter")
     info = D.init_from_env()
     torch.manual_seed(cfg.pretrain.seed)  # the same initial weights on every rank and every run
     work = training.prepare_work(output, resume, info)

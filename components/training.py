@@ -37,7 +37,13 @@ from pathlib import Path
 import torch
 
 from blip_core import build_model
-from blip_core.checkpoint_io import load_checkpoint, load_momentum_state, momentum_state_dict, save_checkpoint
+from blip_core.checkpoint_io import (
+    has_queues,
+    load_checkpoint,
+    load_momentum_state,
+    momentum_state_dict,
+    save_checkpoint,
+)
 from blip_core.config import Config, TrainConfig, to_dict
 from blip_core.data.loader import dataset_shards, make_loader, sample_captions
 from blip_core.data.webdataset_io import is_s3, iter_shard, s3_filesystem
@@ -215,12 +221,18 @@ def make_tokenizer(cfg: Config, data_uris: list[str], work: Path, info: D.DistIn
     return BlipTokenizer.from_dir(tok_dir)
 
 
-def load_init(init: str) -> tuple[BlipModel, BlipTokenizer, dict | None]:
-    """Model, tokenizer and momentum state from a checkpoint directory or a stage output (local or s3)."""
+def load_init(init: str, image_size: int = 0) -> tuple[BlipModel, BlipTokenizer, dict | None]:
+    """Model, tokenizer and momentum state from a checkpoint directory or a stage output (local or s3).
+
+    ``image_size`` (0: the checkpoint's own) builds the model for another resolution, the position embeddings
+    interpolated bicubically (``data.image_size``: e.g. fine-tuning at 384 px a model pre-trained at 224 px).
+    """
     with local_checkpoint(resolve_model_dir(init)) as d:
-        ckpt = load_checkpoint(d)
+        ckpt = load_checkpoint(d, image_size=image_size or None)
     if ckpt.tokenizer is None:
         raise UserError(f"{init}: the checkpoint has no tokenizer/ directory")
+    for note in ckpt.notes:
+        log.info("%s: %s", init, note)
     return ckpt.model, ckpt.tokenizer, ckpt.momentum_state
 
 
@@ -278,7 +290,13 @@ def run_training(
     model.to(info.device)
     objective = objective_factory(model).to(info.device)
     if momentum_state and hasattr(objective, "momentum_encoders"):
-        load_momentum_state(momentum_state, objective.momentum_encoders)
+        # As the official code, training from a checkpoint keeps its momentum encoders and queues
+        # (rather than fresh copies of the student and random queues).
+        load_momentum_state(momentum_state, objective.momentum_encoders,
+                            objective.queue if has_queues(momentum_state) else None)
+    elif hasattr(objective, "momentum_encoders") and info.is_main:
+        log.info("%s: momentum encoders start as copies of the model and the queues at random (the initial "
+                 "checkpoint has no momentum state)", stage)
     if tcfg.compile:
         model.visual_encoder.compile()
         model.text_encoder.compile()

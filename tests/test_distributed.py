@@ -39,3 +39,34 @@ def test_two_process_gloo_step_matches_single_process_halves(tmp_path):
     assert ddp["grads"].keys() == grads[0].keys()
     for name, g in ddp["grads"].items():
         torch.testing.assert_close(g, (grads[0][name] + grads[1][name]) / 2, rtol=1e-4, atol=1e-6, msg=name)
+
+
+FILTER_SCRIPT = Path(__file__).parent / "scripts" / "ddp_filter_negatives.py"
+
+
+def test_filter_negatives_from_all_ranks_only_with_negative_all_rank(tmp_path):
+    prefix = tmp_path / "neg"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(FILTER_SCRIPT), str(prefix)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(f"{prefix}.{r}", weights_only=True) for r in range(2)]
+    for r, res in enumerate(ranks):
+        own, other = res["idx"], ranks[1 - r]["idx"]
+        for kind in ("neg_image", "neg_text"):
+            off, on = res[f"{kind}_False"], res[f"{kind}_True"]  # (seeds, B) image ids of the drawn negatives
+            # Never the anchor's own image, with or without the option.
+            assert not torch.any(off == own) and not torch.any(on == own), (r, kind)
+            # Off: only this rank's samples. On: the other rank's samples too (rank 1's texts are shorter).
+            assert torch.isin(off, own).all(), (r, kind)
+            assert torch.isin(on, torch.cat([own, other])).all() and torch.isin(on, other).any(), (r, kind)
+        for flag in (False, True):
+            assert torch.isfinite(res[f"loss_{flag}"]) and torch.isfinite(res[f"grad_{flag}"]).all()
+    for flag in (False, True):  # DDP: the same averaged gradient on both ranks
+        torch.testing.assert_close(ranks[0][f"grad_{flag}"], ranks[1][f"grad_{flag}"])
+    # all_gather_with_grad: rank order forward; backward sums both ranks' gradients for each rank's rows.
+    w = torch.arange(12.0).view(4, 3)
+    for r, res in enumerate(ranks):
+        torch.testing.assert_close(res["gathered"], torch.cat([torch.arange(6.0).view(2, 3) * (k + 1) for k in (0, 1)]))
+        torch.testing.assert_close(res["v_grad"], (r + 1) * (1 + 11) * w[2 * r:2 * r + 2])

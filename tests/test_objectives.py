@@ -1,5 +1,8 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from blip_testing import IDS, tiny_batch, tiny_model
 
 from blip_core.models import FeatureQueue, MomentumEncoders
@@ -112,6 +115,61 @@ def test_filter_objective_uses_image_ids():
     obj.enqueue(out)
     assert obj.queue.idx_queue[0, :4].tolist() == [7, 7, 8, 9]
     assert set(out.parts) == {"itc", "itm"}
+
+
+def test_filter_negative_weights_hand_worked():
+    """Official retrieval: softmax of student-student similarities / temp, every pair of the anchor's image 0."""
+    obj = FilterObjective(tiny_model(), IDS, queue_size=8)
+    with torch.no_grad():
+        obj.model.temp.fill_(0.5)
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    idx = torch.tensor([5, 6, 5])  # pairs 0 and 2 show the same image
+    e = math.exp
+    # image . text / 0.5: row 0 [2, 0, 1.6], row 1 [0, 2, 1.2], row 2 [1.2, 1.6, 1.92]
+    want_i2t = [[0, 1 / (e(2) + 1 + e(1.6)), 0],
+                [1 / (1 + e(2) + e(1.2)), 0, e(1.2) / (1 + e(2) + e(1.2))],
+                [0, e(1.6) / (e(1.2) + e(1.6) + e(1.92)), 0]]
+    # text . image / 0.5: row 0 [2, 0, 1.2], row 1 [0, 2, 1.6], row 2 [1.6, 1.2, 1.92]
+    want_t2i = [[0, 1 / (e(2) + 1 + e(1.2)), 0],
+                [1 / (1 + e(2) + e(1.6)), 0, e(1.6) / (1 + e(2) + e(1.6))],
+                [0, e(1.2) / (e(1.6) + e(1.2) + e(1.92)), 0]]
+    w_i2t, w_t2i = obj.negative_weights(img, txt, idx)
+    torch.testing.assert_close(w_i2t, torch.tensor(want_i2t), rtol=0, atol=1e-6)
+    torch.testing.assert_close(w_t2i, torch.tensor(want_t2i), rtol=0, atol=1e-6)
+    # The same anchor (pair 2) among candidates gathered from all ranks, at row 2: the same weights.
+    w_i2t, w_t2i = obj.negative_weights(img[2:], txt[2:], idx[2:], world=(img, txt, idx), offset=2)
+    torch.testing.assert_close(w_i2t, torch.tensor(want_i2t[2:]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(w_t2i, torch.tensor(want_t2i[2:]), rtol=0, atol=1e-6)
+    # Every candidate shows the anchor's image: uniform over all but its own pair (row 1 here).
+    w_i2t, _ = obj.negative_weights(img[:1], txt[:1], torch.tensor([5]), world=(img, txt, torch.full((3,), 5)),
+                                    offset=1)
+    assert w_i2t.tolist() == [[1.0, 0.0, 1.0]]
+
+
+def test_filter_negatives_are_drawn_from_student_similarities():
+    """The draws follow softmax(student image . student text / temp), not the momentum features."""
+    obj = FilterObjective(tiny_model(), IDS, queue_size=8).eval()  # eval: no dropout
+    with torch.no_grad():
+        for p in obj.momentum_encoders.parameters():  # momentum features far from the student's
+            p.add_(0.5 * torch.randn_like(p))
+        obj.model.temp.fill_(0.05)
+    image, ids, mask = tiny_batch(batch=8)
+    idx = torch.tensor([10, 10, 11, 12, 13, 14, 15, 16])
+    m = obj.model
+    with torch.no_grad():
+        image_feat = m.image_features(m.encode_image(image))
+        text_feat = m.text_features(m.encode_text(with_first_token(ids, IDS.cls), mask))
+        same = idx[:, None] == idx[None, :]
+        w_t2i = F.softmax(text_feat @ image_feat.T / m.temp, dim=1).masked_fill(same, 0)
+        w_i2t = F.softmax(image_feat @ text_feat.T / m.temp, dim=1).masked_fill(same, 0)
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        want_image = torch.multinomial(w_t2i, 1, generator=g).squeeze(1)  # first each text's image, then texts
+        want_text = torch.multinomial(w_i2t, 1, generator=g).squeeze(1)
+        with torch.no_grad():
+            out = obj(image, ids, mask, alpha=0.4, image_idx=idx, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(out.neg_image_idx, idx[want_image]) and torch.equal(out.neg_text_idx, idx[want_text])
 
 
 def _overfit(objective, batch, steps, **kwargs):

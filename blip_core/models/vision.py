@@ -98,8 +98,10 @@ class ConvStem(nn.Module):
 def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
     """Resize a ViT position embedding ``(1, 1+N_old, D)`` to ``(1, 1+num_patches, D)``.
 
-    The CLS position is kept as is; patch positions are reshaped to their square grid and resized with
-    bicubic interpolation (``align_corners=False``), as BLIP's checkpoint loader and HF's runtime path do.
+    The CLS position is kept as is; patch positions are reshaped to their square grid (row-major) and resized
+    with bicubic interpolation (``align_corners=False``), as the official ``interpolate_pos_embed`` of BLIP's
+    checkpoint loader and HF's runtime path do. float32/float64 are computed in their own precision (as the
+    official function); half-precision inputs are computed in float32 and cast back.
     """
     n_old = pos_embed.shape[1] - 1
     if n_old == num_patches:
@@ -110,6 +112,7 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Te
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     dim = pos_embed.shape[-1]
     grid = patch_pos.reshape(1, g_old, g_old, dim).permute(0, 3, 1, 2)  # (1, D, g, g)
-    grid = F.interpolate(grid.float(), size=(g_new, g_new), mode="bicubic", align_corners=False)
+    work = grid if grid.dtype in (torch.float32, torch.float64) else grid.float()
+    grid = F.interpolate(work, size=(g_new, g_new), mode="bicubic", align_corners=False)
     patch_pos = grid.permute(0, 2, 3, 1).reshape(1, g_new * g_new, dim).to(pos_embed.dtype)  # (1, N', D)
     return torch.cat([cls_pos, patch_pos], dim=1)

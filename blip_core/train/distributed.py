@@ -65,18 +65,54 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not is_initialized() or dist.get_world_size() == 1:
         return tensor
+    return _gather(tensor)[0]
+
+
+def _gather(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """All ranks' ``tensor`` concatenated along dim 0, and each rank's row count."""
     n = dist.get_world_size()
     size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(n)]
-    dist.all_gather(sizes, size)
-    max_size = int(max(int(s) for s in sizes))
+    sizes_t = [torch.zeros_like(size) for _ in range(n)]
+    dist.all_gather(sizes_t, size)
+    sizes = [int(s) for s in sizes_t]
+    max_size = max(sizes)
     padded = tensor
     if tensor.shape[0] < max_size:
         pad = tensor.new_zeros((max_size - tensor.shape[0], *tensor.shape[1:]))
         padded = torch.cat([tensor, pad])
     out = [torch.empty_like(padded) for _ in range(n)]
     dist.all_gather(out, padded.contiguous())
-    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
+    return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)]), sizes
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: every rank's rows in rank order. Backward: the gradient of the gathered tensor summed over
+    ranks (each rank's loss may use any rank's rows), this rank's slice returned."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        gathered, sizes = _gather(tensor.detach())
+        ctx.start = sum(sizes[: dist.get_rank()])
+        ctx.size = tensor.shape[0]
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.start: ctx.start + ctx.size]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """:func:`all_gather_cat` through which gradients flow back to the rank that owns each row.
+
+    Used for ITM negatives drawn from every rank (``finetune_filter.negative_all_rank``): a rank's loss on
+    another rank's image reaches that image's encoder. The backward all-reduces (sums) the gradient, so
+    together with DDP's averaging every parameter gets the gradient of the mean loss over ranks.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
 
 
 def all_reduce_mean(value: float | torch.Tensor) -> float:
