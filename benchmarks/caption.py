@@ -96,7 +96,9 @@ def prepare(workdir: Path) -> None:
 
 
 def _inputs(batch: int, texts: int):
-    g = torch.Generator().manual_seed(1)
+    from blip_core.seeding import make_generator
+
+    g = make_generator("cpu", 1)
     images = torch.randn(batch, 3, 384, 384, generator=g)
     words = ["a", "dog", "cat", "on", "the", "grass", "with", "and", "picture", "of"]
     captions = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(5 + i % 15)) for i in range(texts)]

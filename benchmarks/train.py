@@ -36,6 +36,7 @@ def _worker(preset: str, steps: int, threads: int, grad_ckpt_layers: int = 0, te
     from blip_core import build_model
     from blip_core.config import load_config
     from blip_core.objectives import PretrainObjective, SpecialIds
+    from blip_core.seeding import make_generator
     from blip_core.train.optim import build_optimizer
 
     if preset == "base":
@@ -43,7 +44,7 @@ def _worker(preset: str, steps: int, threads: int, grad_ckpt_layers: int = 0, te
         model = build_model(cfg.model)
         ids = SpecialIds(cls=101, enc=30523, dec=30522, pad=0)
         batch_size = 8
-        g = torch.Generator().manual_seed(0)
+        g = make_generator("cpu", 0)
 
         def batches():
             while True:

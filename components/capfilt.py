@@ -61,6 +61,7 @@ from blip_core.data.webdataset_io import (
     sha256_file,
 )
 from blip_core.errors import UserError
+from blip_core.seeding import derive_seed, make_generator
 from blip_core.train import distributed as D
 from components import storage, training
 from components.cli import add_config_args
@@ -154,7 +155,7 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
     counts_out: Counter[str] = Counter()
     images_in = images_out = captions_out = 0
     unreadable = 0
-    gen = torch.Generator().manual_seed(c.seed * 1_000_003 + index)
+    gen = make_generator(models.device, derive_seed(c.seed) + index)  # on the captioner's device
     tar_path = work / name
     with open(tar_path, "wb") as f:
         tar = TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False)

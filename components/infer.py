@@ -24,6 +24,7 @@ from PIL import Image
 from blip_core.checkpoint_io import Checkpoint, load_checkpoint
 from blip_core.errors import UserError
 from blip_core.generation import generate_captions, itm_scores
+from blip_core.seeding import make_generator
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -118,7 +119,7 @@ def main_caption(argv: list[str] | None = None) -> int:
     transform = eval_transform(ckpt.model.cfg.vision.image_size)
     generator = None
     if args.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
+        generator = make_generator(device, args.seed)
 
     results: dict[int, dict] = {}
     pending: list[tuple[int, torch.Tensor]] = []
