@@ -267,7 +267,7 @@ def evaluate_model(model, tokenizer, split: EvalSplit, ecfg: EvalConfig) -> tupl
     t1 = time.perf_counter()
     captions: list[str] = []
     for s in range(0, split.images.shape[0], ecfg.batch_size):
-        captions += generate_captions(model, tokenizer, split.images[s:s + ecfg.batch_size].to(dev),
+        captions += generate_captions(model, tokenizer, split.images[s:s + ecfg.batch_size].to(dev, non_blocking=True),
                                       decoding="beam", num_beams=ecfg.num_beams, max_length=ecfg.max_length,
                                       min_length=ecfg.min_length, prompt=ecfg.prompt)
     t2 = time.perf_counter()

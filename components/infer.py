@@ -127,7 +127,7 @@ def main_caption(argv: list[str] | None = None) -> int:
     def flush() -> None:
         if not pending:
             return
-        batch = torch.stack([x for _, x in pending]).to(device)  # (B, 3, S, S)
+        batch = torch.stack([x for _, x in pending]).to(device, non_blocking=True)  # (B, 3, S, S)
         captions = generate_captions(
             ckpt.model, ckpt.tokenizer, batch, decoding=args.decoding, num_beams=args.num_beams,
             max_length=args.max_length, min_length=args.min_length, top_p=args.top_p,
@@ -186,7 +186,7 @@ def main_itm(argv: list[str] | None = None) -> int:
     ckpt = _open(args.checkpoint, device)
     transform = eval_transform(ckpt.model.cfg.vision.image_size)
     try:
-        image = load_image(args.image, transform).to(device)
+        image = load_image(args.image, transform).to(device, non_blocking=True)
     except UserError as e:
         _error("itm", str(e))
         return 1

@@ -113,8 +113,9 @@ def train(
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if cfg.precision == "bf16" and info.device.type == "cuda" else contextlib.nullcontext())
+    # bf16 autocast on the training device (CUDA or CPU); weights, optimizer state and losses stay fp32.
+    autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
+                if cfg.precision == "bf16" else contextlib.nullcontext())
     bar = None
     if progress and info.is_main:
         from tqdm.auto import tqdm
