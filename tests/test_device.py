@@ -134,7 +134,6 @@ def _check_weights(model_dir: Path) -> dict:
     return weights
 
 
-@pytest.mark.slow
 def test_workflow_runs_under_bf16_autocast(toy_data, tmp_path, no_tracking):
     """Pre-train, fine-tune both heads (``precision: bf16``) and CapFilt under CPU bf16 autocast."""
     steps = ["pretrain.max_steps=3", "finetune_captioner.max_steps=2", "finetune_filter.max_steps=2",
