@@ -135,7 +135,7 @@ def _check_weights(model_dir: Path) -> dict:
 
 
 def test_workflow_runs_under_bf16_autocast(toy_data, tmp_path, no_tracking):
-    """Pre-train, fine-tune both heads (``precision: bf16``) and CapFilt under CPU bf16 autocast."""
+    """Pre-train, fine-tune both heads (``precision: bf16``) and CapFilt under bf16 autocast (CPU here)."""
     steps = ["pretrain.max_steps=3", "finetune_captioner.max_steps=2", "finetune_filter.max_steps=2",
              "finetune_captioner.epochs=1", "finetune_filter.epochs=1"]
     cfg = load_config(None, TINY + steps + [f"{s}.precision=bf16"
@@ -158,7 +158,8 @@ def test_workflow_runs_under_bf16_autocast(toy_data, tmp_path, no_tracking):
 
     ccfg = load_config(None, TINY + ["capfilt.max_length=8", "capfilt.min_length=3", "capfilt.batch_size=8"])
     out = tmp_path / "cf"
-    with torch.autocast("cpu", dtype=torch.bfloat16), _DtypeRecorder() as rec:
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"  # where the stage runs (init_from_env)
+    with torch.autocast(device_type, dtype=torch.bfloat16), _DtypeRecorder() as rec:
         res = capfilt.run(ccfg, str(tmp_path / "cap"), str(tmp_path / "fil"), [toy_data["web"]], [], str(out),
                           progress=False)
     assert rec.dtypes[torch.bfloat16] > 0
