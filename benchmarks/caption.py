@@ -71,7 +71,9 @@ def prepare(workdir: Path, preset: str = "base", image_size: int = 384) -> None:
 
 
 def _inputs(batch: int, texts: int, image_size: int = 384):
-    g = torch.Generator().manual_seed(1)
+    from blip_core.seeding import make_generator
+
+    g = make_generator("cpu", 1)
     images = torch.randn(batch, 3, image_size, image_size, generator=g)
     words = ["a", "dog", "cat", "on", "the", "grass", "with", "and", "picture", "of"]
     captions = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(5 + i % 15)) for i in range(texts)]

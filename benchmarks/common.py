@@ -59,7 +59,9 @@ def random_pretrain_batches(batch_size: int, image_size: int, vocab_size: int, *
     Token ids follow a BERT vocabulary (``[CLS]`` 101, ``[SEP]`` 102, words above 103) of ``vocab_size``
     entries whose last two are ``[DEC]`` and ``[ENC]`` (see :func:`bert_special_ids`).
     """
-    g = torch.Generator(device=device).manual_seed(seed)
+    from blip_core.seeding import make_generator
+
+    g = make_generator(device, seed)
     while True:
         ids = torch.randint(104, vocab_size - 2, (batch_size, text_len), generator=g, device=device)
         ids[:, 0] = 101

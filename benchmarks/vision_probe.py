@@ -33,6 +33,7 @@ from blip_core.config import load_config
 from blip_core.data import toyweb
 from blip_core.data.transforms import EvalTransform
 from blip_core.models.vision import ImageEncoder
+from blip_core.seeding import make_generator
 
 ENCODERS = ("vit", "vit-max", "cnn")
 
@@ -88,7 +89,7 @@ def run_probe(kind: str, vision_cfg, train, test, steps: int, eval_every: int, l
     torch.manual_seed(seed)
     probe = _Probe(kind, vision_cfg)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.05)
-    g = torch.Generator().manual_seed(seed)
+    g = make_generator("cpu", seed)
     (x_train, y_train), (x_test, y_test) = train, test
     n_shapes = len(toyweb.SHAPES)
     rows, t0 = [], time.time()

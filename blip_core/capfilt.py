@@ -51,10 +51,10 @@ def filter_batch(model: BlipModel, tokenizer, images: torch.Tensor, texts: Seque
         return [[] for _ in texts]
     rows = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=images.device)
     ids, mask = tokenizer(flat, max_length=max_length)
-    ids, mask = ids.to(images.device), mask.to(images.device)
+    ids, mask = ids.to(images.device, non_blocking=True), mask.to(images.device, non_blocking=True)
     ids[:, 0] = tokenizer.enc_id
     cross = model.cross_kv(model.encode_image(images)).select(rows)  # each text reads its image's K/V
-    probs = model.itm_logits(ids, mask, cross).softmax(dim=-1)[:, 1].tolist()
+    probs = model.itm_logits(ids, mask, cross).float().softmax(dim=-1)[:, 1].tolist()  # fp32 under autocast
     out, pos = [], 0
     for group in texts:
         out.append(probs[pos:pos + len(group)])

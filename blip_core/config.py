@@ -192,8 +192,8 @@ class TrainConfig:
     alpha_ramp_epochs: float = 2.0  # momentum-distillation alpha ramps over this many epochs
     checkpoint_every: int = 0  # steps; 0 = only at the end
     seed: int = 42
-    compile: bool = False
-    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # torch.compile the image and text encoders
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on the training device (CUDA or CPU)
     prompt: str = ""  # captioner fine-tuning: "a picture of "
     # filter fine-tuning: draw ITM hard negatives from every rank's batch, not only the local one (the official
     # COCO retrieval setting; Flickr leaves it off)

@@ -410,7 +410,7 @@ def itm_scores(model: BlipModel, tokenizer, image: torch.Tensor, texts: Sequence
             image = image[None]
         image_embeds = model.encode_image(image)
     ids, mask = tokenizer(list(texts), max_length=max_length)
-    ids, mask = ids.to(image_embeds.device), mask.to(image_embeds.device)
+    ids, mask = ids.to(image_embeds.device, non_blocking=True), mask.to(image_embeds.device, non_blocking=True)
     first = tokenizer.enc_id if itm_first_token == "enc" else tokenizer.cls_id
     logits, cosine = itm_itc(model, image_embeds, ids, mask, first)
-    return logits.softmax(dim=-1)[:, 1], cosine
+    return logits.float().softmax(dim=-1)[:, 1], cosine.float()  # fp32 scores under any autocast

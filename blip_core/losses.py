@@ -1,4 +1,7 @@
-"""BLIP's three losses as pure tensor functions: ITC, ITM and LM, plus hard-negative sampling for ITM."""
+"""BLIP's three losses as pure tensor functions: ITC, ITM and LM, plus hard-negative sampling for ITM.
+
+Every loss is computed in fp32 whatever the dtype of its logits (bf16 under autocast).
+"""
 
 from __future__ import annotations
 
@@ -19,12 +22,12 @@ def soft_targets(sim_m: torch.Tensor, hard: torch.Tensor, alpha: float) -> torch
     """
     if alpha == 0:
         return hard
-    return alpha * F.softmax(sim_m, dim=1) + (1 - alpha) * hard
+    return alpha * F.softmax(sim_m.float(), dim=1) + (1 - alpha) * hard
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``-mean_b sum_j targets_bj * log_softmax(logits)_bj``."""
-    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
 
 
 def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, targets_i2t: torch.Tensor,
@@ -35,14 +38,14 @@ def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, targets_i2t: torch.Te
 
 def itm_labels(batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
     """BLIP's ITM layout: ``[1] * B`` positives then ``[0] * 2B`` negatives."""
-    return torch.cat([torch.ones(batch_size, dtype=torch.long), torch.zeros(2 * batch_size, dtype=torch.long)]).to(
-        device
-    )
+    labels = torch.zeros(3 * batch_size, dtype=torch.long, device=device)
+    labels[:batch_size] = 1
+    return labels
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Image-text matching: plain cross-entropy over ``(N, 2)`` logits (class 1 = match)."""
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits.float(), labels)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = LABEL_SMOOTHING,
@@ -52,7 +55,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float =
     ``reduction="mean"`` averages over all non-ignored tokens of the batch; ``"sum_per_sequence"`` returns
     one summed loss per sequence ``(B,)`` (the official ``reduction='none'`` behaviour).
     """
-    shifted = logits[:, :-1].contiguous()  # (B, L-1, V)
+    shifted = logits[:, :-1].float().contiguous()  # (B, L-1, V)
     targets = labels[:, 1:].contiguous()  # (B, L-1)
     if reduction == "mean":
         return F.cross_entropy(shifted.view(-1, shifted.shape[-1]), targets.view(-1),

@@ -62,12 +62,12 @@ def itc_similarity(model: BlipModel, images: torch.Tensor, input_ids: torch.Tens
     dev = _device(model)
     embeds, img_feats, txt_feats = [], [], []
     for s in range(0, images.shape[0], batch_size):
-        emb = model.encode_image(images[s:s + batch_size].to(dev))  # (b, 1+N, D)
+        emb = model.encode_image(images[s:s + batch_size].to(dev, non_blocking=True))  # (b, 1+N, D)
         embeds.append(emb)
         img_feats.append(model.image_features(emb))
     for s in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[s:s + batch_size].to(dev)
-        mask = attention_mask[s:s + batch_size].to(dev)
+        ids = input_ids[s:s + batch_size].to(dev, non_blocking=True)
+        mask = attention_mask[s:s + batch_size].to(dev, non_blocking=True)
         txt_feats.append(model.text_features(model.encode_text(ids, mask)))
     image_feats, text_feats = torch.cat(img_feats), torch.cat(txt_feats)
     return ItcOutput(image_feats @ text_feats.T, torch.cat(embeds), image_feats, text_feats)
@@ -96,7 +96,8 @@ def rerank_i2t(model: BlipModel, image_embeds: torch.Tensor, sim: torch.Tensor, 
         b = top_idx.shape[0]
         flat = top_idx.reshape(-1).cpu()  # (b*k,) the k candidates of each image, consecutive
         cross = model.cross_kv(image_embeds[s:s + b].to(dev))  # K/V once per image, read by its k texts
-        logits = model.itm_logits(enc_ids[flat].to(dev), attention_mask[flat].to(dev), cross)  # (b*k, 2)
+        logits = model.itm_logits(enc_ids[flat].to(dev, non_blocking=True),
+                                 attention_mask[flat].to(dev, non_blocking=True), cross)  # (b*k, 2)
         fused = logits[:, 1].view(b, k).to(sim.dtype) + top_sim  # (b, k)
         scores[s:s + b].scatter_(1, top_idx, fused)
     return scores
@@ -122,7 +123,8 @@ def rerank_t2i(model: BlipModel, image_embeds: torch.Tensor, sim: torch.Tensor, 
         uniq, inverse = torch.unique(top_idx.reshape(-1), return_inverse=True)  # (u,), (b*k,)
         cross = model.cross_kv(image_embeds[uniq.to(image_embeds.device)].to(dev)).select(inverse.to(dev))
         rows = torch.arange(s, s + b).repeat_interleave(k)  # (b*k,) text of each pair
-        logits = model.itm_logits(enc_ids[rows].to(dev), attention_mask[rows].to(dev), cross)  # (b*k, 2)
+        logits = model.itm_logits(enc_ids[rows].to(dev, non_blocking=True),
+                                 attention_mask[rows].to(dev, non_blocking=True), cross)  # (b*k, 2)
         fused = logits[:, 1].view(b, k).to(sim.dtype) + top_sim  # (b, k)
         scores[s:s + b].scatter_(1, top_idx, fused)
     return scores

@@ -12,10 +12,12 @@ at least ``capfilt.target_precision`` of the captions it drops are wrong (:func:
 The output (local directory or ``s3://`` prefix) is a dataset directory (see
 :mod:`blip_core.data.webdataset_io`) the pretrain stage reads directly::
 
-    capfilt-XXXXXX.tar   one shard per input web shard: each web image with its kept web caption and its
-                         kept synthetic captions (images left with no caption are dropped and counted)
+    capfilt-XXXXXX.tar   one shard per input web shard: each web image with its kept web captions (every
+                         web caption of an image is scored and kept or dropped on its own) and its kept
+                         synthetic captions (images left with no caption are dropped and counted)
     human-XXXXXX.tar     the human-annotated shards, copied unchanged
-    provenance.jsonl     every caption that entered: image, source (web/synthetic/human), ITM score, kept
+    provenance.jsonl     every caption that entered, one line each: image, source (web/synthetic/human),
+                         caption, ITM score, kept
     summary.json         texts in and out per source, images dropped, the threshold and where it came from
     manifest.json        written last
     parts/               per-shard completion records (resume: finished shards are not redone)
@@ -46,7 +48,7 @@ from webdataset.writer import TarWriter
 
 from blip_core.capfilt import caption_batch, choose_threshold, decide, filter_batch
 from blip_core.config import Config, load_config, to_dict
-from blip_core.data.loader import dataset_shards, decode_image, load_eval_split
+from blip_core.data.loader import dataset_shards, decode_image, load_eval_split, sample_captions
 from blip_core.data.transforms import EvalTransform
 from blip_core.data.webdataset_io import (
     DATASET_FORMAT,
@@ -61,6 +63,7 @@ from blip_core.data.webdataset_io import (
     sha256_file,
 )
 from blip_core.errors import UserError
+from blip_core.seeding import derive_seed, make_generator
 from blip_core.train import distributed as D
 from components import storage, training
 from components.cli import add_config_args
@@ -125,7 +128,7 @@ def calibrate(models: _Models, cfg: Config, uris: list[str]) -> dict:
     step = max(1, c.batch_size)
     for b in range(0, len(split.samples), step):
         idx = range(b, min(b + step, len(split.samples)))
-        images = split.images[b:b + step].to(models.device)
+        images = split.images[b:b + step].to(models.device, non_blocking=True)
         for group in filter_batch(models.filter, models.filter_tokenizer, images,
                                   [[split.texts[j] for j in split.img2txt[i]] for i in idx]):
             scores.extend(group)
@@ -154,30 +157,31 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
     counts_out: Counter[str] = Counter()
     images_in = images_out = captions_out = 0
     unreadable = 0
-    gen = torch.Generator().manual_seed(c.seed * 1_000_003 + index)
+    gen = make_generator(models.device, derive_seed(c.seed) + index)  # on the captioner's device
     tar_path = work / name
     with open(tar_path, "wb") as f:
         tar = TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False)
-        batch: list[tuple[str, str, bytes, dict, Image.Image]] = []
+        batch: list[tuple[str, str, bytes, dict, Image.Image, list[str]]] = []
 
         def flush() -> None:
             nonlocal images_out, captions_out
             if not batch:
                 return
-            cap_images = torch.stack([models.cap_tf(b[4])[0] for b in batch]).to(models.device)
+            cap_images = torch.stack([models.cap_tf(b[4])[0] for b in batch]).to(models.device, non_blocking=True)
             synthetic = caption_batch(models.captioner, models.tokenizer, cap_images, c, gen)
-            fil_images = torch.stack([models.fil_tf(b[4])[0] for b in batch]).to(models.device)
-            candidates = [[meta.get("captions", [""])[0]] + syn for (_, _, _, meta, _), syn in zip(batch, synthetic)]
+            fil_images = torch.stack([models.fil_tf(b[4])[0] for b in batch]).to(models.device, non_blocking=True)
+            # Every web caption of an image is a candidate of its own, then the synthetic ones.
+            candidates = [web + syn for (*_, web), syn in zip(batch, synthetic)]
             scores = filter_batch(models.filter, models.filter_tokenizer, fil_images, candidates)
-            for (key, ext, img_bytes, meta, img), texts, sc in zip(batch, candidates, scores):
+            for (key, ext, img_bytes, meta, img, web), texts, sc in zip(batch, candidates, scores):
                 kept = []
                 record_meta = {"image_id": meta.get("image_id", key), "key": key, "shard": name}
-                # The known-noise labels (toy-web) describe the web caption, never the synthetic ones.
+                # The sample's known-noise labels (toy-web) describe its web captions, never the synthetic ones.
                 web_labels = {"noise": meta.get("noise"),
                               **({"noise_detail": meta["noise_detail"]} if meta.get("noise_detail") else {})}
                 decisions = []
                 for j, (text, s) in enumerate(zip(texts, sc)):
-                    source = "web" if j == 0 else "synthetic"
+                    source = "web" if j < len(web) else "synthetic"
                     ok = decide(s, threshold)
                     counts_in[source] += 1
                     if ok:
@@ -204,15 +208,14 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
                 ext, data = _image_of(sample)
                 img = decode_image(data)
                 meta = decode_json(sample.get("json"))
-                if not meta.get("captions"):
-                    meta["captions"] = [sample["txt"].decode("utf-8")]
+                web_captions, _ = sample_captions(sample)  # txt first, then the other json captions
             except Exception as e:  # noqa: BLE001 - a bad sample is counted, never fatal
                 unreadable += 1
                 prov_lines.append(json.dumps({"key": sample.get("__key__"), "shard": name, "source": "web",
                                               "caption": None, "itm_score": None, "kept": False,
                                               "error": f"unreadable: {type(e).__name__}"}))
                 continue
-            batch.append((sample["__key__"], ext, data, meta, img))
+            batch.append((sample["__key__"], ext, data, meta, img, web_captions))
             if len(batch) >= c.batch_size:
                 flush()
         flush()

@@ -282,7 +282,7 @@ def split_captions(model, tokenizer, split: EvalSplit, ecfg: EvalConfig) -> list
     dev = next(model.parameters()).device
     captions: list[str] = []
     for s in range(0, split.images.shape[0], ecfg.batch_size):
-        captions += generate_captions(model, tokenizer, split.images[s:s + ecfg.batch_size].to(dev),
+        captions += generate_captions(model, tokenizer, split.images[s:s + ecfg.batch_size].to(dev, non_blocking=True),
                                       decoding="beam", num_beams=ecfg.num_beams, max_length=ecfg.max_length,
                                       min_length=ecfg.min_length, repetition_penalty=ecfg.repetition_penalty,
                                       length_norm=ecfg.length_norm, prompt=ecfg.prompt)

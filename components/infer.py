@@ -24,6 +24,7 @@ from PIL import Image
 from blip_core.checkpoint_io import Checkpoint, load_checkpoint
 from blip_core.errors import UserError
 from blip_core.generation import LENGTH_NORMS, generate_captions, itm_scores
+from blip_core.seeding import make_generator
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -121,7 +122,7 @@ def main_caption(argv: list[str] | None = None) -> int:
     transform = eval_transform(ckpt.model.cfg.vision.image_size)
     generator = None
     if args.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
+        generator = make_generator(device, args.seed)
 
     results: dict[int, dict] = {}
     pending: list[tuple[int, torch.Tensor]] = []
@@ -129,7 +130,7 @@ def main_caption(argv: list[str] | None = None) -> int:
     def flush() -> None:
         if not pending:
             return
-        batch = torch.stack([x for _, x in pending]).to(device)  # (B, 3, S, S)
+        batch = torch.stack([x for _, x in pending]).to(device, non_blocking=True)  # (B, 3, S, S)
         captions = generate_captions(
             ckpt.model, ckpt.tokenizer, batch, decoding=args.decoding, num_beams=args.num_beams,
             max_length=args.max_length, min_length=args.min_length, top_p=args.top_p,
@@ -188,7 +189,7 @@ def main_itm(argv: list[str] | None = None) -> int:
     ckpt = _open(args.checkpoint, device)
     transform = eval_transform(ckpt.model.cfg.vision.image_size)
     try:
-        image = load_image(args.image, transform).to(device)
+        image = load_image(args.image, transform).to(device, non_blocking=True)
     except UserError as e:
         _error("itm", str(e))
         return 1

@@ -146,7 +146,7 @@ class BlipPyfunc(PythonModel):
                 tensors.append(self._transform(decode_image(value)))
             except ValueError as e:
                 raise ValueError(f"row {row}: {e}") from e
-        return torch.stack(tensors).to(self.device)
+        return torch.stack(tensors).to(self.device, non_blocking=True)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch

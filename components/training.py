@@ -45,7 +45,7 @@ from blip_core.checkpoint_io import (
     save_checkpoint,
 )
 from blip_core.config import Config, TrainConfig, to_dict
-from blip_core.data.loader import dataset_shards, make_loader, sample_captions
+from blip_core.data.loader import dataset_shards, make_loader, pin_memory_for, sample_captions
 from blip_core.data.webdataset_io import is_s3, iter_shard, s3_filesystem
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
@@ -304,7 +304,7 @@ def run_training(
         data, tokenizer, image_size=model.cfg.vision.image_size, batch_size=tcfg.batch_size, train=True,
         randaugment=cfg.data.randaugment, max_words=cfg.data.max_words, rank=info.rank,
         world_size=info.world_size, num_workers=cfg.data.num_workers, seed=tcfg.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer, **loader_kwargs)
+        shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=pin_memory_for(info.device), **loader_kwargs)
     if len(loader) == 0:
         raise UserError(f"{stage}: no full batch of {tcfg.batch_size} pairs per rank in {data}; "
                         f"lower {stage}.batch_size or add data")

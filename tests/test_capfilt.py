@@ -195,3 +195,69 @@ def test_kill_and_resume_redoes_only_unfinished_shards(tiny_ckpt, web_three_shar
         assert (ref / name).read_bytes() == (out / name).read_bytes(), name
     ref_m, out_m = read_manifest(str(ref)), read_manifest(str(out))
     assert [s.sha256 for s in ref_m.shards] == [s.sha256 for s in out_m.shards]
+
+
+def _multi_caption_web(directory: Path) -> dict[str, list[str]]:
+    """A web dataset whose images carry 1-3 web captions each (written by the project's DatasetWriter)."""
+    import io
+    import random
+
+    from blip_core.data import toyweb
+    from blip_core.data.webdataset_io import DatasetWriter, LocalSink
+
+    rng = random.Random(5)
+    writer = DatasetWriter(LocalSink(directory), shard_size=4)
+    captions = {}
+    for i in range(6):
+        scene = toyweb.sample_scene(rng)
+        buf = io.BytesIO()
+        toyweb.render_scene(scene, 32, texture_seed=i).save(buf, format="PNG")
+        caps = [toyweb.web_caption(scene, rng), toyweb.unrelated_caption(scene, rng),
+                toyweb.boilerplate_caption(rng)][: 1 + i % 3]
+        captions[f"img{i}"] = caps
+        writer.add(f"img{i}", buf.getvalue(), "png", {"image_id": f"img{i}", "captions": caps, "noise": None})
+    writer.finish(6, "test")
+    return captions
+
+
+def test_every_web_caption_of_an_image_is_scored_and_decided_on_its_own(tiny_ckpt, tmp_path, no_tracking):
+    web = _multi_caption_web(tmp_path / "web")
+    assert sum(len(c) >= 2 for c in web.values()) == 4
+    n_web = sum(map(len, web.values()))
+
+    def run(threshold, out):
+        cfg = load_config(None, CAPFILT + [f"capfilt.threshold={threshold}", "capfilt.batch_size=4"])
+        res = capfilt.run(cfg, tiny_ckpt, tiny_ckpt, [str(tmp_path / "web")], [], str(out), progress=False)
+        prov = [json.loads(line) for line in (out / "provenance.jsonl").read_text().splitlines()]
+        outputs = {s["__key__"]: json.loads(s["json"]) for shard in read_manifest(str(out)).shards
+                   for s in iter_shard(str(out / shard.path))}
+        return res, prov, outputs
+
+    # Keep everything: each web caption is in the provenance once and in the output.
+    res, prov, outputs = run(0.0, tmp_path / "all")
+    web_prov = [p for p in prov if p["source"] == "web"]
+    assert sorted((p["key"], p["caption"]) for p in web_prov) == sorted((k, c) for k, cs in web.items() for c in cs)
+    assert all(isinstance(p["itm_score"], float) and p["kept"] for p in web_prov)
+    assert res.texts_in["web"] == res.texts_out["web"] == n_web
+    for key, caps in web.items():
+        assert outputs[key]["captions"][: len(caps)] == caps
+        assert [d["source"] for d in outputs[key]["capfilt"]] == ["web"] * len(caps) + ["synthetic"]
+
+    # A threshold between two web scores of one image: its captions are kept or dropped each by its own score.
+    by_image = {k: sorted(p["itm_score"] for p in web_prov if p["key"] == k) for k in web}
+    low, high = max(((s[0], s[-1]) for s in by_image.values() if len(s) >= 2), key=lambda lh: lh[1] - lh[0])
+    assert high - low > 1e-4, by_image
+    threshold = (low + high) / 2
+    res, prov, outputs = run(threshold, tmp_path / "half")
+    web_prov = [p for p in prov if p["source"] == "web"]
+    assert len(web_prov) == n_web
+    assert all(p["kept"] == (p["itm_score"] >= threshold) for p in web_prov)
+    assert res.texts_in["web"] == n_web and res.texts_out["web"] == sum(p["kept"] for p in web_prov)
+    mixed = [k for k in web if len({p["kept"] for p in web_prov if p["key"] == k}) == 2]
+    assert mixed, "no image with one web caption kept and another dropped"
+    for key in web:
+        kept = [p["caption"] for p in prov if p["key"] == key and p["kept"]]
+        if kept:
+            assert outputs[key]["captions"] == kept
+        else:
+            assert key not in outputs

@@ -260,16 +260,27 @@ class PairStream(IterableDataset):
         yield from self.stream_batches(self.rank * self.workers + worker)
 
 
+def pin_memory_for(device: torch.device | str) -> bool:
+    """Whether batches bound for ``device`` should come in pinned (page-locked) host memory: only for CUDA.
+
+    Pinned batches let ``.to(device, non_blocking=True)`` copy asynchronously; on a CPU-only run pinning
+    would only cost time (and needs a CUDA runtime).
+    """
+    return torch.device(device).type == "cuda"
+
+
 class BlipLoader:
     """Iterable of batches for one rank and epoch; ``len()`` is the number of batches per epoch.
 
     ``skipped`` counts samples skipped (unreadable or undecodable) since the loader was created;
-    :meth:`set_epoch` selects the epoch the next iteration runs.
+    :meth:`set_epoch` selects the epoch the next iteration runs. With ``pin_memory`` the batches' tensors
+    come in pinned memory (set it for a CUDA device: :func:`pin_memory_for`).
     """
 
-    def __init__(self, stream: PairStream, num_workers: int) -> None:
+    def __init__(self, stream: PairStream, num_workers: int, pin_memory: bool = False) -> None:
         self.stream = stream
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -283,13 +294,18 @@ class BlipLoader:
     def set_epoch(self, epoch: int) -> None:
         self.stream.epoch = epoch
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.num_workers == 0:
-            source: Any = self.stream
-        else:
+    def data_loader(self) -> DataLoader | None:
+        """The :class:`DataLoader` the batches come through (``None``: read in this process, unpinned)."""
+        if self.num_workers == 0 and not self.pin_memory:
+            return None
+        if self.num_workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            source = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                persistent_workers=False, prefetch_factor=2)
+        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                          prefetch_factor=2 if self.num_workers else None, pin_memory=self.pin_memory)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        loader = self.data_loader()
+        source: Any = self.stream if loader is None else loader
         for batch in source:
             self.skipped += int(batch.pop("_skipped", 0))
             yield batch
@@ -299,12 +315,13 @@ def make_loader(data_uris: Sequence[str], tokenizer: BlipTokenizer, *, image_siz
                 train: bool, min_scale: float = 0.5, randaugment: bool = True, max_words: int = 30,
                 max_length: int = 30, prompt: str = "", rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, seed: int = 0, epoch: int = 0, expand_captions: bool = False,
-                shuffle_buffer: int = 1000) -> BlipLoader:
+                shuffle_buffer: int = 1000, pin_memory: bool = False) -> BlipLoader:
     """A loader of image-text batches from dataset directories (see the module docstring).
 
     ``train`` selects BLIP's train transform (crop scale ``(min_scale, 1)``, flip with left/right swap,
     RandAugment when ``randaugment``), shard shuffling and a shuffle buffer; otherwise the eval transform in
     stored order. ``prompt`` is prepended to every cleaned caption (``"a picture of "`` for the captioner).
+    ``pin_memory`` (for a CUDA device, :func:`pin_memory_for`) returns batches in pinned host memory.
     """
     if isinstance(data_uris, str):
         data_uris = [data_uris]
@@ -314,7 +331,7 @@ def make_loader(data_uris: Sequence[str], tokenizer: BlipTokenizer, *, image_siz
                         max_length=max_length, prompt=prompt, rank=rank, world_size=world_size,
                         num_workers=num_workers, seed=seed, epoch=epoch, expand_captions=expand_captions,
                         shuffle_buffer=shuffle_buffer)
-    return BlipLoader(stream, num_workers)
+    return BlipLoader(stream, num_workers, pin_memory)
 
 
 class EvalSplit(NamedTuple):

@@ -26,6 +26,7 @@ from torch import nn
 
 from blip_core.config import TrainConfig
 from blip_core.errors import UserError
+from blip_core.seeding import derive_seed, make_generator
 from blip_core.train import distributed as D
 from blip_core.train.checkpoint import TrainPosition, latest_checkpoint, load_checkpoint_into, save_checkpoint
 from blip_core.train.optim import alpha_at, learning_rate, set_learning_rate
@@ -56,11 +57,12 @@ class TrainResult:
     data_time_share: float = 0.0
 
 
-def _seed_step(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    s = (seed * 1_000_003 + micro_step * 7919 + rank * 104_729) % (2**63 - 1)
+def _seed_step(seed: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
+    """Seed the global RNGs (dropout; every device) and return the generator for explicit draws on ``device``."""
+    s = derive_seed(seed, micro_step, rank)
     torch.manual_seed(s)
     random.seed(s)
-    return torch.Generator().manual_seed(s + 1)
+    return make_generator(device, s + 1)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -114,8 +116,9 @@ def train(
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if cfg.precision == "bf16" and info.device.type == "cuda" else contextlib.nullcontext())
+    # bf16 autocast on the training device (CUDA or CPU); weights, optimizer state and losses stay fp32.
+    autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
+                if cfg.precision == "bf16" else contextlib.nullcontext())
     bar = None
     if progress and info.is_main:
         from tqdm.auto import tqdm
@@ -146,7 +149,7 @@ def train(
                 data_time += t1 - t0
                 batch = _to_device(batch, info.device)
                 micro_index = epoch * per_epoch + position.batch_in_epoch
-                gen = _seed_step(cfg.seed, micro_index, info.rank)
+                gen = _seed_step(cfg.seed, micro_index, info.rank, info.device)
                 sync = micro == cfg.grad_accum - 1
                 ctx = ddp.no_sync() if (info.distributed and not sync) else contextlib.nullcontext()
                 with ctx:
