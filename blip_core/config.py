@@ -393,8 +393,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file not found: {p}")
         try:
             tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # one line: the problem and where, not PyYAML's multi-line excerpt
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            reason = getattr(e, "problem", None) or (str(e).splitlines() or ["parse error"])[0]
+            raise ConfigError(f"{p}: not valid YAML{where}: {reason}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     return config_from_dict(tree, overrides)

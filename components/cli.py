@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from blip_core.errors import UserError
+from blip_core.redact import redact
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,8 +27,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def one_line_errors(parser) -> None:
+    """Make ``parser`` report a usage mistake as one line and exit 2, like every other user error."""
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message} (see '{parser.prog} --help')\n")
+
+    parser.error = error
+
+
 def add_config_args(parser, *, tracking: bool = True) -> None:
     """The options every stage shares: ``--config``, repeatable ``--set KEY=VALUE`` and ``--parent-run-id``."""
+    one_line_errors(parser)
     parser.add_argument("--config", default=None, help="params.yaml (default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set pretrain.lr=1e-4 (repeatable)")
@@ -51,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"blip: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"blip: error: unknown command {name!r} (run 'blip --help' for the list)", file=sys.stderr)
         return 2
     module_name, _ = COMMANDS[name]
     try:
@@ -65,11 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(entry(rest) or 0)
     except UserError as e:
-        print(f"blip {name}: error: {e}", file=sys.stderr)
+        print(f"blip {name}: error: {redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"blip {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        error = storage_error(e)
+        if error is None:
+            raise
+        print(f"blip {name}: error: {redact(str(error))}", file=sys.stderr)
+        return 2
+
+
+def storage_error(e: BaseException) -> UserError | None:
+    """The one-line error for an S3 failure (no credentials, unreachable endpoint, denied) raised by any
+    reader, boto3 or s3fs; None when ``e`` is not one. Imports boto3 only when ``e`` comes from botocore."""
+    if not type(e).__module__.startswith(("botocore", "aiobotocore")):
+        return None
+    from components.storage import s3_user_error
+
+    return s3_user_error(e)
 
 
 if __name__ == "__main__":

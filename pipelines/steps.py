@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from blip_core.errors import UserError
+from blip_core.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,13 @@ LOCATION = "location"
 
 def one_line(e: BaseException) -> str:
     """The first line of an exception's message (with its type unless it is a UserError)."""
+    from components.cli import storage_error
+
+    e = storage_error(e) or e
     text = str(e).strip()
     first = text.splitlines()[0] if text else ""
-    return first if isinstance(e, UserError) and first else f"{type(e).__name__}: {first}".rstrip(": ")
+    line = first if isinstance(e, UserError) and first else f"{type(e).__name__}: {first}".rstrip(": ")
+    return redact(line)
 
 
 @contextlib.contextmanager
