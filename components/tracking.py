@@ -565,7 +565,7 @@ def model_requirements() -> list[str]:
 
 
 def model_signature():
-    """Input ``image`` (string: base64 bytes or a path) and optional ``text``; decoding options as params."""
+    """Input ``image`` (string: base64-encoded image bytes) and optional ``text``; decoding options as params."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
