@@ -170,7 +170,8 @@ def main_caption(argv: list[str] | None = None) -> int:
                 temperature=args.temperature, repetition_penalty=args.repetition_penalty, prompt=args.prompt,
                 generator=generator)
         except ValueError as e:  # decoding options that do not fit this checkpoint (e.g. the prompt's length)
-            raise UserError(str(e)) from None
+            raise UserError(f"decoding options: {e} (--max-length and --min-length count the --prompt tokens)") \
+                from None
         for (i, _), text in zip(pending, captions):
             results[i] = {"image": args.images[i], "caption": text}
         pending.clear()

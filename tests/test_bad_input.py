@@ -104,7 +104,7 @@ BAD_INPUT = [
     ("caption --checkpoint {ck} {img} --top-p 2", "--top-p must be in (0, 1]"),
     ("caption --checkpoint {ck} {img} --decoding nucleus --temperature 0", "--temperature must be > 0"),
     ("caption --checkpoint {ck} {img} --min-length 50", "--min-length must be between 0 and --max-length"),
-    ("caption --checkpoint {ck} {img} --max-length 2 --min-length 0", "must exceed the prompt length"),
+    ("caption --checkpoint {ck} {img} --max-length 2 --min-length 0", "max_length 2 must exceed the prompt length"),
     ("caption --checkpoint {ck} {img} --device nosuch", "--device 'nosuch'"),
     ("itm --checkpoint {ck} {img} ''", "TEXT 1 is empty"),
     ("itm --checkpoint {ck} {img}", "the following arguments are required: TEXT"),
