@@ -75,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(entry(rest) or 0)
     except UserError as e:
-        print(f"blip {name}: error: {redact(str(e))}", file=sys.stderr)
+        print(f"blip {name}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # a path the user gave is of the wrong kind or not writable (e.g. --output names an existing file)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"blip {name}: error: {redact(where + (e.strerror or str(e)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"blip {name}: interrupted", file=sys.stderr)
@@ -84,8 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         error = storage_error(e)
         if error is None:
             raise
-        print(f"blip {name}: error: {redact(str(error))}", file=sys.stderr)
+        print(f"blip {name}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of a user error as one line with credentials redacted (a wrapped library message may span
+    several lines: its first line is its summary)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return redact(lines[0] if lines else type(e).__name__)
 
 
 def storage_error(e: BaseException) -> UserError | None:

@@ -117,7 +117,14 @@ BAD_INPUT = [
     ("itm --checkpoint {ck} {img} ''", "TEXT 1 is empty"),
     ("itm --checkpoint {ck} {img}", "the following arguments are required: TEXT"),
     ("itm --checkpoint {ck} {txt} 'a cat'", "cannot read image"),
+    ("ingest --source toyweb://?split=web&n=2&size=32 --output {txt}", "notes.txt: File exists"),
+    ("evaluate --model bad --test {missing} --output {out}", "--model expects NAME=URI, got 'bad'"),
+    ("capfilt --captioner {missing} --filter {ck} --web {missing} --output {out} --set model.preset=tiny",
+     "checkpoint directory not found"),
+    ("register --model {ck} --metrics {missing}.json --candidate x", "evaluate metrics not found"),
     ("convert --from hf {missing} --to {out}", "not a Hugging Face model directory"),
+    ("convert --from official {txt} --to {out}", "cannot read as a PyTorch checkpoint (not a weights-only"),
+    ("pipeline nosuch", "argument command: invalid choice: 'nosuch'"),
     ("nosuchcommand", "unknown command 'nosuchcommand'"),
 ]
 
