@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from blip_core.errors import UserError
-from blip_core.redact import redact
+from blip_core.redact import install_log_redaction, redact
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,8 +36,13 @@ def one_line_errors(parser) -> None:
 
 
 def add_config_args(parser, *, tracking: bool = True) -> None:
-    """The options every stage shares: ``--config``, repeatable ``--set KEY=VALUE`` and ``--parent-run-id``."""
+    """The options every stage shares: ``--config``, repeatable ``--set KEY=VALUE`` and ``--parent-run-id``.
+
+    A stage's ``main`` also runs without the dispatcher (``python -m components.pretrain`` under torchrun), so
+    this is where its parser gets one-line errors and its process gets redacted log records.
+    """
     one_line_errors(parser)
+    install_log_redaction()
     parser.add_argument("--config", default=None, help="params.yaml (default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set pretrain.lr=1e-4 (repeatable)")
@@ -60,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
+    install_log_redaction()  # no credentials in any log line of this process
     if name not in COMMANDS:
         print(f"blip: error: unknown command {name!r} (run 'blip --help' for the list)", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from blip_core.errors import UserError
-from blip_core.redact import redact
+from blip_core.redact import install_log_redaction, redact
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def one_line(e: BaseException) -> str:
 @contextlib.contextmanager
 def step(stage: str) -> Iterator[None]:
     """Report a failure of ``stage`` as one clear line (stderr, and a record for run-local)."""
+    install_log_redaction()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     try:

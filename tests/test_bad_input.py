@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import socket
 import struct
@@ -26,7 +27,7 @@ from toy_data import TINY
 from blip_core import build_model, load_checkpoint, model_preset
 from blip_core.errors import UserError
 from blip_core.images import ImageTooLarge, open_rgb
-from blip_core.redact import redact
+from blip_core.redact import install_log_redaction, redact
 from blip_core.tokenizer import BlipTokenizer
 from components.cli import main as blip
 
@@ -173,6 +174,25 @@ def test_redact_masks_userinfo_and_signed_query_values():
                   "/local/path", "a picture of "):
         assert redact(plain) == plain
     assert redact(redact(signed)) == redact(signed)
+
+
+@pytest.fixture
+def restore_log_records():
+    previous = logging.getLogRecordFactory()
+    yield
+    logging.setLogRecordFactory(previous)
+
+
+def test_log_records_are_redacted(caplog, restore_log_records):
+    install_log_redaction()
+    install_log_redaction()  # twice is once
+    log = logging.getLogger("blip.test")
+    with caplog.at_level(logging.INFO, logger="blip.test"):
+        log.info("reading %s (%d tries)", f"https://u:{SECRET}@h/x?sig={SIGNATURE}", 3)
+        log.warning(f"cannot open https://{SECRET}@h/y")
+        log.info("from %(src)s", {"src": f"s3://b/k?X-Amz-Credential={SECRET}"})
+    assert SECRET not in caplog.text and SIGNATURE not in caplog.text
+    assert "https://u:***@h/x?sig=*** (3 tries)" in caplog.text and "X-Amz-Credential=***" in caplog.text
 
 
 def _files_containing(root: Path, needle: str) -> list[str]:
