@@ -381,6 +381,10 @@ def load_checkpoint(src: str | Path, *, with_momentum: bool = True, image_size: 
             tokenizer = BlipTokenizer.from_dir(tok_dir)
         except (OSError, ValueError) as e:
             raise UserError(f"{tok_dir}: cannot load the tokenizer ({e})") from None
+        if len(tokenizer) > cfg.text.vocab_size:
+            raise UserError(f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                            f"has {cfg.text.vocab_size} (model.text.vocab_size): token ids past it cannot be "
+                            "embedded; use the tokenizer the checkpoint was trained with")
     momentum = None
     if with_momentum and (src / MOMENTUM_FILE).is_file():
         momentum = _read_safetensors(src / MOMENTUM_FILE)

@@ -324,6 +324,60 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover - schema bug
 
 
+# Allowed ranges of numeric fields, per section class: ">=N", ">N", or an interval "[a, b)" (brackets closed,
+# parentheses open). A value outside is a ConfigError naming the key, before any stage starts.
+_RANGES: dict[str, dict[str, str]] = {
+    "VisionConfig": {"image_size": ">=1", "patch_size": ">=1", "width": ">=1", "depth": ">=1", "heads": ">=1",
+                     "mlp_ratio": ">0", "ln_eps": ">0", "drop_path_rate": "[0, 1)", "grad_ckpt_layers": ">=0"},
+    "TextConfig": {"vocab_size": ">=0", "hidden_size": ">=1", "num_layers": ">=1", "num_heads": ">=1",
+                   "intermediate_size": ">=1", "max_position": ">=2", "ln_eps": ">0", "dropout": "[0, 1)",
+                   "init_std": ">0", "grad_ckpt_layers": ">=0"},
+    "ModelConfig": {"embed_dim": ">=1", "queue_size": ">=1", "momentum": "[0, 1]", "alpha": "[0, 1]",
+                    "temp": ">0", "max_text_len": ">=2", "corpus_vocab_size": ">=1"},
+    "DataConfig": {"image_size": ">=0", "max_words": ">=1", "num_workers": ">=0", "shuffle_buffer": ">=0",
+                   "min_scale_pretrain": "(0, 1]", "min_scale_finetune": "(0, 1]"},
+    "IngestConfig": {"resolution": ">=0", "min_size": ">=0", "max_pixels": ">=1", "jpeg_quality": "[1, 100]",
+                     "shard_size": ">=1", "max_words": ">=1", "fetch_threads": ">=1"},
+    "TrainConfig": {"epochs": ">=1", "max_steps": ">=0", "batch_size": ">=1", "lr": ">0", "min_lr": ">=0",
+                    "warmup_lr": ">=0", "warmup_steps": ">=0", "lr_decay_rate": "(0, 1]", "weight_decay": ">=0",
+                    "grad_accum": ">=1", "grad_clip": ">=0", "alpha_ramp_epochs": ">=0", "checkpoint_every": ">=0",
+                    "log_every": ">=1"},
+    "CapFiltConfig": {"num_captions": ">=1", "top_p": "(0, 1]", "num_beams": ">=1", "max_length": ">=1",
+                      "min_length": ">=0", "repetition_penalty": ">0", "threshold": "[0, 1]",
+                      "target_precision": "(0, 1]", "batch_size": ">=1"},
+    "EvalConfig": {"k_test": ">=1", "batch_size": ">=1", "itm_batch_size": ">=1", "num_beams": ">=1",
+                   "max_length": ">=1", "min_length": ">=0", "max_text_len": ">=2", "log_samples": ">=0"},
+}
+
+
+def _in_range(value: float, spec: str) -> bool:
+    if spec.startswith(">="):
+        return value >= float(spec[2:])
+    if spec.startswith(">"):
+        return value > float(spec[1:])
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return (value >= lo if spec[0] == "[" else value > lo) and (value <= hi if spec[-1] == "]" else value < hi)
+
+
+def _check_ranges(obj: Any, prefix: str) -> None:
+    """Refuse numeric values outside their field's range and inconsistent pairs, naming the key."""
+    for name, spec in _RANGES.get(type(obj).__name__, {}).items():
+        value = getattr(obj, name)
+        if not _in_range(value, spec):
+            want = f"in {spec}" if spec[0] in "[(" else spec.replace(">=", ">= ").replace(">0", "> 0")
+            raise ConfigError(f"{prefix}{name}: {value!r} is out of range (must be {want})")
+    if hasattr(obj, "min_length") and hasattr(obj, "max_length") and obj.min_length > obj.max_length:
+        raise ConfigError(f"{prefix}min_length: {obj.min_length} is larger than {prefix}max_length "
+                          f"({obj.max_length})")
+    for width, heads in (("width", "heads"), ("hidden_size", "num_heads")):
+        if hasattr(obj, width) and hasattr(obj, heads) and getattr(obj, width) % getattr(obj, heads):
+            raise ConfigError(f"{prefix}{width}: {getattr(obj, width)} is not divisible by {prefix}{heads} "
+                              f"({getattr(obj, heads)})")
+    if isinstance(obj, VisionConfig) and obj.patch_size > obj.image_size:
+        raise ConfigError(f"{prefix}patch_size: {obj.patch_size} is larger than {prefix}image_size "
+                          f"({obj.image_size})")
+
+
 def _merge_into(obj: Any, values: dict, prefix: str) -> Any:
     """Return a copy of dataclass ``obj`` with ``values`` (a nested dict) applied on top."""
     hints = typing.get_type_hints(type(obj))
@@ -347,7 +401,9 @@ def _merge_into(obj: Any, values: dict, prefix: str) -> Any:
             changes[k] = _merge_into(current, v, key + ".")
         else:
             changes[k] = _coerce(v, tp, key)
-    return dataclasses.replace(obj, **changes)
+    merged = dataclasses.replace(obj, **changes)
+    _check_ranges(merged, prefix)
+    return merged
 
 
 def _build(cls: type, values: dict, key: str) -> Any:
@@ -403,8 +459,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file not found: {p}")
         try:
             tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # one line: the problem and where, not PyYAML's multi-line excerpt
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            reason = getattr(e, "problem", None) or (str(e).splitlines() or ["parse error"])[0]
+            raise ConfigError(f"{p}: not valid YAML{where}: {reason}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     return config_from_dict(tree, overrides)

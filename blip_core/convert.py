@@ -42,7 +42,7 @@ from blip_core.checkpoint_io import (
     with_image_size,
 )
 from blip_core.config import MODEL_PRESETS, ModelConfig, TextConfig, VisionConfig, model_preset
-from blip_core.errors import UserError
+from blip_core.errors import UserError, load_failure
 from blip_core.models.blip import BlipModel
 from blip_core.models.momentum import FeatureQueue, MomentumEncoders
 from blip_core.tokenizer import BlipTokenizer
@@ -403,7 +403,7 @@ def _read_official(src: Path) -> dict[str, torch.Tensor]:
     try:
         ckpt = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
-        raise UserError(f"{src}: cannot read as a weights-only PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(f"{src}: cannot read as a PyTorch checkpoint ({load_failure(e)})") from None
     if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):

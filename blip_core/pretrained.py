@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from blip_core.errors import UserError
+from blip_core.errors import UserError, load_failure
 from blip_core.models.blip import BlipModel
 from blip_core.models.vision import interpolate_pos_embed
 
@@ -37,7 +37,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise UserError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a readable PyTorch state dict ({load_failure(e)})") from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

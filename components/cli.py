@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from blip_core.errors import UserError
+from blip_core.redact import install_log_redaction, redact
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,8 +27,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def one_line_errors(parser) -> None:
+    """Make ``parser`` report a usage mistake as one line and exit 2, like every other user error."""
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message} (see '{parser.prog} --help')\n")
+
+    parser.error = error
+
+
 def add_config_args(parser, *, tracking: bool = True) -> None:
-    """The options every stage shares: ``--config``, repeatable ``--set KEY=VALUE`` and ``--parent-run-id``."""
+    """The options every stage shares: ``--config``, repeatable ``--set KEY=VALUE`` and ``--parent-run-id``.
+
+    A stage's ``main`` also runs without the dispatcher (``python -m components.pretrain`` under torchrun), so
+    this is where its parser gets one-line errors and its process gets redacted log records.
+    """
+    one_line_errors(parser)
+    install_log_redaction()
     parser.add_argument("--config", default=None, help="params.yaml (default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set pretrain.lr=1e-4 (repeatable)")
@@ -50,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
+    install_log_redaction()  # no credentials in any log line of this process
     if name not in COMMANDS:
-        print(f"blip: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"blip: error: unknown command {name!r} (run 'blip --help' for the list)", file=sys.stderr)
         return 2
     module_name, _ = COMMANDS[name]
     try:
@@ -65,11 +81,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(entry(rest) or 0)
     except UserError as e:
-        print(f"blip {name}: error: {e}", file=sys.stderr)
+        print(f"blip {name}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # a path the user gave is of the wrong kind or not writable (e.g. --output names an existing file)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"blip {name}: error: {redact(where + (e.strerror or str(e)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"blip {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        error = storage_error(e)
+        if error is None:
+            raise
+        print(f"blip {name}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of a user error as one line with credentials redacted (a wrapped library message may span
+    several lines: its first line is its summary)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return redact(lines[0] if lines else type(e).__name__)
+
+
+def storage_error(e: BaseException) -> UserError | None:
+    """The one-line error for an S3 failure (no credentials, unreachable endpoint, denied) raised by any
+    reader, boto3 or s3fs; None when ``e`` is not one. Imports boto3 only when ``e`` comes from botocore."""
+    if not type(e).__module__.startswith(("botocore", "aiobotocore")):
+        return None
+    from components.storage import s3_user_error
+
+    return s3_user_error(e)
 
 
 if __name__ == "__main__":

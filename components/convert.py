@@ -19,10 +19,12 @@ from blip_core import convert
 from blip_core.checkpoint_io import Checkpoint, load_checkpoint
 from blip_core.errors import UserError
 from blip_core.tokenizer import BlipTokenizer
+from components.cli import one_line_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blip convert", description=__doc__.split("\n\n")[0])
+    one_line_errors(p)
     p.add_argument("--from", dest="source", required=True, choices=["hf", "official", "blip"],
                    help="source layout: a transformers directory, an official .pth, or a blip_core checkpoint")
     p.add_argument("src", help="source directory or .pth file")

@@ -6,8 +6,9 @@ Examples::
     blip caption --checkpoint ckpt/caption *.jpg --decoding nucleus --seed 0 --json
     blip itm --checkpoint ckpt/filter photo.jpg "a dog on the grass" "a plate of food"
 
-An image that cannot be read gets a one-line error and the others still run; the exit code is 1 when any
-image failed. ``blip itm`` prints, per text, the ITM match probability (a caption confidence score) and the
+An image that cannot be read (missing, not an image, or over ``--max-pixels``, checked before decoding) gets
+a one-line error and the others still run; the exit code is 2, like every other input error, when any image
+failed. ``blip itm`` prints, per text, the ITM match probability (a caption confidence score) and the
 ITC cosine similarity.
 """
 
@@ -24,7 +25,9 @@ from PIL import Image
 from blip_core.checkpoint_io import Checkpoint, load_checkpoint
 from blip_core.errors import UserError
 from blip_core.generation import LENGTH_NORMS, generate_captions, itm_scores
+from blip_core.images import MAX_PIXELS, ImageTooLarge, open_rgb
 from blip_core.seeding import make_generator
+from components.cli import one_line_errors
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -54,23 +57,54 @@ def eval_transform(image_size: int):
     return EvalTransform(image_size)
 
 
-def load_image(path: str | Path, transform) -> torch.Tensor:
-    """Read an image file into a normalised ``(3, S, S)`` tensor; raises ``UserError`` with the reason."""
+def load_image(path: str | Path, transform, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Read an image file into a normalised ``(3, S, S)`` tensor; raises ``UserError`` with the reason.
+
+    The pixel count is checked on the header, before decoding (see :func:`blip_core.images.open_rgb`).
+    """
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        with Image.open(p) as img:
-            img.load()
-            return transform(img, "")[0]
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        img = open_rgb(p, max_pixels)
+    except ImageTooLarge as e:
+        raise UserError(f"{path}: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    return transform(img, "")[0]
 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    return device
+
+
+def _check_caption_args(args) -> None:
+    """Refuse option values that cannot decode, before the model is loaded."""
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    if args.num_beams < 1:
+        raise UserError("--num-beams must be >= 1")
+    if args.max_length < 1:
+        raise UserError("--max-length must be >= 1")
+    if not 0 <= args.min_length <= args.max_length:
+        raise UserError(f"--min-length must be between 0 and --max-length ({args.max_length}), "
+                        f"got {args.min_length}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.temperature > 0:
+        raise UserError(f"--temperature must be > 0, got {args.temperature}")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        raise UserError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if args.max_pixels < 1:
+        raise UserError("--max-pixels must be >= 1")
 
 
 def _open(checkpoint: str, device: torch.device) -> Checkpoint:
@@ -110,13 +144,15 @@ def caption_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for nucleus sampling")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"refuse images with more pixels, before decoding (default {MAX_PIXELS})")
+    one_line_errors(p)
     return p
 
 
 def main_caption(argv: list[str] | None = None) -> int:
     args = caption_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
+    _check_caption_args(args)
     device = _device(args.device)
     ckpt = _open(args.checkpoint, device)
     transform = eval_transform(ckpt.model.cfg.vision.image_size)
@@ -131,18 +167,22 @@ def main_caption(argv: list[str] | None = None) -> int:
         if not pending:
             return
         batch = torch.stack([x for _, x in pending]).to(device, non_blocking=True)  # (B, 3, S, S)
-        captions = generate_captions(
-            ckpt.model, ckpt.tokenizer, batch, decoding=args.decoding, num_beams=args.num_beams,
-            max_length=args.max_length, min_length=args.min_length, top_p=args.top_p,
-            temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-            length_norm=args.length_norm, prompt=args.prompt, generator=generator)
+        try:
+            captions = generate_captions(
+                ckpt.model, ckpt.tokenizer, batch, decoding=args.decoding, num_beams=args.num_beams,
+                max_length=args.max_length, min_length=args.min_length, top_p=args.top_p,
+                temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+                length_norm=args.length_norm, prompt=args.prompt, generator=generator)
+        except ValueError as e:  # decoding options that do not fit this checkpoint (e.g. the prompt's length)
+            raise UserError(f"decoding options: {e} (--max-length and --min-length count the --prompt tokens)") \
+                from None
         for (i, _), text in zip(pending, captions):
             results[i] = {"image": args.images[i], "caption": text}
         pending.clear()
 
     for i, path in enumerate(args.images):
         try:
-            pending.append((i, load_image(path, transform)))
+            pending.append((i, load_image(path, transform, args.max_pixels)))
         except UserError as e:
             results[i] = {"image": path, "error": str(e)}
         if len(pending) >= args.batch_size:
@@ -161,7 +201,7 @@ def main_caption(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
         else:
             print(f"{r['image']}\t{r['caption']}", flush=True)
-    return 1 if failed else 0
+    return 2 if failed else 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,19 +220,27 @@ def itm_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=35, help="text tokens (official retrieval: 35)")
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"refuse an image with more pixels, before decoding (default {MAX_PIXELS})")
+    one_line_errors(p)
     return p
 
 
 def main_itm(argv: list[str] | None = None) -> int:
     args = itm_parser().parse_args(argv)
+    empty = [i + 1 for i, t in enumerate(args.texts) if not t.strip()]
+    if empty:
+        raise UserError(f"TEXT {empty[0]} is empty: give each text to score as a non-empty argument")
+    if args.max_length < 3:
+        raise UserError("--max-length must be >= 3 (room for at least one word besides the special tokens)")
     device = _device(args.device)
     ckpt = _open(args.checkpoint, device)
     transform = eval_transform(ckpt.model.cfg.vision.image_size)
     try:
-        image = load_image(args.image, transform).to(device, non_blocking=True)
+        image = load_image(args.image, transform, args.max_pixels).to(device, non_blocking=True)
     except UserError as e:
         _error("itm", str(e))
-        return 1
+        return 2
     prob, cosine = itm_scores(ckpt.model, ckpt.tokenizer, image, args.texts,
                               itm_first_token=args.itm_first_token, max_length=args.max_length)
     for text, p, c in zip(args.texts, prob.tolist(), cosine.tolist()):

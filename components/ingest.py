@@ -34,7 +34,6 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
 
@@ -50,6 +49,7 @@ from blip_core.data.webdataset_io import (
     iter_tar_samples,
 )
 from blip_core.errors import UserError
+from blip_core.redact import redact
 from components import storage
 from components.cli import add_config_args
 
@@ -83,14 +83,6 @@ class IngestResult:
     @property
     def samples_per_s(self) -> float:
         return self.manifest.samples_in / max(self.seconds, 1e-9)
-
-
-def redact(uri: str) -> str:
-    """``uri`` without any ``user:password@`` part."""
-    parts = urlsplit(uri)
-    if parts.netloc and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return uri
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,7 +304,7 @@ def run(cfg: Config, source: str, output: str, *, progress: bool = True) -> Inge
             if samples_in % 256 == 0:
                 bar.set_postfix(rejected=sum(writer.rejected.values()), refresh=False)
         bar.set_postfix(rejected=sum(writer.rejected.values()))
-        manifest = writer.finish(samples_in, redact(source), {"ingest": to_dict(ic)})
+        manifest = writer.finish(samples_in, redact(source), {"ingest": redact(to_dict(ic))})
     except BaseException:
         writer.close()
         raise

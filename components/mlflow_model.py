@@ -6,8 +6,10 @@ It imports only ``blip_core`` (shipped with the model as code), torch, PIL, nump
 
 Input: a pandas DataFrame (or a list of dicts / a dict of lists) with
 
-- ``image``: base64-encoded PNG/JPEG bytes (a ``data:image/...;base64,`` prefix is accepted), raw bytes, or
-  the path of a local image file;
+- ``image``: base64-encoded PNG/JPEG bytes (a ``data:image/...;base64,`` prefix is accepted) or raw bytes.
+  A file path is not read: a request must never be able to open, or probe for, files on the server. An
+  image with more pixels than ``max_pixels`` (model config; default 40 megapixels) is refused from its
+  header, before it is decoded;
 - ``text`` (optional): a caption to score against the row's image.
 
 Output: a DataFrame with one row per input row. Rows without text get ``caption`` (beam search, prompt
@@ -24,9 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import math
-import os
 from typing import Any
 
 import mlflow
@@ -54,30 +54,27 @@ def _missing(value: Any) -> bool:
     return isinstance(value, str) and value == ""
 
 
-def decode_image(value: Any):
-    """A PIL RGB image from base64 text, raw bytes or a local file path."""
-    from PIL import Image, UnidentifiedImageError
+def decode_image(value: Any, max_pixels: int | None = None):
+    """A PIL RGB image from base64 text or raw bytes (never a file path), at most ``max_pixels`` pixels."""
+    from blip_core.images import MAX_PIXELS, ImageTooLarge, open_rgb
 
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
     elif isinstance(value, str):
         text = value.strip()
-        path = text[7:] if text.startswith("file://") else text
-        if len(path) < 4096 and os.path.isfile(path):
-            with Image.open(path) as img:
-                return img.convert("RGB")
         if text.startswith("data:") and "," in text:
             text = text.split(",", 1)[1]
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as e:
-            raise ValueError("image is neither an existing local file nor base64-encoded image bytes") from e
+            raise ValueError("image is not base64-encoded image bytes (file paths are not accepted)") from e
     else:
-        raise ValueError(f"image must be base64 text, bytes or a local path, not {type(value).__name__}")
+        raise ValueError(f"image must be base64 text or bytes, not {type(value).__name__}")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    except UnidentifiedImageError as e:
+        return open_rgb(data, max_pixels or MAX_PIXELS)
+    except ImageTooLarge:
+        raise
+    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError("image bytes are not a readable PNG/JPEG image") from e
 
 
@@ -92,7 +89,7 @@ def _as_frame(model_input: Any) -> pd.DataFrame:
     else:
         raise ValueError(f"input must be a DataFrame with an 'image' column, not {type(model_input).__name__}")
     if "image" not in df.columns:
-        raise ValueError("input needs an 'image' column (base64 PNG/JPEG bytes or a local path)")
+        raise ValueError("input needs an 'image' column (base64-encoded PNG/JPEG bytes)")
     return df.reset_index(drop=True)
 
 
@@ -112,6 +109,7 @@ class BlipPyfunc(PythonModel):
         self.tokenizer = loaded.tokenizer
         self.image_size = int(self.model.cfg.vision.image_size)
         self.defaults = {**DEFAULT_PARAMS, **{k: v for k, v in config.items() if k in DEFAULT_PARAMS}}
+        self.max_pixels = int(config.get("max_pixels") or 0) or None
         self._transform = self._make_transform()
 
     def _make_transform(self):
@@ -143,7 +141,7 @@ class BlipPyfunc(PythonModel):
         tensors = []
         for row, value in zip(rows, values):
             try:
-                tensors.append(self._transform(decode_image(value)))
+                tensors.append(self._transform(decode_image(value, self.max_pixels)))
             except ValueError as e:
                 raise ValueError(f"row {row}: {e}") from e
         return torch.stack(tensors).to(self.device, non_blocking=True)

@@ -44,6 +44,7 @@ from boto3.s3.transfer import TransferConfig
 
 from blip_core.data.webdataset_io import LocalSink, is_s3, join_uri
 from blip_core.errors import UserError
+from blip_core.redact import redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,7 +58,7 @@ _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 __all__ = ["StorageError", "is_s3", "split_s3", "join", "endpoint_url", "s3_client", "read_bytes",
            "write_bytes", "read_text", "write_text", "read_json", "write_json", "upload_file",
            "download_file", "exists", "delete", "list_uris", "local_copy", "upload_dir", "download_dir",
-           "dataset_sink", "S3Sink", "check_bucket"]
+           "dataset_sink", "S3Sink", "check_bucket", "s3_user_error"]
 
 
 class StorageError(UserError):
@@ -132,8 +133,9 @@ def _is_transient(e: BaseException) -> bool:
                       | botocore.exceptions.ReadTimeoutError | botocore.exceptions.ConnectTimeoutError)
 
 
-def _user_error(e: BaseException, uri: str) -> StorageError:
-    where = f"{uri} (endpoint {endpoint_url() or 'AWS'})"
+def _user_error(e: BaseException, uri: str | None) -> StorageError:
+    endpoint = redact(endpoint_url() or "AWS")
+    where = f"{redact(uri)} (endpoint {endpoint})" if uri else f"S3 endpoint {endpoint}"
     if isinstance(e, botocore.exceptions.NoCredentialsError):
         return StorageError(f"{where}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
                             "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
@@ -145,6 +147,23 @@ def _user_error(e: BaseException, uri: str) -> StorageError:
     if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
         return StorageError(f"{where}: access denied ({code}); check the credentials")
     return StorageError(f"{where}: S3 request failed ({code})")
+
+
+def s3_user_error(e: BaseException, uri: str | None = None) -> StorageError | None:
+    """The one-line :class:`StorageError` for an S3 client error raised by botocore, whether through boto3
+    (this module) or through s3fs/aiobotocore (the dataset reader in ``blip_core.data``); None for other errors.
+
+    Credentials never appear: the message names the URI (redacted) and the endpoint only.
+    """
+    if not isinstance(e, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError):
+        return None
+    if uri is None and isinstance(e, botocore.exceptions.EndpointConnectionError
+                                  | botocore.exceptions.ConnectTimeoutError):
+        url = str(getattr(e, "kwargs", {}).get("endpoint_url") or "")  # the request: endpoint/bucket/key
+        endpoint = (endpoint_url() or "").rstrip("/")
+        if endpoint and url.startswith(endpoint + "/"):
+            uri = "s3://" + url[len(endpoint) + 1:].split("?", 1)[0]
+    return _user_error(e, uri)
 
 
 def _with_retries(what: str, uri: str, fn: Callable[[], T]) -> T:

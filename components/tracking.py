@@ -66,6 +66,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from blip_core.errors import UserError
+from blip_core.redact import redact
 
 log = logging.getLogger(__name__)
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep stage output readable (system-metrics chatter)
@@ -128,15 +129,6 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
         query = ("?" + uri.split("?", 1)[1]) if "?" in uri else ""
         uri = f"sqlite:///{(Path.cwd() / path).resolve()}{query}"
     return uri
-
-
-def redact(uri: str) -> str:
-    """``uri`` without a password (``http://user:***@host``), for messages."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _activate(uri: str | None) -> str:
@@ -301,7 +293,7 @@ def _param_value(value: Any) -> str:
         text = str(value)
     else:
         text = str(value)
-    return _clip(text, MAX_PARAM_VALUE)
+    return _clip(redact(text), MAX_PARAM_VALUE)
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -372,7 +364,7 @@ class StageRun:
         self.log_dict(d, "config.json")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        items = [RunTag(_key(k), _clip(str(v), MAX_TAG_VALUE)) for k, v in tags.items()]
+        items = [RunTag(_key(k), _clip(redact(str(v)), MAX_TAG_VALUE)) for k, v in tags.items()]
         if items:
             self.client.log_batch(self.run_id, tags=items)
 
@@ -389,11 +381,11 @@ class StageRun:
 
     # ------------------------------------------------------------------ artifacts
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        """``obj`` as JSON (``.json``) or YAML (``.yaml``/``.yml``) at ``artifact_file``."""
-        self.client.log_dict(self.run_id, obj, artifact_file)
+        """``obj`` as JSON (``.json``) or YAML (``.yaml``/``.yml``) at ``artifact_file`` (credentials redacted)."""
+        self.client.log_dict(self.run_id, redact(obj), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact(text), artifact_file)
 
     def log_artifact(self, local_path: str | Path, path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), path)
@@ -573,7 +565,7 @@ def model_requirements() -> list[str]:
 
 
 def model_signature():
-    """Input ``image`` (string: base64 bytes or a path) and optional ``text``; decoding options as params."""
+    """Input ``image`` (string: base64-encoded image bytes) and optional ``text``; decoding options as params."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 

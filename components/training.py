@@ -49,6 +49,7 @@ from blip_core.data.loader import dataset_shards, make_loader, pin_memory_for, s
 from blip_core.data.webdataset_io import is_s3, iter_shard, s3_filesystem
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
+from blip_core.redact import redact
 from blip_core.tokenizer import BlipTokenizer, pre_caption
 from blip_core.train import distributed as D
 from blip_core.train.checkpoint import latest_checkpoint
@@ -162,7 +163,7 @@ def publish(local: Path, output: str, names: list[str]) -> None:
 
 def write_result(output: str, local: Path, result: dict) -> None:
     """Write ``result.json`` last: its presence marks the stage's output as complete."""
-    text = json.dumps(result, indent=2) + "\n"
+    text = json.dumps(redact(result), indent=2) + "\n"
     if storage.is_s3(output):
         storage.write_text(storage.join(output, "result.json"), text)
     else:
@@ -257,7 +258,8 @@ def data_fingerprint(data_uris: list[str]) -> str:
 
 
 def train_config_dict(cfg: Config, section: str) -> dict:
-    return {"section": section, **to_dict(cfg)}
+    """The config written beside checkpoints and logged to MLflow (credentials in URIs redacted)."""
+    return redact({"section": section, **to_dict(cfg)})
 
 
 def run_training(

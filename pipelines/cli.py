@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from blip_core.errors import UserError
+from components.cli import one_line_errors
 
 COMMITTED_YAML = Path(__file__).with_name("blip_capfilt.yaml")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -297,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("run-local", help="run the whole pipeline here with kfp.local on a tiny config")
     r.add_argument("--pipeline-root", default="local_outputs", help="where artifacts go (default: ./local_outputs)")
     _add_param_options(r)
+    for parser in (p, c, s, r):
+        one_line_errors(parser)
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     return {"compile": cmd_compile, "submit": cmd_submit, "run-local": cmd_run_local}[args.command](args)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from blip_core.errors import UserError
+from blip_core.redact import install_log_redaction, redact
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,19 @@ LOCATION = "location"
 
 def one_line(e: BaseException) -> str:
     """The first line of an exception's message (with its type unless it is a UserError)."""
+    from components.cli import storage_error
+
+    e = storage_error(e) or e
     text = str(e).strip()
     first = text.splitlines()[0] if text else ""
-    return first if isinstance(e, UserError) and first else f"{type(e).__name__}: {first}".rstrip(": ")
+    line = first if isinstance(e, UserError) and first else f"{type(e).__name__}: {first}".rstrip(": ")
+    return redact(line)
 
 
 @contextlib.contextmanager
 def step(stage: str) -> Iterator[None]:
     """Report a failure of ``stage`` as one clear line (stderr, and a record for run-local)."""
+    install_log_redaction()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     try:

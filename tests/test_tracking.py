@@ -97,9 +97,9 @@ def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) 
 
 
 def _check_pyfunc(model, image_path: Path) -> None:
-    """The loaded pyfunc captions images (base64 and path) and scores image-text pairs."""
+    """The loaded pyfunc captions images (base64, with and without a data: prefix) and scores image-text pairs."""
     img = Image.open(image_path)
-    captions = model.predict(pd.DataFrame({"image": [_png_b64(img), str(image_path)]}))
+    captions = model.predict(pd.DataFrame({"image": [_png_b64(img), "data:image/png;base64," + _png_b64(img)]}))
     assert list(captions.columns) == ["caption"] and len(captions) == 2
     assert all(isinstance(c, str) for c in captions["caption"])
     assert captions["caption"][0] == captions["caption"][1]  # same image, deterministic beam search
@@ -269,7 +269,7 @@ def test_logged_model_registry_alias_and_pyfunc_sqlite(tiny_checkpoint, tmp_path
 
     model = mlflow.pyfunc.load_model("models:/blip-captioner@champion")
     _check_pyfunc(model, image_path)
-    with pytest.raises(Exception, match="row 0: image is neither"):
+    with pytest.raises(Exception, match="row 0: image is not base64"):
         model.predict(pd.DataFrame({"image": ["not-a-file-and-not-base64!"]}))
 
 
