@@ -105,7 +105,7 @@ def fetch_latest_checkpoint(output: str, local: Path) -> None:
     if latest_checkpoint(ckpt_local) is not None and (ckpt_local / latest["checkpoint"]).is_dir():
         return
     storage.download_dir(storage.join(remote, latest["checkpoint"]), ckpt_local / latest["checkpoint"])
-    (ckpt_local / "latest.json").write_text(json.dumps(latest))
+    storage.write_text(str(ckpt_local / "latest.json"), json.dumps(latest))  # atomic, after the checkpoint
 
 
 def uploader(output: str):
