@@ -352,13 +352,25 @@ def upload_dir(local_dir: str | Path, uri_dir: str) -> list[str]:
 
 
 def download_dir(uri_dir: str, local_dir: str | Path) -> list[Path]:
-    """Copy every file under ``uri_dir`` into ``local_dir`` keeping relative paths; returns the paths."""
+    """Copy every file under ``uri_dir`` into ``local_dir`` keeping relative paths; returns the paths.
+
+    An object key that would land outside ``local_dir`` (``..`` segments, a leading ``/``) raises
+    :class:`StorageError` before anything is written; zero-byte "folder" markers (keys ending in ``/``) are
+    skipped.
+    """
     base = uri_dir.rstrip("/") + "/" if is_s3(uri_dir) else str(Path(uri_dir)) + os.sep
-    out = []
+    root = Path(local_dir).resolve()
+    plan: list[tuple[str, Path]] = []
     for uri in list_uris(uri_dir):
         rel = uri[len(base):]
-        out.append(download_file(uri, Path(local_dir) / rel))
-    return out
+        if rel.endswith("/"):
+            continue
+        dest = (root / rel).resolve()
+        if not dest.is_relative_to(root) or dest == root:
+            raise StorageError(f"{uri}: the object key leads outside the download directory {local_dir}; "
+                               "refusing to download it")
+        plan.append((uri, dest))
+    return [download_file(uri, dest) for uri, dest in plan]
 
 
 # --------------------------------------------------------------------------------------------------
