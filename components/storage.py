@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -57,7 +58,7 @@ _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 __all__ = ["StorageError", "is_s3", "split_s3", "join", "endpoint_url", "s3_client", "read_bytes",
            "write_bytes", "read_text", "write_text", "read_json", "write_json", "upload_file",
            "download_file", "exists", "delete", "list_uris", "local_copy", "upload_dir", "download_dir",
-           "dataset_sink", "S3Sink", "check_bucket"]
+           "dataset_sink", "S3Sink", "check_bucket", "TooLarge"]
 
 
 class StorageError(UserError):
@@ -193,12 +194,37 @@ def _atomic_local_write(path: Path, data: bytes) -> None:
         raise
 
 
-def read_bytes(uri: str) -> bytes:
-    """Whole content of a local file or S3 object; ``FileNotFoundError`` when absent."""
+class TooLarge(ValueError):
+    """A file or object is larger than the ``max_bytes`` a caller accepts (nothing of it was read)."""
+
+
+def read_bytes(uri: str, max_bytes: int = 0) -> bytes:
+    """Whole content of a local file or S3 object; ``FileNotFoundError`` when absent.
+
+    With ``max_bytes`` > 0 a larger file or object raises :class:`TooLarge` without its content being read, and
+    a local path that is not a regular file (a device, a FIFO) raises ``OSError``.
+    """
     if not is_s3(uri):
-        return Path(uri).read_bytes()
+        if not max_bytes:
+            return Path(uri).read_bytes()
+        st = os.stat(uri)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{uri}: not a regular file")
+        with open(uri, "rb") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise TooLarge(f"{uri}: larger than {max_bytes} bytes")
+        return data
     bucket, key = split_s3(uri)
-    return _with_retries("read", uri, lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    def get() -> bytes:
+        resp = s3_client().get_object(Bucket=bucket, Key=key)
+        with contextlib.closing(resp["Body"]) as body:
+            if max_bytes and int(resp.get("ContentLength") or 0) > max_bytes:
+                raise TooLarge(f"{uri}: {resp['ContentLength']} bytes, larger than {max_bytes}")
+            return body.read()
+
+    return _with_retries("read", uri, get)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -305,8 +331,8 @@ def check_bucket(uri: str) -> None:
         raise StorageError(f"s3://{bucket} (endpoint {endpoint_url() or 'AWS'}): no such bucket") from None
 
 
-def list_uris(prefix: str, suffix: str = "", recursive: bool = True) -> list[str]:
-    """Sorted URIs of files under the directory ``prefix`` whose names end with ``suffix``."""
+def list_uris(prefix: str, suffix: str | tuple[str, ...] = "", recursive: bool = True) -> list[str]:
+    """Sorted URIs of files under the directory ``prefix`` whose names end with ``suffix`` (or one of them)."""
     if not is_s3(prefix):
         root = Path(prefix)
         if not root.is_dir():

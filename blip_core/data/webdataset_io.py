@@ -31,10 +31,12 @@ Reading ``s3://`` uses fsspec/s3fs with the endpoint from ``AWS_ENDPOINT_URL_S3`
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -44,7 +46,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 from webdataset.writer import TarWriter
 
 from blip_core.errors import UserError
@@ -367,27 +368,78 @@ def read_manifest(dataset_uri: str, fs: Any = None) -> Manifest:
     return Manifest.from_json(text, uri)
 
 
-def iter_tar_samples(fileobj: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is never read into memory
+OVERSIZE_KEY = "__oversize__"  # sample key naming members left unread for their size
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def tar_compression(url: str) -> str:
+    """``"gz"`` for a shard name that is decompressed (``.tar.gz``/``.tgz``), else ``""`` (a plain tar)."""
+    return "gz" if str(url).endswith((".tar.gz", ".tgz")) else ""
+
+
+def _tar_members(fileobj: IO[bytes], url: str, max_member_bytes: int) -> Iterator[tuple[str, bytes | None, int]]:
+    """``(name, data, size)`` of each regular member; ``data`` is None (unread) above ``max_member_bytes``.
+
+    The stream is opened without transparent decompression unless the name says so (``.tar.gz``/``.tgz``):
+    a compressed stream under a ``.tar`` name is not a tar archive. An oversize member is skipped by reading
+    past it in fixed-size blocks, never held in memory.
+    """
+    if tar_compression(url) == "gz":  # gzip's reader bounds each decompression step to the size asked for
+        fileobj = gzip.GzipFile(fileobj=fileobj, mode="rb")
+    stream = tarfile.open(fileobj=fileobj, mode="r|")
+    try:
+        for info in stream:
+            if not info.isreg() or _META_MEMBER.match(info.name):
+                continue
+            if max_member_bytes and info.size > max_member_bytes:
+                yield info.name, None, info.size
+            else:
+                member = stream.extractfile(info)
+                assert member is not None
+                yield info.name, member.read(), info.size
+            stream.members = []
+    finally:
+        stream.close()
+
+
+def iter_tar_samples(fileobj: IO[bytes], url: str,
+                     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
     """Samples of a WebDataset tar stream: dicts of ``__key__``, ``__url__`` and extension -> bytes.
 
-    Raises :class:`ShardReadError` (after yielding every complete sample before it) when the stream is
-    truncated or not a tar archive.
+    A member larger than ``max_member_bytes`` (0 = no limit) is not read: its sample gets
+    ``__oversize__`` (a one-line description) instead of that extension. Raises :class:`ShardReadError`
+    (after yielding every complete sample before it) when the stream is truncated or not a tar archive.
     """
-    def files() -> Iterator[dict[str, Any]]:
-        for f in tar_file_iterator(fileobj):
-            f["__url__"] = url
-            yield f
-
+    current: dict[str, Any] | None = None
     try:
-        yield from group_by_keys(files())
+        for name, data, size in _tar_members(fileobj, url, max_member_bytes):
+            m = _KEY_EXT.match(name)
+            if m is None:
+                continue
+            key, ext = m.group(1), m.group(2).lower()
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            if ext in current:
+                raise ValueError(f"{name}: duplicate file name in tar file")
+            if data is None:
+                current[OVERSIZE_KEY] = f"{name}: {size} bytes, over the {max_member_bytes}-byte member limit"
+            else:
+                current[ext] = data
+        if current is not None:
+            yield current
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         raise ShardReadError(f"{url}: {e}") from e
 
 
-def iter_shard(uri: str, fs: Any = None) -> Iterator[dict[str, Any]]:
+def iter_shard(uri: str, fs: Any = None,
+               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
     """Open a shard (local or ``s3://``) and yield its samples (see :func:`iter_tar_samples`)."""
     with open_uri(uri, fs) as f:
-        yield from iter_tar_samples(f, uri)
+        yield from iter_tar_samples(f, uri, max_member_bytes)
 
 
 def decode_json(raw: bytes | None) -> dict:
