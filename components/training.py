@@ -33,8 +33,8 @@ import torch
 from blip_core import build_model
 from blip_core.checkpoint_io import load_checkpoint, load_momentum_state, momentum_state_dict, save_checkpoint
 from blip_core.config import Config, TrainConfig, to_dict
-from blip_core.data.loader import dataset_shards, make_loader, sample_captions
-from blip_core.data.webdataset_io import is_s3, iter_shard, s3_filesystem
+from blip_core.data.loader import ShardLost, dataset_shards, make_loader, sample_captions
+from blip_core.data.webdataset_io import ShardReadError, is_s3, iter_shard, s3_filesystem
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
 from blip_core.tokenizer import BlipTokenizer, pre_caption
@@ -166,18 +166,29 @@ def resolve_model_dir(uri: str) -> str:
 # ------------------------------------------------------------------------------------------- model setup
 
 
-def corpus_captions(data_uris: list[str], max_words: int) -> Iterator[str]:
-    """Every cleaned caption of the given dataset directories (to build a WordPiece vocabulary)."""
+def corpus_captions(data_uris: list[str], max_words: int, allow_partial: bool = False,
+                    verify_sha256: bool = False) -> Iterator[str]:
+    """Every cleaned caption of the given dataset directories (to build a WordPiece vocabulary).
+
+    Missing or damaged shards raise :class:`~blip_core.data.loader.ShardLost` unless ``allow_partial`` (then
+    they are left out; the loader counts them).
+    """
     fs = s3_filesystem() if any(is_s3(u) for u in data_uris) else None
-    for shard in dataset_shards(data_uris):
-        for sample in iter_shard(shard.uri, fs):
-            try:
-                caps, _ = sample_captions(sample)
-            except Exception:  # noqa: BLE001 - unreadable samples are counted by the loader, not here
-                continue
-            for c in caps:
-                if text := pre_caption(c, max_words):
-                    yield text
+    for shard in dataset_shards(data_uris, allow_partial=allow_partial, verify_sha256=verify_sha256):
+        try:
+            for sample in iter_shard(shard.uri, fs):
+                try:
+                    caps, _ = sample_captions(sample)
+                except Exception:  # noqa: BLE001 - unreadable samples are counted by the loader, not here
+                    continue
+                for c in caps:
+                    if text := pre_caption(c, max_words):
+                        yield text
+        except (ShardReadError, OSError) as e:
+            if not allow_partial:
+                raise ShardLost(f"{shard.uri}: unreadable ({e}); re-run the stage that wrote it, or set "
+                                "data.allow_partial=true to train on the rest") from None
+            log.warning("data.allow_partial: shard %s unreadable while building the vocabulary: %s", shard.uri, e)
 
 
 def make_tokenizer(cfg: Config, data_uris: list[str], work: Path, info: D.DistInfo) -> BlipTokenizer:
@@ -188,7 +199,8 @@ def make_tokenizer(cfg: Config, data_uris: list[str], work: Path, info: D.DistIn
             return BlipTokenizer.from_dir(d)
     tok_dir = work / "tokenizer"
     if info.is_main:
-        tok = BlipTokenizer.from_corpus(corpus_captions(data_uris, cfg.data.max_words), cfg.model.corpus_vocab_size)
+        captions = corpus_captions(data_uris, cfg.data.max_words, cfg.data.allow_partial, cfg.data.verify_sha256)
+        tok = BlipTokenizer.from_corpus(captions, cfg.model.corpus_vocab_size)
         tok.save(tok_dir)
     D.barrier()
     return BlipTokenizer.from_dir(tok_dir)
@@ -260,7 +272,8 @@ def run_training(
         data, tokenizer, image_size=model.cfg.vision.image_size, batch_size=tcfg.batch_size, train=True,
         randaugment=cfg.data.randaugment, max_words=cfg.data.max_words, rank=info.rank,
         world_size=info.world_size, num_workers=cfg.data.num_workers, seed=tcfg.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer, **loader_kwargs)
+        shuffle_buffer=cfg.data.shuffle_buffer, allow_partial=cfg.data.allow_partial,
+        verify_sha256=cfg.data.verify_sha256, **loader_kwargs)
     if len(loader) == 0:
         raise UserError(f"{stage}: no full batch of {tcfg.batch_size} pairs per rank in {data}; "
                         f"lower {stage}.batch_size or add data")
@@ -289,7 +302,8 @@ def run_training(
             save_checkpoint(work / MODEL_DIR, model, tokenizer, mom)
             metrics = {**{f"final_{k}": v for k, v in res.last_losses.items()}, "steps": res.position.step,
                        "pairs_per_second": res.pairs_per_second, "data_time_share": res.data_time_share,
-                       "skipped_samples": loader.skipped}
+                       "skipped_samples": loader.skipped, "lost_samples": loader.lost_samples,
+                       "lost_shards": len(loader.lost)}
             (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             (work / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
             run.log_metrics(res.position.step, {k: v for k, v in metrics.items() if k != "steps"})

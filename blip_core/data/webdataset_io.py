@@ -87,8 +87,8 @@ class ShardInfo:
     path: str  # relative to the dataset directory
     samples: int
     captions: int
-    bytes: int
-    sha256: str
+    bytes: int | None = None  # None in manifests written without it: size not checked
+    sha256: str | None = None  # None in manifests written without it: content not checked
 
 
 @dataclass
@@ -402,6 +402,48 @@ def _tar_members(fileobj: IO[bytes], url: str, max_member_bytes: int) -> Iterato
             stream.members = []
     finally:
         stream.close()
+
+
+def check_shards(dataset_uri: str, manifest: Manifest, fs: Any = None,
+                 sha256: bool = False) -> list[tuple[ShardInfo, str]]:
+    """Shards of ``manifest`` whose file is missing, of another size, or (with ``sha256``) other content.
+
+    Returns ``(shard, problem)`` pairs, empty when the directory matches its manifest. Sizes come from one
+    listing (s3) or a stat per shard (local); ``sha256`` reads every shard. Shards recorded without a size or
+    checksum (older manifests) are checked for presence only.
+    """
+    sizes: dict[str, int] = {}
+    if is_s3(dataset_uri):
+        fs = fs or s3_filesystem()
+        prefix = dataset_uri[len("s3://"):].rstrip("/")
+        fs.invalidate_cache(prefix)
+        try:
+            entries = fs.find(prefix, detail=True)
+        except FileNotFoundError:
+            entries = {}
+        sizes = {name[len(prefix) + 1:]: int(e.get("size") or 0) for name, e in entries.items()}
+    problems: list[tuple[ShardInfo, str]] = []
+    for shard in manifest.shards:
+        uri = join_uri(dataset_uri, shard.path)
+        if is_s3(dataset_uri):
+            size = sizes.get(shard.path)
+        else:
+            try:
+                size = os.stat(uri).st_size
+            except FileNotFoundError:
+                size = None
+        if size is None:
+            problems.append((shard, "missing"))
+        elif shard.bytes is not None and size != shard.bytes:
+            problems.append((shard, f"{size} bytes, the manifest says {shard.bytes}"))
+        elif sha256 and shard.sha256:
+            h = hashlib.sha256()
+            with open_uri(uri, fs) as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            if h.hexdigest() != shard.sha256:
+                problems.append((shard, "sha256 differs from the manifest"))
+    return problems
 
 
 def iter_tar_samples(fileobj: IO[bytes], url: str,
