@@ -392,6 +392,31 @@ def open_source(uri: str, cfg: IngestConfig) -> Source:
     return ShardSource(uri, cfg.max_member_bytes)
 
 
+def source_fingerprint(uri: str) -> str:
+    """A hash of what ``uri`` holds now, to key cached ingest outputs: it changes when the data does.
+
+    ``toyweb://``: the URI (the generator is deterministic). Shards (a file, a directory or an ``s3://``
+    prefix): every shard's name, size and version (S3 ETag, local modification time). A JSONL/CSV manifest:
+    the same for every file under the manifest's directory (the manifest itself and the images it may
+    reference without ``ingest.allow_paths_outside``); images fetched by URL or from outside that directory
+    are not covered.
+    """
+    h = hashlib.sha256(redact(uri).encode())
+    if toyweb.is_toyweb(uri):
+        return h.hexdigest()
+    if uri.endswith((".jsonl", ".csv")):
+        if not storage.exists(uri):
+            raise UserError(f"source not found: {redact(uri)}")
+        listing = storage.list_versions(uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).parent))
+    else:
+        listing = storage.list_versions(uri, SHARD_SUFFIXES)
+        if not listing:
+            raise UserError(f"no WebDataset shards (*.tar, *.tar.gz, *.tgz) under {redact(uri)}")
+    for name, size, version in listing:
+        h.update(f"\n{name}\t{size}\t{version}".encode())
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------

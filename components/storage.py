@@ -58,7 +58,7 @@ _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 __all__ = ["StorageError", "is_s3", "split_s3", "join", "endpoint_url", "s3_client", "read_bytes",
            "write_bytes", "read_text", "write_text", "read_json", "write_json", "upload_file",
            "download_file", "exists", "delete", "list_uris", "local_copy", "upload_dir", "download_dir",
-           "dataset_sink", "S3Sink", "check_bucket", "TooLarge"]
+           "dataset_sink", "S3Sink", "check_bucket", "TooLarge", "list_versions"]
 
 
 class StorageError(UserError):
@@ -347,6 +347,43 @@ def list_uris(prefix: str, suffix: str | tuple[str, ...] = "", recursive: bool =
         kwargs = {"Bucket": bucket, "Prefix": key} | ({} if recursive else {"Delimiter": "/"})
         for page in s3_client().get_paginator("list_objects_v2").paginate(**kwargs):
             out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []) if o["Key"].endswith(suffix)]
+        return out
+
+    try:
+        return sorted(_with_retries("list", prefix, page_through))
+    except FileNotFoundError:
+        return []
+
+
+def list_versions(prefix: str, suffix: str | tuple[str, ...] = "") -> list[tuple[str, int, str]]:
+    """``(uri, size, version)`` of the files under ``prefix`` (or of the single file ``prefix``), sorted.
+
+    ``version`` changes whenever a file's content may have: the ETag of an S3 object, the modification time
+    (ns) of a local file. Used to tell whether a source changed without reading it.
+    """
+    if not is_s3(prefix):
+        root = Path(prefix)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        out = []
+        for p in files:
+            if p.name.endswith(suffix) or p == root:
+                st = p.stat()
+                out.append((str(p), st.st_size, str(st.st_mtime_ns)))
+        return out
+    bucket, key = split_s3(prefix)
+    try:
+        head = _with_retries("stat", prefix, lambda: s3_client().head_object(Bucket=bucket, Key=key)) if key else None
+    except FileNotFoundError:
+        head = None
+    if head is not None and not key.endswith("/"):
+        return [(prefix, int(head["ContentLength"]), str(head.get("ETag", "")))]
+    key = key.rstrip("/") + "/" if key else ""
+
+    def page_through() -> list[tuple[str, int, str]]:
+        out = []
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            out += [(f"s3://{bucket}/{o['Key']}", int(o["Size"]), str(o.get("ETag", "")))
+                    for o in page.get("Contents", []) if o["Key"].endswith(suffix)]
         return out
 
     try:

@@ -540,3 +540,54 @@ def test_manifest_url_redirects_are_checked_and_responses_capped(image_server):
             ingest.fetch_url(f"{image_server.url}{path}", 1 << 20, allow_private=True)
         assert err.value.reason == "too_large", path
     assert ingest.fetch_url(f"{image_server.url}/img.jpg", 1 << 20, allow_private=True) == _jpeg(3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cached ingest outputs follow the data, not only its URI
+# --------------------------------------------------------------------------------------------------
+
+
+def test_source_fingerprint_follows_the_data_under_an_unchanged_prefix(s3_bucket, tmp_path):
+    src = f"s3://{s3_bucket}/raw"
+    for i in range(2):
+        storage.write_bytes(f"{src}/part-{i}.tar", tar_bytes([{"__key__": f"s{i}", "jpg": _jpeg(i), "txt": b"a red"}]))
+    fp = ingest.source_fingerprint(src)
+    assert ingest.source_fingerprint(src) == fp
+    storage.write_bytes(f"{src}/part-1.tar", tar_bytes([{"__key__": "s1", "jpg": _jpeg(7), "txt": b"a red"}]))
+    fp2 = ingest.source_fingerprint(src)
+    assert fp2 != fp
+    storage.write_bytes(f"{src}/part-2.tar", tar_bytes([{"__key__": "s2", "jpg": _jpeg(8), "txt": b"a blue"}]))
+    assert ingest.source_fingerprint(src) not in (fp, fp2)
+    # a local manifest: the images next to it count too
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(_jpeg(1))
+    rows = _manifest_rows(tmp_path, [{"image": "img/a.jpg", "caption": "a red circle"}])
+    fp = ingest.source_fingerprint(rows)
+    (tmp_path / "img" / "a.jpg").write_bytes(_jpeg(2, size=(80, 64)))
+    assert ingest.source_fingerprint(rows) != fp
+
+
+def test_pipeline_ingest_reuses_its_output_only_while_the_source_is_unchanged(s3_bucket, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from pipelines import steps
+
+    src = f"s3://{s3_bucket}/raw"
+    storage.write_bytes(f"{src}/part-0.tar", tar_bytes([{"__key__": f"s{j}", "jpg": _jpeg(j), "txt": b"a red star"}
+                                                        for j in range(3)]))
+
+    def run_step(n: int):
+        dataset = SimpleNamespace(path=str(tmp_path / f"dataset{n}"), metadata={})
+        report = SimpleNamespace(path=str(tmp_path / f"report{n}.md"))
+        steps.ingest("web", src, f"s3://{s3_bucket}/runs", "", "", [], dataset, report)
+        return dataset.metadata
+
+    first = run_step(1)
+    again = run_step(2)
+    assert again["location"] == first["location"]
+    out = capsys.readouterr().out
+    storage.write_bytes(f"{src}/part-0.tar", tar_bytes([{"__key__": f"s{j}", "jpg": _jpeg(j), "txt": b"a red star"}
+                                                        for j in range(5)]))  # new data, same URI
+    changed = run_step(3)
+    assert changed["location"] != first["location"] and changed["samples"] == 5 and first["samples"] == 3
+    assert "reusing" in out  # the second run did not ingest again
