@@ -346,3 +346,17 @@ def test_shard_deleted_during_training_stops_it_unless_partial_is_allowed(tmp_pa
     loader = make_loader([str(tmp_path / "d")], tokenizer, batch_size=5, train=False, allow_partial=True,
                          **LOADER_ARGS)
     assert loader.lost_samples == 10
+
+
+def test_missing_shard_on_s3_is_refused_naming_it(s3_bucket, tokenizer):
+    from blip_core.data.loader import ShardLost
+    from components import storage
+
+    out = f"s3://{s3_bucket}/web"
+    ingest.run(load_config(None, ["ingest.shard_size=10"]), "toyweb://?split=web&n=30&seed=5", out, progress=False)
+    assert len(make_loader([out], tokenizer, batch_size=5, train=False, **LOADER_ARGS)) == 6
+    storage.delete(f"{out}/shard-000001.tar")
+    with pytest.raises(ShardLost, match=r"web/shard-000001\.tar: missing"):
+        make_loader([out], tokenizer, batch_size=5, train=False, **LOADER_ARGS)
+    loader = make_loader([out], tokenizer, batch_size=5, train=False, allow_partial=True, **LOADER_ARGS)
+    assert loader.lost_samples == 10 and len(loader) == 4
