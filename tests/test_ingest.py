@@ -591,3 +591,23 @@ def test_pipeline_ingest_reuses_its_output_only_while_the_source_is_unchanged(s3
     changed = run_step(3)
     assert changed["location"] != first["location"] and changed["samples"] == 5 and first["samples"] == 3
     assert "reusing" in out  # the second run did not ingest again
+
+
+def test_shards_and_rejections_reach_the_disk_before_the_manifest(tmp_path, monkeypatch):
+    """A power cut after manifest.json is written must not leave it naming shards still in the page cache."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = tmp_path / "out"
+    m = ingest.run(_cfg("ingest.shard_size=4"), "toyweb://?n=10&noise=0.5&seed=2", str(out), progress=False).manifest
+    names = [Path(p).name for p in synced]
+    manifest_at = max(i for i, n in enumerate(names) if n.startswith(f".{MANIFEST_NAME}.tmp-"))
+    for shard in m.shards:
+        assert shard.path in names[:manifest_at], shard.path  # synced while staged, before the manifest
+    assert REJECTED_NAME in names[:manifest_at]
+    assert str(out) in synced[manifest_at + 1:]  # the directory entry of the renamed manifest

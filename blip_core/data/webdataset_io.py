@@ -154,8 +154,24 @@ class Sink(Protocol):
         ...
 
 
+def _fsync_path(path: str | Path) -> None:
+    """Flush a file's content, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_close(f: IO) -> None:
+    """Flush, fsync and close a file written through Python (before it is published by a rename)."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
 class LocalSink:
-    """A local dataset directory; files appear under their final name only when complete."""
+    """A local dataset directory; files appear under their final name only when complete and on disk (fsync)."""
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
@@ -183,7 +199,9 @@ class LocalSink:
                 raise
             tmp = self._tmp(name)
             shutil.copyfile(local, tmp)
+            _fsync_path(tmp)
             os.replace(tmp, final)
+        _fsync_path(self.dir)
 
     def put_bytes(self, name: str, data: bytes) -> None:
         tmp = self._tmp(name)
@@ -192,6 +210,7 @@ class LocalSink:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / name)
+        _fsync_path(self.dir)
 
     def delete(self, name: str) -> None:
         (self.dir / name).unlink(missing_ok=True)
@@ -250,7 +269,7 @@ class DatasetWriter:
     def _close_shard(self) -> None:
         assert self._tar is not None and self._tar_file is not None
         self._tar.close()
-        self._tar_file.close()
+        _sync_close(self._tar_file)
         name = shard_name(len(self.shards))
         path = self.staging / name
         info = ShardInfo(name, self._in_shard, self._captions_in_shard, path.stat().st_size, sha256_file(path))
@@ -297,7 +316,7 @@ class DatasetWriter:
         for name in self.sink.list_names():
             if name.startswith(SHARD_PREFIX) and name.endswith(".tar") and name not in keep:
                 self.sink.delete(name)
-        self._rejected_file.close()
+        _sync_close(self._rejected_file)
         self.sink.put_file(self.staging / REJECTED_NAME, REJECTED_NAME)
         self.sink.put_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
         self.close()
