@@ -39,7 +39,7 @@ from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
 from blip_core.tokenizer import BlipTokenizer, pre_caption
 from blip_core.train import distributed as D
-from blip_core.train.checkpoint import latest_checkpoint
+from blip_core.train.checkpoint import is_complete
 from blip_core.train.loop import TrainResult, train
 from blip_core.train.optim import build_optimizer
 from components import storage
@@ -101,10 +101,18 @@ def fetch_latest_checkpoint(output: str, local: Path) -> None:
     if not storage.exists(pointer):
         return
     latest = storage.read_json(pointer)
+    name = str(latest["checkpoint"])
     ckpt_local = local / CHECKPOINT_DIR
-    if latest_checkpoint(ckpt_local) is not None and (ckpt_local / latest["checkpoint"]).is_dir():
-        return
-    storage.download_dir(storage.join(remote, latest["checkpoint"]), ckpt_local / latest["checkpoint"])
+    if "/" in name or name.startswith("."):
+        raise UserError(f"{pointer}: not a checkpoint name: {name!r}")
+    if not is_complete(ckpt_local / name):  # absent, or a download that was cut short
+        partial = ckpt_local / f".{name}.download"
+        shutil.rmtree(partial, ignore_errors=True)
+        storage.download_dir(storage.join(remote, name), partial)
+        if not is_complete(partial):
+            raise UserError(f"{storage.join(remote, name)}: the checkpoint named by {pointer} is incomplete")
+        shutil.rmtree(ckpt_local / name, ignore_errors=True)
+        os.replace(partial, ckpt_local / name)
     storage.write_text(str(ckpt_local / "latest.json"), json.dumps(latest))  # atomic, after the checkpoint
 
 

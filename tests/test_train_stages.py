@@ -168,3 +168,25 @@ def test_pretrain_refuses_a_dataset_missing_a_shard_unless_partial_is_allowed(tm
     assert blip([*args, "--set", "data.allow_partial=true"]) == 0
     metrics = json.loads((tmp_path / "pre" / "metrics.json").read_text())
     assert metrics["lost_samples"] == 16 and metrics["lost_shards"] == 1
+
+
+def test_resume_from_s3_replaces_a_local_checkpoint_whose_download_was_cut_short(tmp_path, s3_bucket):
+    from components.training import fetch_latest_checkpoint
+
+    output = f"s3://{s3_bucket}/pre"
+    files = ("objective.safetensors", "optimizer.safetensors", "train_state.json")
+    for step in ("step-00000002", "step-00000004"):
+        for f in files:
+            storage.write_bytes(f"{output}/checkpoints/{step}/{f}", f"{step}/{f}".encode())
+    storage.write_json(f"{output}/checkpoints/latest.json", {"checkpoint": "step-00000004", "step": 4})
+    local = tmp_path / "work" / "checkpoints"
+    (local / "step-00000002").mkdir(parents=True)  # an earlier, complete download
+    for f in files:
+        (local / "step-00000002" / f).write_bytes(f"step-00000002/{f}".encode())
+    (local / "latest.json").write_text(json.dumps({"checkpoint": "step-00000002"}))
+    (local / "step-00000004").mkdir()  # the newest one, cut short after its first file
+    (local / "step-00000004" / files[0]).write_bytes(b"step-00000004/objective.safetensors")
+    fetch_latest_checkpoint(output, tmp_path / "work")
+    assert json.loads((local / "latest.json").read_text())["checkpoint"] == "step-00000004"
+    assert [(local / "step-00000004" / f).read_bytes() for f in files] == [f"step-00000004/{f}".encode() for f in files]
+    assert sorted(p.name for p in local.iterdir()) == ["latest.json", "step-00000002", "step-00000004"]
