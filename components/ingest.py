@@ -13,6 +13,10 @@ Sources:
 - a ``.jsonl`` or ``.csv`` manifest: one row per sample with ``image`` (a path relative to the manifest,
   an absolute path, an ``s3://`` URI or an ``http(s)://`` URL) and ``caption`` (or ``text``); optional
   ``captions`` (a list, JSONL only), ``key`` and ``image_id``; other fields are kept in the sample json.
+  Paths (and ``s3://`` keys) must stay inside the manifest's directory or prefix (else ``outside_root``,
+  whether or not the file exists; ``ingest.allow_paths_outside`` lifts it); URLs must be http(s) to public
+  addresses, checked on every redirect and at connect (else ``blocked_url``; ``ingest.allow_private_urls``);
+  no image over ``ingest.max_member_bytes`` is read (``too_large``).
 
 Every input sample ends up either in a shard or in ``rejected.jsonl`` with a reason (see
 :mod:`blip_core.data.checks`); a shard that breaks off mid-way counts its unreadable remainder once as
