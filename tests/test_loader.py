@@ -360,3 +360,23 @@ def test_missing_shard_on_s3_is_refused_naming_it(s3_bucket, tokenizer):
         make_loader([out], tokenizer, batch_size=5, train=False, **LOADER_ARGS)
     loader = make_loader([out], tokenizer, batch_size=5, train=False, allow_partial=True, **LOADER_ARGS)
     assert loader.lost_samples == 10 and len(loader) == 4
+
+
+def test_shard_with_a_zeroed_tail_is_refused_in_training_and_evaluation(tmp_path, tokenizer):
+    """A tar whose tail was zeroed reads as a shorter valid archive: the manifest's sample count catches it."""
+    from blip_core.data.loader import ShardLost
+
+    m = _dataset(tmp_path / "d", n=20)
+    shard = tmp_path / "d" / "shard-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:3000] + bytes(len(data) - 3000))  # same size, the tail zeroed
+    with pytest.raises(ShardLost, match=r"shard-000001\.tar: unreadable .*samples read, the manifest says 10"):
+        load_eval_split(str(tmp_path / "d"), image_size=32)
+    loader = make_loader([str(tmp_path / "d")], tokenizer, batch_size=5, train=False, **LOADER_ARGS)
+    with pytest.raises(ShardLost, match=r"shard-000001\.tar: became unreadable"):
+        list(loader)
+    partial = make_loader([str(tmp_path / "d")], tokenizer, batch_size=5, train=False, allow_partial=True,
+                          **LOADER_ARGS)
+    assert len(list(partial)) == 4 and partial.skipped >= 1  # counted, batch count unchanged
+    shard.write_bytes(data)
+    assert len(load_eval_split(str(tmp_path / "d"), image_size=32).samples) == m.samples_out == 20

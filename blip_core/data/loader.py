@@ -124,6 +124,13 @@ def dataset_shards(data_uris: Sequence[str], *, allow_partial: bool = False,
     return open_datasets(data_uris, allow_partial=allow_partial, verify_sha256=verify_sha256)[0]
 
 
+def _check_count(shard: ShardRef, seen: int) -> None:
+    """Raise :class:`ShardReadError` when a shard read to its end held another number of samples than its
+    manifest records (a tar whose tail was zeroed reads as a shorter, valid archive)."""
+    if seen != shard.samples:
+        raise ShardReadError(f"{seen} samples read, the manifest says {shard.samples}")
+
+
 def image_index(image_id: str) -> int:
     """A stable non-negative 63-bit integer for an image id (the same on every rank and run)."""
     return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "big") >> 1
@@ -211,10 +218,12 @@ class PairStream(IterableDataset):
             if offset >= end:
                 return
             g = offset  # global pair index of the next sample's first pair
+            seen = 0  # samples of this shard read so far
             try:
                 for sample in iter_shard(shard.uri, fs):
                     if g >= end:
                         break
+                    seen += 1
                     try:
                         if OVERSIZE_KEY in sample:
                             raise ValueError(sample[OVERSIZE_KEY])
@@ -235,6 +244,8 @@ class PairStream(IterableDataset):
                             for j in range(lo - g, hi - g):
                                 yield img, caps[j], image_id
                     g += k
+                else:
+                    _check_count(shard, seen)
             except (ShardReadError, OSError) as e:
                 if not self.allow_partial:
                     raise ShardLost(f"{shard.uri}: became unreadable during training ({e}); re-run the stage "
@@ -405,7 +416,11 @@ class EvalSplit(NamedTuple):
 
 
 def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = 30) -> EvalSplit:
-    """Load every sample of one or more dataset directories with the eval transform (skipping unreadable ones)."""
+    """Load every sample of one or more dataset directories with the eval transform.
+
+    Samples that cannot be decoded are skipped and counted in a warning; a missing, damaged or unreadable
+    shard raises :class:`ShardLost` (an evaluation never runs silently on part of its split).
+    """
     transform = EvalTransform(image_size)
     images: list[torch.Tensor] = []
     texts: list[str] = []
@@ -417,7 +432,9 @@ def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = 
     fs = s3_filesystem() if any(is_s3(u) for u in uris) else None
     for shard in dataset_shards(uris):
         try:
+            seen = 0
             for sample in iter_shard(shard.uri, fs):
+                seen += 1
                 try:
                     caps, _ = sample_captions(sample)
                     img = decode_image(_image_bytes(sample))
@@ -435,9 +452,9 @@ def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = 
                 texts += caps
                 txt2img += [i] * len(caps)
                 samples.append({**meta, "__key__": sample["__key__"]})
-        except ShardReadError as e:
-            log.warning("shard %s unreadable: %s", shard.uri, e)
-            skipped += 1
+            _check_count(shard, seen)
+        except (ShardReadError, OSError) as e:  # an evaluation on part of the split would not say so
+            raise ShardLost(f"{shard.uri}: unreadable ({e}); re-run the stage that wrote it") from None
     if skipped:
         log.warning("load_eval_split(%s): skipped %d unreadable sample(s)", ", ".join(uris), skipped)
     if not images:
