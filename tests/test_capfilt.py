@@ -195,3 +195,18 @@ def test_kill_and_resume_redoes_only_unfinished_shards(tiny_ckpt, web_three_shar
         assert (ref / name).read_bytes() == (out / name).read_bytes(), name
     ref_m, out_m = read_manifest(str(ref)), read_manifest(str(out))
     assert [s.sha256 for s in ref_m.shards] == [s.sha256 for s in out_m.shards]
+
+
+def test_web_shard_damaged_after_opening_stops_capfilt_naming_it(tiny_ckpt, tmp_path, no_tracking):
+    """Sizes match the manifest (so opening passes), but the tail was zeroed: fewer samples than recorded."""
+    from blip_core.data.loader import ShardLost
+
+    web = str(tmp_path / "web")
+    ingest.run(load_config(None, ["ingest.resolution=32", "ingest.shard_size=10"]),
+               "toyweb://?split=web&n=20&seed=2&size=32", web, progress=False)
+    shard = tmp_path / "web" / "shard-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:3000] + bytes(len(data) - 3000))
+    cfg = load_config(None, CAPFILT)
+    with pytest.raises(ShardLost, match=r"shard-000001\.tar: \d samples read, the manifest says 10"):
+        capfilt.run(cfg, tiny_ckpt, tiny_ckpt, [web], [], str(tmp_path / "cf"), progress=False)
