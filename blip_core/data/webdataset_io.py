@@ -19,7 +19,8 @@ Each sample in a shard has ``__key__`` plus:
 
 ``manifest.json`` holds ``format``, ``source``, ``samples_in``, ``samples_out``, ``captions_out``,
 ``rejected`` (reason -> count, with ``samples_in == samples_out + sum(rejected.values())``), ``shards``
-(each with ``path`` relative to the directory, ``samples``, ``captions``, ``bytes``, ``sha256``) and
+(each with ``path`` relative to the directory, ``samples``, ``captions``, ``bytes``, ``sha256``; readers check
+them with :func:`check_shards`, and accept older manifests without the last two) and
 ``config`` (the settings that produced it), plus any stage-specific top-level keys (kept in
 :attr:`Manifest.extra`). It holds no timestamps: the same input and settings give
 byte-identical shards and manifest.
