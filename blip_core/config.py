@@ -141,6 +141,10 @@ class DataConfig:
     min_scale_pretrain: float = 0.2  # RandomResizedCrop lower scale at pre-training
     min_scale_finetune: float = 0.5  # ... and at fine-tuning
     randaugment: bool = True  # RandAugment(2, 5) in train transforms
+    # train on what is left when shards listed in a dataset's manifest are missing or damaged (counted and
+    # logged as lost_samples); false = refuse to start
+    allow_partial: bool = False
+    verify_sha256: bool = False  # also check every shard's sha256 against the manifest when opening (reads all)
 
 
 @dataclass(kw_only=True)
@@ -158,6 +162,10 @@ class IngestConfig:
     dedupe: bool = True  # drop exact duplicates (same image bytes and same cleaned caption)
     caption_source: Literal["web", "human", "synthetic"] = "web"  # json "source" when the input does not say
     fetch_threads: int = 8  # parallel image reads for JSONL/CSV manifests (S3 keys, URLs, files)
+    # largest tar member or manifest image read (bytes); bigger ones are rejected unread ("too_large")
+    max_member_bytes: int = 67_108_864
+    allow_paths_outside: bool = False  # manifest image paths may leave the manifest's directory (or s3 prefix)
+    allow_private_urls: bool = False  # manifest image URLs may reach private, loopback or link-local addresses
 
 
 @dataclass(kw_only=True)

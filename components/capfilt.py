@@ -48,7 +48,7 @@ from webdataset.writer import TarWriter
 
 from blip_core.capfilt import caption_batch, choose_threshold, decide, filter_batch
 from blip_core.config import Config, load_config, to_dict
-from blip_core.data.loader import dataset_shards, decode_image, load_eval_split, sample_captions
+from blip_core.data.loader import ShardLost, dataset_shards, decode_image, load_eval_split, sample_captions
 from blip_core.data.transforms import EvalTransform
 from blip_core.data.webdataset_io import (
     DATASET_FORMAT,
@@ -56,6 +56,7 @@ from blip_core.data.webdataset_io import (
     MANIFEST_NAME,
     Manifest,
     ShardInfo,
+    ShardReadError,
     decode_json,
     is_s3,
     iter_shard,
@@ -293,7 +294,13 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
                 bar.update(shard.samples)
                 continue
             with tempfile.TemporaryDirectory(prefix="blip-capfilt-") as tmp:
-                stats = _process_shard(models, cfg, shard.uri, i, Path(tmp), fs, examples, threshold)
+                try:
+                    stats = _process_shard(models, cfg, shard.uri, i, Path(tmp), fs, examples, threshold)
+                except ShardReadError as e:
+                    raise ShardLost(f"{shard.uri}: unreadable ({e}); re-run the stage that wrote it") from None
+                if stats["images_in"] != shard.samples:  # e.g. a zeroed tail reads as a shorter archive
+                    raise ShardLost(f"{shard.uri}: {stats['images_in']} samples read, the manifest says "
+                                    f"{shard.samples}; re-run the stage that wrote it")
                 storage.upload_file(Path(tmp) / stats["shard"], storage.join(output, stats["shard"]))
                 storage.upload_file(Path(tmp) / "provenance" / f"{stats['shard']}.jsonl",
                                     storage.join(output, "parts", f"{stats['shard']}.provenance.jsonl"))

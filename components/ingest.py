@@ -5,11 +5,18 @@
 Sources:
 
 - ``toyweb://?split=web&n=2000&noise=0.3&seed=0`` — the embedded generator (:mod:`blip_core.data.toyweb`);
-- a directory or ``s3://`` prefix of WebDataset shards (``*.tar``, searched recursively, read in sorted
-  order) in the img2dataset layout: ``jpg|jpeg|png|webp`` + ``txt`` + optional ``json``; or one ``.tar``;
+- a directory or ``s3://`` prefix of WebDataset shards (``*.tar``, and gzip-compressed ``*.tar.gz`` / ``*.tgz``,
+  searched recursively, read in sorted order) in the img2dataset layout: ``jpg|jpeg|png|webp`` + ``txt`` +
+  optional ``json``; or one such file. Only the ``.tar.gz``/``.tgz`` names are decompressed (a compressed
+  stream named ``.tar`` is an unreadable shard), and a member larger than ``ingest.max_member_bytes`` is
+  never read: its sample is rejected as ``too_large``;
 - a ``.jsonl`` or ``.csv`` manifest: one row per sample with ``image`` (a path relative to the manifest,
   an absolute path, an ``s3://`` URI or an ``http(s)://`` URL) and ``caption`` (or ``text``); optional
   ``captions`` (a list, JSONL only), ``key`` and ``image_id``; other fields are kept in the sample json.
+  Paths (and ``s3://`` keys) must stay inside the manifest's directory or prefix (else ``outside_root``,
+  whether or not the file exists; ``ingest.allow_paths_outside`` lifts it); URLs must be http(s) to public
+  addresses, checked on every redirect and at connect (else ``blocked_url``; ``ingest.allow_private_urls``);
+  no image over ``ingest.max_member_bytes`` is read (``too_large``).
 
 Every input sample ends up either in a shard or in ``rejected.jsonl`` with a reason (see
 :mod:`blip_core.data.checks`); a shard that breaks off mid-way counts its unreadable remainder once as
@@ -23,17 +30,23 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import http.client
 import io
+import ipaddress
 import json
 import logging
+import posixpath
 import re
+import socket
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
@@ -42,6 +55,7 @@ from blip_core.data import toyweb
 from blip_core.data.checks import ImageRules, Rejected, check_image, clean_captions
 from blip_core.data.webdataset_io import (
     IMAGE_EXTS,
+    OVERSIZE_KEY,
     DatasetWriter,
     Manifest,
     ShardReadError,
@@ -56,6 +70,7 @@ from components.cli import add_config_args
 log = logging.getLogger(__name__)
 
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _CAPTION_SOURCES = ("web", "human", "synthetic")
 
 
@@ -119,8 +134,9 @@ def _first_image(sample: dict) -> bytes | None:
 class ShardSource(Source):
     """WebDataset shards under a directory / ``s3://`` prefix, or a single ``.tar``."""
 
-    def __init__(self, uri: str) -> None:
-        if uri.endswith(".tar"):
+    def __init__(self, uri: str, max_member_bytes: int = 0) -> None:
+        self.max_member_bytes = max_member_bytes
+        if uri.endswith(SHARD_SUFFIXES):
             if not storage.exists(uri):
                 raise UserError(f"source not found: {redact(uri)}")
             self.shards = [uri]
@@ -130,18 +146,22 @@ class ShardSource(Source):
             elif not Path(uri).is_dir():
                 raise UserError(f"source not found: {uri} (expected toyweb://..., a directory or s3:// prefix "
                                 "of .tar shards, or a .jsonl/.csv manifest)")
-            self.shards = storage.list_uris(uri, ".tar")
+            self.shards = storage.list_uris(uri, SHARD_SUFFIXES)
             if not self.shards:
-                raise UserError(f"no WebDataset shards (*.tar) under {redact(uri)}")
+                raise UserError(f"no WebDataset shards (*.tar, *.tar.gz, *.tgz) under {redact(uri)}")
 
     def __iter__(self) -> Iterator[RawSample]:
         for shard in self.shards:
             name = shard.rsplit("/", 1)[-1]
             with storage.local_copy(shard) as path, open(path, "rb") as f:
                 try:
-                    for s in iter_tar_samples(f, shard):
+                    for s in iter_tar_samples(f, shard, self.max_member_bytes):
                         raw = RawSample(s["__key__"], name, _first_image(s), s.get("txt"),
                                         default_image_id=s["__key__"])
+                        if OVERSIZE_KEY in s:
+                            raw.error = Rejected("too_large", s[OVERSIZE_KEY])
+                            yield raw
+                            continue
                         try:
                             raw.meta = decode_json(s.get("json"))
                         except ValueError as e:
@@ -151,12 +171,123 @@ class ShardSource(Source):
                     yield RawSample(f"{name}#rest", name, error=Rejected("unreadable_shard", str(e)))
 
 
-class ManifestSource(Source):
-    """A ``.jsonl`` / ``.csv`` list of image locations and captions."""
+class _BlockedAddress(OSError):
+    """A connection reached an address that image URLs may not reach."""
 
-    def __init__(self, uri: str, threads: int) -> None:
+
+def _private(ip: str) -> bool:
+    """Whether ``ip`` is private, loopback, link-local, reserved, multicast or unspecified (v4 or v6)."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast
+            or addr.is_unspecified)
+
+
+def check_url(url: str, allow_private: bool = False) -> None:
+    """Raise :class:`Rejected` unless ``url`` is http(s) and (without ``allow_private``) every address its
+    host resolves to is public."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Rejected("blocked_url", f"{redact(url)}: only http(s) URLs with a host are fetched")
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+                                   type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError) as e:
+        raise Rejected("missing_image", f"{redact(url)}: cannot resolve the host ({e})") from None
+    if any(_private(info[4][0]) for info in infos):
+        raise Rejected("blocked_url", f"{redact(url)}: the host resolves to a private, loopback or link-local "
+                       "address (ingest.allow_private_urls)")
+
+
+class _PeerCheck:
+    """Mixin for http.client connections: refuse a connected peer at a private address (DNS rebinding)."""
+
+    check_peer = True
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        if self.check_peer and _private(self.sock.getpeername()[0]):  # type: ignore[attr-defined]
+            self.sock.close()  # type: ignore[attr-defined]
+            raise _BlockedAddress("connected to a private, loopback or link-local address")
+
+
+class _CheckedHTTP(_PeerCheck, http.client.HTTPConnection):
+    pass
+
+
+class _CheckedHTTPS(_PeerCheck, http.client.HTTPSConnection):
+    pass
+
+
+def _via_proxy(req: urllib.request.Request) -> bool:
+    return bool(getattr(req, "_tunnel_host", None)) or req.has_proxy()
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        cls = type("Conn", (_CheckedHTTP,), {"check_peer": not _via_proxy(req)})
+        return self.do_open(cls, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        cls = type("Conn", (_CheckedHTTPS,), {"check_peer": not _via_proxy(req)})
+        return self.do_open(cls, req, context=self._context)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    def __init__(self, allow_private: bool) -> None:
+        self.allow_private = allow_private
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        check_url(newurl, self.allow_private)  # every hop is checked like the first URL
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_url(url: str, max_bytes: int, allow_private: bool = False, timeout: float = 20) -> bytes:
+    """GET an image URL: http(s) only, public addresses only (unless ``allow_private``; redirects and the
+    connected peer are checked too), at most ``max_bytes`` (streamed; more raises ``Rejected("too_large")``)."""
+    check_url(url, allow_private)
+    handlers: list = [_RedirectHandler(allow_private)]
+    if not allow_private:
+        handlers += [_HTTPHandler(), _HTTPSHandler()]
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(url, timeout=timeout) as r:
+            length = r.headers.get("Content-Length")
+            if max_bytes and length and length.isdigit() and int(length) > max_bytes:
+                raise Rejected("too_large", f"{redact(url)}: {length} bytes > {max_bytes} (ingest.max_member_bytes)")
+            chunks, size = [], 0
+            while chunk := r.read(1 << 20):
+                chunks.append(chunk)
+                size += len(chunk)
+                if max_bytes and size > max_bytes:
+                    raise Rejected("too_large", f"{redact(url)}: more than {max_bytes} bytes (ingest.max_member_bytes)")
+            return b"".join(chunks)
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, _BlockedAddress):
+            raise Rejected("blocked_url", f"{redact(url)}: {e.reason} (ingest.allow_private_urls)") from None
+        raise
+
+
+class ManifestSource(Source):
+    """A ``.jsonl`` / ``.csv`` list of image locations and captions.
+
+    Image paths must stay inside the manifest's directory (or ``s3://`` prefix) unless
+    ``allow_paths_outside``; URLs may only reach public addresses unless ``allow_private_urls``; no image
+    larger than ``max_bytes`` is read.
+    """
+
+    def __init__(self, uri: str, threads: int, *, max_bytes: int = 0, allow_paths_outside: bool = False,
+                 allow_private_urls: bool = False) -> None:
         self.uri = uri
         self.threads = max(1, threads)
+        self.max_bytes = max_bytes
+        self.allow_outside = allow_paths_outside
+        self.allow_private = allow_private_urls
         try:
             data = storage.read_bytes(uri)
         except FileNotFoundError:
@@ -178,22 +309,44 @@ class ManifestSource(Source):
                 except ValueError as e:
                     self.rows.append((i, None, str(e)))
         self.total = len(self.rows)
-        self.base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).parent)
+        self.base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).resolve().parent)
 
     def _location(self, ref: str) -> str:
-        if storage.is_s3(ref) or ref.startswith(("http://", "https://")) or Path(ref).is_absolute():
+        """Where ``ref`` points; raises ``Rejected("outside_root")`` (the same whether or not it exists)."""
+        if ref.startswith(("http://", "https://")):
             return ref
-        return storage.join(self.base, ref)
+        if storage.is_s3(ref) or storage.is_s3(self.base):
+            absolute = storage.is_s3(ref) or Path(ref).is_absolute()
+            loc = ref if absolute else storage.join(self.base, ref)
+            inside = False
+            if storage.is_s3(self.base) and storage.is_s3(loc):
+                bucket, key = storage.split_s3(loc)
+                base_bucket, base_key = storage.split_s3(self.base)
+                norm = posixpath.normpath("/" + key)[1:]
+                inside = bucket == base_bucket and (not base_key or norm.startswith(base_key.rstrip("/") + "/"))
+        else:
+            loc = str(Path(self.base) / ref)
+            inside = Path(loc).resolve().is_relative_to(self.base)
+        if not inside and not self.allow_outside:
+            raise Rejected("outside_root", f"{ref}: outside the manifest's directory (ingest.allow_paths_outside)")
+        return loc
 
-    def _fetch(self, ref: str) -> tuple[bytes | None, str]:
-        loc = self._location(ref)
+    def _fetch(self, ref: str) -> tuple[bytes | None, Rejected | None]:
+        try:
+            loc = self._location(ref)
+        except Rejected as r:
+            return None, r
         try:
             if loc.startswith(("http://", "https://")):
-                with urllib.request.urlopen(loc, timeout=20) as r:  # noqa: S310 - user-given image URLs
-                    return r.read(), ""
-            return storage.read_bytes(loc), ""
-        except (OSError, ValueError, storage.StorageError) as e:
-            return None, f"{redact(loc)}: {type(e).__name__}: {e}"
+                return fetch_url(loc, self.max_bytes, self.allow_private), None
+            return storage.read_bytes(loc, max_bytes=self.max_bytes), None
+        except Rejected as r:
+            return None, r
+        except storage.TooLarge:
+            return None, Rejected("too_large", f"{redact(loc)}: larger than {self.max_bytes} bytes "
+                                  "(ingest.max_member_bytes)")
+        except (OSError, ValueError, http.client.HTTPException, storage.StorageError) as e:
+            return None, Rejected("missing_image", f"{redact(loc)}: {type(e).__name__}: {e}")
 
     def _raw(self, line: int, row: dict | None, err: str) -> tuple[RawSample, str | None]:
         key = f"{line:09d}"
@@ -217,10 +370,10 @@ class ManifestSource(Source):
         with ThreadPoolExecutor(self.threads) as pool:
             for start in range(0, len(self.rows), chunk):
                 items = [self._raw(*r) for r in self.rows[start:start + chunk]]
-                fetched = pool.map(lambda it: self._fetch(it[1]) if it[1] else (None, ""), items)
+                fetched = pool.map(lambda it: self._fetch(it[1]) if it[1] else (None, None), items)
                 for (raw, _), (data, err) in zip(items, fetched):
                     if raw.error is None and data is None:
-                        raw.error = Rejected("missing_image", err)
+                        raw.error = err or Rejected("missing_image", "no image")
                     raw.image = data
                     yield raw
 
@@ -230,8 +383,35 @@ def open_source(uri: str, cfg: IngestConfig) -> Source:
     if toyweb.is_toyweb(uri):
         return ToyWebSource(uri)
     if uri.endswith((".jsonl", ".csv")):
-        return ManifestSource(uri, cfg.fetch_threads)
-    return ShardSource(uri)
+        return ManifestSource(uri, cfg.fetch_threads, max_bytes=cfg.max_member_bytes,
+                              allow_paths_outside=cfg.allow_paths_outside,
+                              allow_private_urls=cfg.allow_private_urls)
+    return ShardSource(uri, cfg.max_member_bytes)
+
+
+def source_fingerprint(uri: str) -> str:
+    """A hash of what ``uri`` holds now, to key cached ingest outputs: it changes when the data does.
+
+    ``toyweb://``: the URI (the generator is deterministic). Shards (a file, a directory or an ``s3://``
+    prefix): every shard's name, size and version (S3 ETag, local modification time). A JSONL/CSV manifest:
+    the same for every file under the manifest's directory (the manifest itself and the images it may
+    reference without ``ingest.allow_paths_outside``); images fetched by URL or from outside that directory
+    are not covered.
+    """
+    h = hashlib.sha256(redact(uri).encode())
+    if toyweb.is_toyweb(uri):
+        return h.hexdigest()
+    if uri.endswith((".jsonl", ".csv")):
+        if not storage.exists(uri):
+            raise UserError(f"source not found: {redact(uri)}")
+        listing = storage.list_versions(uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).parent))
+    else:
+        listing = storage.list_versions(uri, SHARD_SUFFIXES)
+        if not listing:
+            raise UserError(f"no WebDataset shards (*.tar, *.tar.gz, *.tgz) under {redact(uri)}")
+    for name, size, version in listing:
+        h.update(f"\n{name}\t{size}\t{version}".encode())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -58,7 +59,7 @@ _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 __all__ = ["StorageError", "is_s3", "split_s3", "join", "endpoint_url", "s3_client", "read_bytes",
            "write_bytes", "read_text", "write_text", "read_json", "write_json", "upload_file",
            "download_file", "exists", "delete", "list_uris", "local_copy", "upload_dir", "download_dir",
-           "dataset_sink", "S3Sink", "check_bucket", "s3_user_error"]
+           "dataset_sink", "S3Sink", "check_bucket", "s3_user_error", "TooLarge", "list_versions"]
 
 
 class StorageError(UserError):
@@ -212,12 +213,37 @@ def _atomic_local_write(path: Path, data: bytes) -> None:
         raise
 
 
-def read_bytes(uri: str) -> bytes:
-    """Whole content of a local file or S3 object; ``FileNotFoundError`` when absent."""
+class TooLarge(ValueError):
+    """A file or object is larger than the ``max_bytes`` a caller accepts (nothing of it was read)."""
+
+
+def read_bytes(uri: str, max_bytes: int = 0) -> bytes:
+    """Whole content of a local file or S3 object; ``FileNotFoundError`` when absent.
+
+    With ``max_bytes`` > 0 a larger file or object raises :class:`TooLarge` without its content being read, and
+    a local path that is not a regular file (a device, a FIFO) raises ``OSError``.
+    """
     if not is_s3(uri):
-        return Path(uri).read_bytes()
+        if not max_bytes:
+            return Path(uri).read_bytes()
+        st = os.stat(uri)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{uri}: not a regular file")
+        with open(uri, "rb") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise TooLarge(f"{uri}: larger than {max_bytes} bytes")
+        return data
     bucket, key = split_s3(uri)
-    return _with_retries("read", uri, lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    def get() -> bytes:
+        resp = s3_client().get_object(Bucket=bucket, Key=key)
+        with contextlib.closing(resp["Body"]) as body:
+            if max_bytes and int(resp.get("ContentLength") or 0) > max_bytes:
+                raise TooLarge(f"{uri}: {resp['ContentLength']} bytes, larger than {max_bytes}")
+            return body.read()
+
+    return _with_retries("read", uri, get)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -324,8 +350,8 @@ def check_bucket(uri: str) -> None:
         raise StorageError(f"s3://{bucket} (endpoint {endpoint_url() or 'AWS'}): no such bucket") from None
 
 
-def list_uris(prefix: str, suffix: str = "", recursive: bool = True) -> list[str]:
-    """Sorted URIs of files under the directory ``prefix`` whose names end with ``suffix``."""
+def list_uris(prefix: str, suffix: str | tuple[str, ...] = "", recursive: bool = True) -> list[str]:
+    """Sorted URIs of files under the directory ``prefix`` whose names end with ``suffix`` (or one of them)."""
     if not is_s3(prefix):
         root = Path(prefix)
         if not root.is_dir():
@@ -340,6 +366,43 @@ def list_uris(prefix: str, suffix: str = "", recursive: bool = True) -> list[str
         kwargs = {"Bucket": bucket, "Prefix": key} | ({} if recursive else {"Delimiter": "/"})
         for page in s3_client().get_paginator("list_objects_v2").paginate(**kwargs):
             out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []) if o["Key"].endswith(suffix)]
+        return out
+
+    try:
+        return sorted(_with_retries("list", prefix, page_through))
+    except FileNotFoundError:
+        return []
+
+
+def list_versions(prefix: str, suffix: str | tuple[str, ...] = "") -> list[tuple[str, int, str]]:
+    """``(uri, size, version)`` of the files under ``prefix`` (or of the single file ``prefix``), sorted.
+
+    ``version`` changes whenever a file's content may have: the ETag of an S3 object, the modification time
+    (ns) of a local file. Used to tell whether a source changed without reading it.
+    """
+    if not is_s3(prefix):
+        root = Path(prefix)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        out = []
+        for p in files:
+            if p.name.endswith(suffix) or p == root:
+                st = p.stat()
+                out.append((str(p), st.st_size, str(st.st_mtime_ns)))
+        return out
+    bucket, key = split_s3(prefix)
+    try:
+        head = _with_retries("stat", prefix, lambda: s3_client().head_object(Bucket=bucket, Key=key)) if key else None
+    except FileNotFoundError:
+        head = None
+    if head is not None and not key.endswith("/"):
+        return [(prefix, int(head["ContentLength"]), str(head.get("ETag", "")))]
+    key = key.rstrip("/") + "/" if key else ""
+
+    def page_through() -> list[tuple[str, int, str]]:
+        out = []
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            out += [(f"s3://{bucket}/{o['Key']}", int(o["Size"]), str(o.get("ETag", "")))
+                    for o in page.get("Contents", []) if o["Key"].endswith(suffix)]
         return out
 
     try:
@@ -371,13 +434,25 @@ def upload_dir(local_dir: str | Path, uri_dir: str) -> list[str]:
 
 
 def download_dir(uri_dir: str, local_dir: str | Path) -> list[Path]:
-    """Copy every file under ``uri_dir`` into ``local_dir`` keeping relative paths; returns the paths."""
+    """Copy every file under ``uri_dir`` into ``local_dir`` keeping relative paths; returns the paths.
+
+    An object key that would land outside ``local_dir`` (``..`` segments, a leading ``/``) raises
+    :class:`StorageError` before anything is written; zero-byte "folder" markers (keys ending in ``/``) are
+    skipped.
+    """
     base = uri_dir.rstrip("/") + "/" if is_s3(uri_dir) else str(Path(uri_dir)) + os.sep
-    out = []
+    root = Path(local_dir).resolve()
+    plan: list[tuple[str, Path]] = []
     for uri in list_uris(uri_dir):
         rel = uri[len(base):]
-        out.append(download_file(uri, Path(local_dir) / rel))
-    return out
+        if rel.endswith("/"):
+            continue
+        dest = (root / rel).resolve()
+        if not dest.is_relative_to(root) or dest == root:
+            raise StorageError(f"{uri}: the object key leads outside the download directory {local_dir}; "
+                               "refusing to download it")
+        plan.append((uri, dest))
+    return [download_file(uri, dest) for uri, dest in plan]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,14 +45,14 @@ from blip_core.checkpoint_io import (
     save_checkpoint,
 )
 from blip_core.config import Config, TrainConfig, to_dict
-from blip_core.data.loader import dataset_shards, make_loader, pin_memory_for, sample_captions
-from blip_core.data.webdataset_io import is_s3, iter_shard, s3_filesystem
+from blip_core.data.loader import ShardLost, dataset_shards, make_loader, pin_memory_for, sample_captions
+from blip_core.data.webdataset_io import ShardReadError, is_s3, iter_shard, s3_filesystem
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
 from blip_core.redact import redact
 from blip_core.tokenizer import BlipTokenizer, pre_caption
 from blip_core.train import distributed as D
-from blip_core.train.checkpoint import latest_checkpoint
+from blip_core.train.checkpoint import is_complete
 from blip_core.train.loop import TrainResult, run_identity, train
 from blip_core.train.optim import build_optimizer
 from components import storage
@@ -129,11 +129,19 @@ def fetch_latest_checkpoint(output: str, local: Path) -> None:
     if not storage.exists(pointer):
         return
     latest = storage.read_json(pointer)
+    name = str(latest["checkpoint"])
     ckpt_local = local / CHECKPOINT_DIR
-    if latest_checkpoint(ckpt_local) is not None and (ckpt_local / latest["checkpoint"]).is_dir():
-        return
-    storage.download_dir(storage.join(remote, latest["checkpoint"]), ckpt_local / latest["checkpoint"])
-    (ckpt_local / "latest.json").write_text(json.dumps(latest))
+    if "/" in name or name.startswith("."):
+        raise UserError(f"{pointer}: not a checkpoint name: {name!r}")
+    if not is_complete(ckpt_local / name):  # absent, or a download that was cut short
+        partial = ckpt_local / f".{name}.download"
+        shutil.rmtree(partial, ignore_errors=True)
+        storage.download_dir(storage.join(remote, name), partial)
+        if not is_complete(partial):
+            raise UserError(f"{storage.join(remote, name)}: the checkpoint named by {pointer} is incomplete")
+        shutil.rmtree(ckpt_local / name, ignore_errors=True)
+        os.replace(partial, ckpt_local / name)
+    storage.write_text(str(ckpt_local / "latest.json"), json.dumps(latest))  # atomic, after the checkpoint
 
 
 def uploader(output: str):
@@ -194,18 +202,29 @@ def resolve_model_dir(uri: str) -> str:
 # ------------------------------------------------------------------------------------------- model setup
 
 
-def corpus_captions(data_uris: list[str], max_words: int) -> Iterator[str]:
-    """Every cleaned caption of the given dataset directories (to build a WordPiece vocabulary)."""
+def corpus_captions(data_uris: list[str], max_words: int, allow_partial: bool = False,
+                    verify_sha256: bool = False) -> Iterator[str]:
+    """Every cleaned caption of the given dataset directories (to build a WordPiece vocabulary).
+
+    Missing or damaged shards raise :class:`~blip_core.data.loader.ShardLost` unless ``allow_partial`` (then
+    they are left out; the loader counts them).
+    """
     fs = s3_filesystem() if any(is_s3(u) for u in data_uris) else None
-    for shard in dataset_shards(data_uris):
-        for sample in iter_shard(shard.uri, fs):
-            try:
-                caps, _ = sample_captions(sample)
-            except Exception:  # noqa: BLE001 - unreadable samples are counted by the loader, not here
-                continue
-            for c in caps:
-                if text := pre_caption(c, max_words):
-                    yield text
+    for shard in dataset_shards(data_uris, allow_partial=allow_partial, verify_sha256=verify_sha256):
+        try:
+            for sample in iter_shard(shard.uri, fs):
+                try:
+                    caps, _ = sample_captions(sample)
+                except Exception:  # noqa: BLE001 - unreadable samples are counted by the loader, not here
+                    continue
+                for c in caps:
+                    if text := pre_caption(c, max_words):
+                        yield text
+        except (ShardReadError, OSError) as e:
+            if not allow_partial:
+                raise ShardLost(f"{shard.uri}: unreadable ({e}); re-run the stage that wrote it, or set "
+                                "data.allow_partial=true to train on the rest") from None
+            log.warning("data.allow_partial: shard %s unreadable while building the vocabulary: %s", shard.uri, e)
 
 
 def make_tokenizer(cfg: Config, data_uris: list[str], work: Path, info: D.DistInfo) -> BlipTokenizer:
@@ -216,7 +235,8 @@ def make_tokenizer(cfg: Config, data_uris: list[str], work: Path, info: D.DistIn
             return BlipTokenizer.from_dir(d)
     tok_dir = work / "tokenizer"
     if info.is_main:
-        tok = BlipTokenizer.from_corpus(corpus_captions(data_uris, cfg.data.max_words), cfg.model.corpus_vocab_size)
+        captions = corpus_captions(data_uris, cfg.data.max_words, cfg.data.allow_partial, cfg.data.verify_sha256)
+        tok = BlipTokenizer.from_corpus(captions, cfg.model.corpus_vocab_size)
         tok.save(tok_dir)
     D.barrier()
     return BlipTokenizer.from_dir(tok_dir)
@@ -306,7 +326,8 @@ def run_training(
         data, tokenizer, image_size=model.cfg.vision.image_size, batch_size=tcfg.batch_size, train=True,
         randaugment=cfg.data.randaugment, max_words=cfg.data.max_words, rank=info.rank,
         world_size=info.world_size, num_workers=cfg.data.num_workers, seed=tcfg.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=pin_memory_for(info.device), **loader_kwargs)
+        shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=pin_memory_for(info.device),
+        allow_partial=cfg.data.allow_partial, verify_sha256=cfg.data.verify_sha256, **loader_kwargs)
     if len(loader) == 0:
         raise UserError(f"{stage}: no full batch of {tcfg.batch_size} pairs per rank in {data}; "
                         f"lower {stage}.batch_size or add data")
@@ -353,7 +374,8 @@ def run_training(
                 save_checkpoint(work / MODEL_DIR, model, tokenizer, momentum())
             metrics = {**{f"final_{k}": v for k, v in res.last_losses.items()}, "steps": res.position.step,
                        "pairs_per_second": res.pairs_per_second, "data_time_share": res.data_time_share,
-                       "skipped_samples": loader.skipped}
+                       "skipped_samples": loader.skipped, "lost_samples": loader.lost_samples,
+                       "lost_shards": len(loader.lost)}
             if chosen is not None:
                 best = chosen["best"]
                 metrics.update({"val_best_epoch": best["epoch"], "val_best_step": best["step"],

@@ -23,8 +23,10 @@ Task settings (see :func:`make_pipeline`):
   (they resume from the newest checkpoint, or finished shards, in their output: with ``output_root`` on S3 a
   retry continues where the failed attempt stopped; with artifact outputs it starts over). Not retried:
   start_run (a retry would leave a second parent run) and register (it writes registry versions);
-- caching: ingest is cached (its output location is content-addressed by source and ingest settings). Every
-  other step logs to MLflow or writes to the registry, and takes the per-run context, so it is never cached;
+- caching: no step is cached by KFP, whose cache key sees only the source URI, not the data under it. Ingest
+  does its own: its output location in ``output_root`` is content-addressed by the source's current listing
+  (S3 ETags, local sizes and modification times) and the ingest settings, and a complete dataset found there
+  is reused. Every other step logs to MLflow or writes to the registry, and takes the per-run context;
 - every stage step gets the S3 credentials from the Kubernetes secret ``blip-s3-credentials``
   (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``); training, CapFilt and evaluate get a memory-backed
   ``/dev/shm`` (emptyDir, medium Memory) for the data loaders.
@@ -123,7 +125,7 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
                                   ("calibration", calibration_source)):
                 data[split] = conf(C.ingest(split=split, source=source, output_root=output_root,
                                             s3_endpoint=s3_endpoint, **cfg), "ingest", f"ingest {split}",
-                                   retries=2, cache=True)
+                                   retries=2)
             pre = conf(C.pretrain(web=data["web"].outputs["dataset"], human=data["human"].outputs["dataset"],
                                   **train), "pretrain", "pretrain", retries=2)
             tuned = {}

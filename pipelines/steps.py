@@ -213,6 +213,17 @@ def end_run(job_id: str, tracking_uri: str, experiment: str, state: str, error: 
             print(f"MLflow parent run {r.info.run_id}: {status} (pipeline {state})")
 
 
+def _complete_dataset(uri: str):
+    """The manifest of a complete, intact dataset directory at ``uri`` (every shard as listed), or None."""
+    from blip_core.data.webdataset_io import check_shards, read_manifest
+
+    try:
+        m = read_manifest(uri)
+    except UserError:
+        return None
+    return None if check_shards(uri, m) else m
+
+
 def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_file: str,
            overrides: Sequence[str], dataset, report) -> None:
     """Ingest ``source`` (default: the config's ``sources.<split>``) into a content-addressed location."""
@@ -231,12 +242,17 @@ def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_f
                                      f"`capfilt.threshold` = {cfg.capfilt.threshold}.\n")
         print("ingest calibration: no source; CapFilt uses capfilt.threshold")
         return
-    # same source and ingest settings -> same location: a re-run (or a cache hit) reuses identical shards
-    key = hashlib.sha256(json.dumps([source, to_dict(cfg.ingest)], sort_keys=True).encode()).hexdigest()[:12]
+    # same source content (listing with ETags / sizes and mtimes) and ingest settings -> same location, where a
+    # complete dataset is reused; new data under an unchanged URI gets a new location
+    fingerprint = stage.source_fingerprint(source)
+    key = hashlib.sha256(json.dumps([source, to_dict(cfg.ingest), fingerprint], sort_keys=True).encode()).hexdigest()[:12]
     root = f"{output_root.rstrip('/')}/datasets" if output_root else ""
     out = output_location(dataset, root, f"{split}-{key}")
-    res = stage.run(cfg, source, out, progress=False)
-    m = res.manifest
+    m = _complete_dataset(out) if root else None
+    if m is not None:
+        print(f"ingest {split}: reusing {out} (same source content and settings)")
+    else:
+        m = stage.run(cfg, source, out, progress=False).manifest
     dataset.metadata.update({"split": split, "source": stage.redact(source), "samples": m.samples_out,
                              "captions": m.captions_out, "shards": len(m.shards), "rejected": dict(m.rejected)})
     rejected = "".join(f"| {k} | {v} |\n" for k, v in sorted(m.rejected.items())) or "| (none) | 0 |\n"

@@ -261,3 +261,18 @@ def test_every_web_caption_of_an_image_is_scored_and_decided_on_its_own(tiny_ckp
             assert outputs[key]["captions"] == kept
         else:
             assert key not in outputs
+
+
+def test_web_shard_damaged_after_opening_stops_capfilt_naming_it(tiny_ckpt, tmp_path, no_tracking):
+    """Sizes match the manifest (so opening passes), but the tail was zeroed: fewer samples than recorded."""
+    from blip_core.data.loader import ShardLost
+
+    web = str(tmp_path / "web")
+    ingest.run(load_config(None, ["ingest.resolution=32", "ingest.shard_size=10"]),
+               "toyweb://?split=web&n=20&seed=2&size=32", web, progress=False)
+    shard = tmp_path / "web" / "shard-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:3000] + bytes(len(data) - 3000))
+    cfg = load_config(None, CAPFILT)
+    with pytest.raises(ShardLost, match=r"shard-000001\.tar: \d samples read, the manifest says 10"):
+        capfilt.run(cfg, tiny_ckpt, tiny_ckpt, [web], [], str(tmp_path / "cf"), progress=False)

@@ -359,3 +359,255 @@ def test_cli_progress_bar_and_config(tmp_path, capsys):
     assert Image.open(io.BytesIO(sample["png"])).size == (32, 32)
     with pytest.raises(UserError):
         ingest.run(_cfg("ingest.shard_size=0"), "toyweb://?n=1", str(tmp_path / "z"), progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Untrusted inputs: compression bombs, paths outside the manifest, private URLs, response sizes
+# --------------------------------------------------------------------------------------------------
+
+
+def _bomb_tar_gz(member_bytes: int) -> bytes:
+    """A gzip-compressed tar holding one sample whose image member is ``member_bytes`` zeros."""
+    import gzip
+
+    return gzip.compress(tar_bytes([{"__key__": "boom", "jpg": bytes(member_bytes), "txt": b"a red circle"}]))
+
+
+def test_compressed_shard_is_not_decompressed_under_a_tar_name_and_oversize_members_are_not_read(tmp_path):
+    import tracemalloc
+
+    from blip_core.data.webdataset_io import iter_tar_samples
+
+    bomb = _bomb_tar_gz(2 << 20)
+    assert len(bomb) < 10_000  # 2 MiB of image member compressed to a few KB
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a-bomb.tar").write_bytes(bomb)
+    (src / "b-bomb.tar.gz").write_bytes(bomb)
+    (src / "c-good.tar").write_bytes(tar_bytes([{"__key__": "ok", "jpg": _jpeg(1), "txt": b"a blue star"}]))
+    m = ingest.run(_cfg("ingest.max_member_bytes=1048576"), str(src), str(tmp_path / "out"), progress=False).manifest
+    assert (m.samples_in, m.samples_out) == (3, 1)
+    assert m.rejected == {"unreadable_shard": 1, "too_large": 1}
+    rejected = {r["origin"]: r for r in map(json.loads, (tmp_path / "out" / REJECTED_NAME).read_text().splitlines())}
+    assert rejected["a-bomb.tar"]["reason"] == "unreadable_shard"
+    assert rejected["b-bomb.tar.gz"]["reason"] == "too_large" and "boom.jpg" in rejected["b-bomb.tar.gz"]["detail"]
+    # the oversize member is skipped without being held in memory
+    for name in ("a-bomb.tar", "b-bomb.tar.gz"):
+        tracemalloc.start()
+        with open(src / name, "rb") as f:
+            try:
+                list(iter_tar_samples(f, name, max_member_bytes=1 << 20))
+            except Exception:  # noqa: BLE001 - the .tar one is not a tar archive
+                pass
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 1 << 20, (name, peak)
+
+
+def _manifest_rows(root: Path, rows: list[dict]) -> str:
+    (root / "list.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root / "list.jsonl")
+
+
+def test_manifest_paths_stay_inside_its_directory_unless_allowed(tmp_path):
+    root = tmp_path / "data" / "list"
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "in.jpg").write_bytes(_jpeg(1))
+    (tmp_path / "data" / "secret.jpg").write_bytes(_jpeg(2))  # exists, outside the manifest's directory
+    (root / "img" / "link.jpg").symlink_to(tmp_path / "data" / "secret.jpg")
+    rows = [{"key": "in", "image": "img/in.jpg", "caption": "a red circle"},
+            {"key": "up", "image": "../secret.jpg", "caption": "a red square"},
+            {"key": "up_missing", "image": "../no-such.jpg", "caption": "a red star"},
+            {"key": "absolute", "image": str(tmp_path / "data" / "secret.jpg"), "caption": "a blue circle"},
+            {"key": "absolute_missing", "image": str(tmp_path / "nothing.jpg"), "caption": "a blue star"},
+            {"key": "symlink", "image": "img/link.jpg", "caption": "a green circle"},
+            {"key": "device", "image": "/dev/zero", "caption": "a green star"}]
+    src = _manifest_rows(root, rows)
+    m = ingest.run(_cfg(), src, str(tmp_path / "out"), progress=False).manifest
+    assert m.samples_out == 1 and m.rejected == {"outside_root": 6}
+    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "out" / REJECTED_NAME).read_text().splitlines())}
+    # the same neutral record whether or not the file exists
+    for present, missing in (("up", "up_missing"), ("absolute", "absolute_missing")):
+        assert recs[present]["reason"] == recs[missing]["reason"] == "outside_root"
+        strip = lambda r: r["detail"].split(": ", 1)[1]  # noqa: E731 - the detail names the row's own path first
+        assert strip(recs[present]) == strip(recs[missing])
+    m = ingest.run(_cfg("ingest.allow_paths_outside=true"), src, str(tmp_path / "out2"), progress=False).manifest
+    assert m.samples_out == 4 and m.rejected == {"missing_image": 3}  # two missing files, /dev/zero not a file
+
+
+class _ImageServer:
+    """A local HTTP server: /img.jpg, /big (Content-Length), /chunked (no length), /redirect-ftp."""
+
+    def __init__(self, image: bytes) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        served = self.served = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                served.append(self.path)
+                if self.path == "/img.jpg":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(image)))
+                    self.end_headers()
+                    self.wfile.write(image)
+                elif self.path == "/big":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(8 << 20))
+                    self.end_headers()
+                    self.wfile.write(image)  # the client must stop at the header
+                elif self.path == "/chunked":
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    block = bytes(256 << 10)
+                    try:
+                        for _ in range(16):  # 4 MiB in all
+                            self.wfile.write(f"{len(block):x}\r\n".encode() + block + b"\r\n")
+                        self.wfile.write(b"0\r\n\r\n")
+                    except OSError:
+                        pass
+                elif self.path == "/redirect-ftp":
+                    self.send_response(302)
+                    self.send_header("Location", f"ftp://127.0.0.1:{self.server.server_address[1]}/x")
+                    self.end_headers()
+                else:
+                    self.send_error(404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def image_server():
+    server = _ImageServer(_jpeg(3))
+    yield server
+    server.close()
+
+
+def test_manifest_urls_refuse_private_addresses_unless_allowed(tmp_path, image_server):
+    rows = [{"key": "local", "image": f"{image_server.url}/img.jpg", "caption": "a red circle"},
+            {"key": "meta", "image": "http://169.254.169.254/latest/meta-data/", "caption": "a red star"}]
+    src = _manifest_rows(tmp_path, rows)
+    m = ingest.run(_cfg(), src, str(tmp_path / "out"), progress=False).manifest
+    assert m.samples_out == 0 and m.rejected == {"blocked_url": 2}
+    assert image_server.served == []  # refused before connecting
+    m = ingest.run(_cfg("ingest.allow_private_urls=true"), str(tmp_path / "list.jsonl"), str(tmp_path / "out2"),
+                   progress=False).manifest
+    assert m.rejected.get("blocked_url", 0) == 0 and m.samples_out == 1
+
+
+def test_manifest_url_rebinding_to_a_private_address_is_refused_at_connect(image_server, monkeypatch):
+    """A host that resolves to a public address when checked and to 127.0.0.1 when connecting."""
+    import socket
+
+    real = socket.getaddrinfo
+    port = int(image_server.url.rsplit(":", 1)[1])
+    calls = []
+
+    def rebinding(host, *args, **kwargs):
+        if host != "images.example":
+            return real(host, *args, **kwargs)
+        calls.append(host)
+        ip = "93.184.216.34" if len(calls) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    with pytest.raises(ingest.Rejected) as err:
+        ingest.fetch_url(f"http://images.example:{port}/img.jpg", 1 << 20)
+    assert err.value.reason == "blocked_url" and len(calls) == 2 and image_server.served == []
+
+
+def test_manifest_url_redirects_are_checked_and_responses_capped(image_server):
+    with pytest.raises(ingest.Rejected) as err:  # a redirect to another scheme, even with private URLs allowed
+        ingest.fetch_url(f"{image_server.url}/redirect-ftp", 1 << 20, allow_private=True)
+    assert err.value.reason == "blocked_url"
+    handler = ingest._RedirectHandler(allow_private=False)  # a redirect to a private address
+    with pytest.raises(ingest.Rejected) as err:
+        handler.redirect_request(None, None, 302, "Found", {}, "http://127.0.0.1/admin")
+    assert err.value.reason == "blocked_url"
+    for path in ("/big", "/chunked"):
+        with pytest.raises(ingest.Rejected) as err:
+            ingest.fetch_url(f"{image_server.url}{path}", 1 << 20, allow_private=True)
+        assert err.value.reason == "too_large", path
+    assert ingest.fetch_url(f"{image_server.url}/img.jpg", 1 << 20, allow_private=True) == _jpeg(3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cached ingest outputs follow the data, not only its URI
+# --------------------------------------------------------------------------------------------------
+
+
+def test_source_fingerprint_follows_the_data_under_an_unchanged_prefix(s3_bucket, tmp_path):
+    src = f"s3://{s3_bucket}/raw"
+    for i in range(2):
+        storage.write_bytes(f"{src}/part-{i}.tar", tar_bytes([{"__key__": f"s{i}", "jpg": _jpeg(i), "txt": b"a red"}]))
+    fp = ingest.source_fingerprint(src)
+    assert ingest.source_fingerprint(src) == fp
+    storage.write_bytes(f"{src}/part-1.tar", tar_bytes([{"__key__": "s1", "jpg": _jpeg(7), "txt": b"a red"}]))
+    fp2 = ingest.source_fingerprint(src)
+    assert fp2 != fp
+    storage.write_bytes(f"{src}/part-2.tar", tar_bytes([{"__key__": "s2", "jpg": _jpeg(8), "txt": b"a blue"}]))
+    assert ingest.source_fingerprint(src) not in (fp, fp2)
+    # a local manifest: the images next to it count too
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(_jpeg(1))
+    rows = _manifest_rows(tmp_path, [{"image": "img/a.jpg", "caption": "a red circle"}])
+    fp = ingest.source_fingerprint(rows)
+    (tmp_path / "img" / "a.jpg").write_bytes(_jpeg(2, size=(80, 64)))
+    assert ingest.source_fingerprint(rows) != fp
+
+
+def test_pipeline_ingest_reuses_its_output_only_while_the_source_is_unchanged(s3_bucket, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from pipelines import steps
+
+    src = f"s3://{s3_bucket}/raw"
+    storage.write_bytes(f"{src}/part-0.tar", tar_bytes([{"__key__": f"s{j}", "jpg": _jpeg(j), "txt": b"a red star"}
+                                                        for j in range(3)]))
+
+    def run_step(n: int):
+        dataset = SimpleNamespace(path=str(tmp_path / f"dataset{n}"), metadata={})
+        report = SimpleNamespace(path=str(tmp_path / f"report{n}.md"))
+        steps.ingest("web", src, f"s3://{s3_bucket}/runs", "", "", [], dataset, report)
+        return dataset.metadata
+
+    first = run_step(1)
+    again = run_step(2)
+    assert again["location"] == first["location"]
+    out = capsys.readouterr().out
+    storage.write_bytes(f"{src}/part-0.tar", tar_bytes([{"__key__": f"s{j}", "jpg": _jpeg(j), "txt": b"a red star"}
+                                                        for j in range(5)]))  # new data, same URI
+    changed = run_step(3)
+    assert changed["location"] != first["location"] and changed["samples"] == 5 and first["samples"] == 3
+    assert "reusing" in out  # the second run did not ingest again
+
+
+def test_shards_and_rejections_reach_the_disk_before_the_manifest(tmp_path, monkeypatch):
+    """A power cut after manifest.json is written must not leave it naming shards still in the page cache."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = tmp_path / "out"
+    m = ingest.run(_cfg("ingest.shard_size=4"), "toyweb://?n=10&noise=0.5&seed=2", str(out), progress=False).manifest
+    names = [Path(p).name for p in synced]
+    manifest_at = max(i for i, n in enumerate(names) if n.startswith(f".{MANIFEST_NAME}.tmp-"))
+    for shard in m.shards:
+        assert shard.path in names[:manifest_at], shard.path  # synced while staged, before the manifest
+    assert REJECTED_NAME in names[:manifest_at]
+    assert str(out) in synced[manifest_at + 1:]  # the directory entry of the renamed manifest

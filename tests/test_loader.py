@@ -253,3 +253,130 @@ def test_manifest_round_trip_keeps_stage_specific_keys(tmp_path):
     (tmp_path / "manifest.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="not a valid dataset manifest"):
         read_manifest(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Shards checked against the manifest: nothing lost silently
+# --------------------------------------------------------------------------------------------------
+
+
+def _dataset(path, n=40, shard_size=10):
+    ingest.run(load_config(None, [f"ingest.shard_size={shard_size}"]), f"toyweb://?split=web&n={n}&seed=5",
+               str(path), progress=False)
+    return read_manifest(str(path))
+
+
+def test_missing_or_truncated_shard_is_refused_naming_it(tmp_path, tokenizer):
+    from blip_core.data.loader import ShardLost
+
+    _dataset(tmp_path / "gone")
+    (tmp_path / "gone" / "shard-000002.tar").unlink()
+    with pytest.raises(ShardLost, match=r"shard-000002\.tar: missing .*data\.allow_partial") as err:
+        make_loader([str(tmp_path / "gone")], tokenizer, batch_size=4, train=True, **LOADER_ARGS)
+    assert isinstance(err.value, UserError) and "\n" not in str(err.value)
+    m = _dataset(tmp_path / "cut")
+    shard = tmp_path / "cut" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: m.shards[1].bytes // 2])
+    with pytest.raises(ShardLost, match=rf"shard-000001\.tar: {m.shards[1].bytes // 2} bytes, the manifest says"):
+        make_loader([str(tmp_path / "cut")], tokenizer, batch_size=4, train=True, **LOADER_ARGS)
+
+
+def test_allow_partial_trains_on_the_rest_and_counts_the_loss(tmp_path, tokenizer, caplog):
+    m = _dataset(tmp_path / "d")
+    (tmp_path / "d" / "shard-000002.tar").unlink()
+    lost_keys = {s.key for s in generate("toyweb://?split=web&n=40&seed=5")} - {
+        k for u in sorted((tmp_path / "d").glob("shard-*.tar")) for k in _keys(u)}
+    loader = make_loader([str(tmp_path / "d")], tokenizer, batch_size=5, train=False, allow_partial=True,
+                         **LOADER_ARGS)
+    assert loader.lost_samples == m.shards[2].samples == 10 and len(loader.lost) == 1
+    assert "10 samples lost" in caplog.text
+    ids = [i for b in loader for i in b["image_id"]]
+    assert len(ids) == 30 == len(set(ids))  # the rest once each: no refill with duplicates
+    assert not set(ids) & lost_keys
+
+
+def _keys(shard_path):
+    from blip_core.data.webdataset_io import iter_shard
+
+    return [s["__key__"] for s in iter_shard(str(shard_path))]
+
+
+def test_sha256_is_checked_when_asked(tmp_path, tokenizer):
+    from blip_core.data.loader import ShardLost
+
+    _dataset(tmp_path / "d")
+    shard = tmp_path / "d" / "shard-000003.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # same size, other content
+    shard.write_bytes(bytes(data))
+    make_loader([str(tmp_path / "d")], tokenizer, batch_size=4, train=True, **LOADER_ARGS)  # sizes match
+    with pytest.raises(ShardLost, match=r"shard-000003\.tar: sha256 differs"):
+        make_loader([str(tmp_path / "d")], tokenizer, batch_size=4, train=True, verify_sha256=True, **LOADER_ARGS)
+
+
+def test_manifest_without_sizes_still_loads(tmp_path, tokenizer):
+    _dataset(tmp_path / "d")
+    path = tmp_path / "d" / "manifest.json"
+    doc = json.loads(path.read_text())
+    for s in doc["shards"]:
+        del s["bytes"], s["sha256"]
+    path.write_text(json.dumps(doc))
+    loader = make_loader([str(tmp_path / "d")], tokenizer, batch_size=4, train=False, **LOADER_ARGS)
+    assert len(loader) == 10 and loader.lost == []
+
+
+def test_shard_deleted_during_training_stops_it_unless_partial_is_allowed(tmp_path, tokenizer):
+    from blip_core.data.loader import ShardLost
+
+    _dataset(tmp_path / "d")
+    shard = tmp_path / "d" / "shard-000003.tar"
+    data = shard.read_bytes()
+    loader = make_loader([str(tmp_path / "d")], tokenizer, batch_size=5, train=False, **LOADER_ARGS)
+    shard.unlink()
+    with pytest.raises(ShardLost, match=r"shard-000003\.tar: became unreadable during training"):
+        list(loader)
+    shard.write_bytes(data)
+    loader = make_loader([str(tmp_path / "d")], tokenizer, batch_size=5, train=False, **LOADER_ARGS)
+    loader.num_workers = loader.stream.workers = 1  # the same stream, read in a worker process
+    shard.write_bytes(data[:1000])  # truncated while training
+    with pytest.raises(ShardLost) as err:
+        list(loader)
+    assert str(err.value).startswith(str(shard)) and "\n" not in str(err.value)
+    shard.unlink()
+    loader = make_loader([str(tmp_path / "d")], tokenizer, batch_size=5, train=False, allow_partial=True,
+                         **LOADER_ARGS)
+    assert loader.lost_samples == 10
+
+
+def test_missing_shard_on_s3_is_refused_naming_it(s3_bucket, tokenizer):
+    from blip_core.data.loader import ShardLost
+    from components import storage
+
+    out = f"s3://{s3_bucket}/web"
+    ingest.run(load_config(None, ["ingest.shard_size=10"]), "toyweb://?split=web&n=30&seed=5", out, progress=False)
+    assert len(make_loader([out], tokenizer, batch_size=5, train=False, **LOADER_ARGS)) == 6
+    storage.delete(f"{out}/shard-000001.tar")
+    with pytest.raises(ShardLost, match=r"web/shard-000001\.tar: missing"):
+        make_loader([out], tokenizer, batch_size=5, train=False, **LOADER_ARGS)
+    loader = make_loader([out], tokenizer, batch_size=5, train=False, allow_partial=True, **LOADER_ARGS)
+    assert loader.lost_samples == 10 and len(loader) == 4
+
+
+def test_shard_with_a_zeroed_tail_is_refused_in_training_and_evaluation(tmp_path, tokenizer):
+    """A tar whose tail was zeroed reads as a shorter valid archive: the manifest's sample count catches it."""
+    from blip_core.data.loader import ShardLost
+
+    m = _dataset(tmp_path / "d", n=20)
+    shard = tmp_path / "d" / "shard-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:3000] + bytes(len(data) - 3000))  # same size, the tail zeroed
+    with pytest.raises(ShardLost, match=r"shard-000001\.tar: unreadable .*samples read, the manifest says 10"):
+        load_eval_split(str(tmp_path / "d"), image_size=32)
+    loader = make_loader([str(tmp_path / "d")], tokenizer, batch_size=5, train=False, **LOADER_ARGS)
+    with pytest.raises(ShardLost, match=r"shard-000001\.tar: became unreadable"):
+        list(loader)
+    partial = make_loader([str(tmp_path / "d")], tokenizer, batch_size=5, train=False, allow_partial=True,
+                          **LOADER_ARGS)
+    assert len(list(partial)) == 4 and partial.skipped >= 1  # counted, batch count unchanged
+    shard.write_bytes(data)
+    assert len(load_eval_split(str(tmp_path / "d"), image_size=32).samples) == m.samples_out == 20

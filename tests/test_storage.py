@@ -128,3 +128,19 @@ def test_split_and_join():
     with pytest.raises(storage.StorageError):
         storage.split_s3("s3://ab/key")
     assert storage.is_s3("s3://x/y") and not storage.is_s3("/tmp/x")
+
+
+def test_download_dir_refuses_keys_leading_outside_the_target(s3_bucket, tmp_path):
+    client = boto3.client("s3")
+    client.put_object(Bucket=s3_bucket, Key="ckpt/ok.txt", Body=b"fine")
+    client.put_object(Bucket=s3_bucket, Key="ckpt/../../escaped.txt", Body=b"evil")
+    listed = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="ckpt/")["Contents"]]
+    assert "ckpt/../../escaped.txt" in listed  # the store keeps the key as given
+    target = tmp_path / "a" / "target"
+    with pytest.raises(storage.StorageError, match=r"escaped\.txt.*outside the download directory"):
+        storage.download_dir(f"s3://{s3_bucket}/ckpt", target)
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "a" / "escaped.txt").exists()
+    assert not target.exists() or not any(target.iterdir())  # nothing written, not even the good file
+    client.delete_object(Bucket=s3_bucket, Key="ckpt/../../escaped.txt")
+    client.put_object(Bucket=s3_bucket, Key="ckpt/sub/", Body=b"")  # a folder marker is skipped
+    assert storage.download_dir(f"s3://{s3_bucket}/ckpt", target) == [target / "ok.txt"]

@@ -1,4 +1,5 @@
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from blip_testing import IDS, tiny_batch, tiny_model
 
 from blip_core.config import TrainConfig
 from blip_core.objectives import PretrainObjective
-from blip_core.train.checkpoint import latest_checkpoint, load_checkpoint_into
+from blip_core.train.checkpoint import CheckpointMissing, is_complete, latest_checkpoint, load_checkpoint_into
 from blip_core.train.loop import TrainingDiverged, train
 from blip_core.train.optim import alpha_at, build_optimizer, learning_rate
 
@@ -94,3 +95,55 @@ def test_checkpoint_round_trip_restores_optimizer(tmp_path):
     assert s1.keys() == s2.keys()
     for k in s1:
         assert torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"])
+
+
+def _two_checkpoints(tmp_path):
+    """A run stopped at step 4 with checkpoints at steps 2 and 4 (latest.json -> step 4)."""
+    _run(tmp_path, cfg=dataclasses.replace(CFG, max_steps=4, checkpoint_every=2))
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000004"
+    return tmp_path / "step-00000002", tmp_path / "step-00000004"
+
+
+def test_crash_after_old_checkpoint_removed_resumes_from_newest_complete(tmp_path, caplog):
+    """The crash window of a save: latest.json names a checkpoint whose directory is gone (removed before the
+    new one was renamed into place), a half-written temporary directory is left. Resuming must continue from
+    the newest complete checkpoint, not restart from step 0."""
+    older, newest = _two_checkpoints(tmp_path)
+    shutil.rmtree(newest)
+    (tmp_path / ".step-00000004.tmp-999").mkdir()
+    (tmp_path / ".step-00000004.tmp-999" / "objective.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path) == older
+    _, _, res = _run(tmp_path)
+    assert res.resumed_from == older and res.position.step == 12
+    assert "resuming from step-00000002" in caplog.text
+
+
+def test_crash_with_checkpoint_renamed_aside_restores_it(tmp_path):
+    """A crash between renaming an existing step directory aside and renaming the new one into place."""
+    _, newest = _two_checkpoints(tmp_path)
+    aside = tmp_path / ".step-00000004.old-999"
+    newest.rename(aside)
+    assert latest_checkpoint(tmp_path) == newest and not aside.exists()
+
+
+def test_crash_before_latest_json_written_uses_the_new_checkpoint(tmp_path):
+    _two_checkpoints(tmp_path)
+    (tmp_path / "latest.json").unlink()
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000004"
+
+
+def test_latest_json_naming_a_missing_checkpoint_fails_loudly(tmp_path):
+    older, newest = _two_checkpoints(tmp_path)
+    shutil.rmtree(older)
+    shutil.rmtree(newest)
+    with pytest.raises(CheckpointMissing, match="step-00000004"):
+        latest_checkpoint(tmp_path)
+    with pytest.raises(CheckpointMissing):
+        _run(tmp_path)
+
+
+def test_saving_a_step_again_replaces_it_and_leaves_nothing_behind(tmp_path):
+    _run(tmp_path, cfg=dataclasses.replace(CFG, max_steps=2))
+    _run(tmp_path, cfg=dataclasses.replace(CFG, max_steps=2), resume=False)  # rewrites step-00000002
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-00000002"]
+    assert is_complete(tmp_path / "step-00000002")

@@ -15,7 +15,7 @@ from toy_data import TINY
 from blip_core import load_checkpoint
 from blip_core.config import load_config
 from blip_core.errors import UserError
-from components import finetune, pretrain, storage
+from components import finetune, ingest, pretrain, storage
 from components.cli import main as blip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,3 +153,40 @@ def test_sigkill_and_resume_gives_identical_weights(toy_data, tmp_path):
     mb = load_file(out / "model" / "momentum.safetensors")
     for k in ma:
         assert torch.equal(ma[k], mb[k]), k
+
+
+def test_pretrain_refuses_a_dataset_missing_a_shard_unless_partial_is_allowed(tmp_path, no_tracking, capsys):
+    web = tmp_path / "web"
+    ingest.run(load_config(None, ["ingest.resolution=32", "ingest.shard_size=16"]),
+               "toyweb://?split=web&n=64&seed=1&size=32", str(web), progress=False)
+    (web / "shard-000000.tar").unlink()
+    args = ["pretrain", "--data", str(web), "--output", str(tmp_path / "pre"),
+            *sum((["--set", s] for s in TINY + ["pretrain.max_steps=2"]), [])]
+    assert blip(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shard-000000.tar: missing" in err[0] and "data.allow_partial" in err[0]
+    assert blip([*args, "--set", "data.allow_partial=true"]) == 0
+    metrics = json.loads((tmp_path / "pre" / "metrics.json").read_text())
+    assert metrics["lost_samples"] == 16 and metrics["lost_shards"] == 1
+
+
+def test_resume_from_s3_replaces_a_local_checkpoint_whose_download_was_cut_short(tmp_path, s3_bucket):
+    from components.training import fetch_latest_checkpoint
+
+    output = f"s3://{s3_bucket}/pre"
+    files = ("objective.safetensors", "optimizer.safetensors", "train_state.json")
+    for step in ("step-00000002", "step-00000004"):
+        for f in files:
+            storage.write_bytes(f"{output}/checkpoints/{step}/{f}", f"{step}/{f}".encode())
+    storage.write_json(f"{output}/checkpoints/latest.json", {"checkpoint": "step-00000004", "step": 4})
+    local = tmp_path / "work" / "checkpoints"
+    (local / "step-00000002").mkdir(parents=True)  # an earlier, complete download
+    for f in files:
+        (local / "step-00000002" / f).write_bytes(f"step-00000002/{f}".encode())
+    (local / "latest.json").write_text(json.dumps({"checkpoint": "step-00000002"}))
+    (local / "step-00000004").mkdir()  # the newest one, cut short after its first file
+    (local / "step-00000004" / files[0]).write_bytes(b"step-00000004/objective.safetensors")
+    fetch_latest_checkpoint(output, tmp_path / "work")
+    assert json.loads((local / "latest.json").read_text())["checkpoint"] == "step-00000004"
+    assert [(local / "step-00000004" / f).read_bytes() for f in files] == [f"step-00000004/{f}".encode() for f in files]
+    assert sorted(p.name for p in local.iterdir()) == ["latest.json", "step-00000002", "step-00000004"]

@@ -8,8 +8,13 @@ Even split, so DDP never hangs: the ``P`` pairs of an epoch, in shard order (shu
 when training), are cut into ``G = world_size * max(1, num_workers)`` contiguous ranges of ``P // G`` pairs,
 one per (rank, worker) stream; stream ``u = rank * workers + worker`` reads only the shards its range
 touches. Every stream yields exactly ``(P // G) // batch_size`` batches (the remainder is dropped). Samples
-that cannot be read or decoded are skipped and counted (:attr:`BlipLoader.skipped`); a stream left short by
-skipped samples refills from its own range, so the batch count never changes. Everything random (shard
+that cannot be decoded are skipped and counted (:attr:`BlipLoader.skipped`); a stream left short by
+skipped samples refills from its own range, so the batch count never changes.
+
+Shards are checked against their manifest when the loader is made (present, same size; same sha256 with
+``verify_sha256``): a missing or damaged shard raises :class:`ShardLost` naming it, and so does a shard that
+becomes unreadable during training. With ``allow_partial`` such shards are left out instead, and their samples
+counted and logged (:attr:`BlipLoader.lost_samples`; mid-training losses count as skipped). Everything random (shard
 order, shuffle buffer, crops, flips, RandAugment) comes from generators seeded by ``(seed, epoch, stream)``,
 so an epoch is reproducible.
 
@@ -37,7 +42,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from blip_core.data.transforms import EvalTransform, TrainTransform
 from blip_core.data.webdataset_io import (
     IMAGE_EXTS,
+    OVERSIZE_KEY,
     ShardReadError,
+    check_shards,
     decode_json,
     is_s3,
     iter_shard,
@@ -60,14 +67,68 @@ class ShardRef:
     captions: int
 
 
-def dataset_shards(data_uris: Sequence[str]) -> list[ShardRef]:
-    """The shards of every dataset directory in ``data_uris``, in order (each needs its manifest)."""
+@dataclass(frozen=True)
+class LostShard:
+    """A shard listed in a manifest that could not be used, and why."""
+
+    uri: str
+    samples: int
+    captions: int
+    problem: str
+
+
+class ShardLost(UserError):
+    """A shard of a dataset is missing or damaged and ``data.allow_partial`` is off."""
+
+
+_VERIFIED: set[tuple[str, str]] = set()  # (shard uri, sha256) already hashed in this process
+
+
+def open_datasets(data_uris: Sequence[str], *, allow_partial: bool = False,
+                  verify_sha256: bool = False) -> tuple[list[ShardRef], list[LostShard]]:
+    """The shards of every dataset directory in ``data_uris`` (each needs its manifest), checked against it.
+
+    A shard that is missing or has another size than its manifest records (or, with ``verify_sha256``, other
+    content) raises :class:`ShardLost` naming it, unless ``allow_partial``: then it is left out, logged, and
+    returned in the second list.
+    """
     fs = s3_filesystem() if any(is_s3(u) for u in data_uris) else None
     out: list[ShardRef] = []
+    lost: list[LostShard] = []
     for uri in data_uris:
         manifest = read_manifest(uri, fs)
-        out += [ShardRef(join_uri(uri, s.path), s.samples, s.captions) for s in manifest.shards]
-    return out
+        need_hash = verify_sha256 and any((join_uri(uri, s.path), s.sha256) not in _VERIFIED
+                                          for s in manifest.shards)
+        bad = {s.path: problem for s, problem in check_shards(uri, manifest, fs, sha256=need_hash)}
+        for s in manifest.shards:
+            ref = ShardRef(join_uri(uri, s.path), s.samples, s.captions)
+            if s.path not in bad:
+                if need_hash and s.sha256:
+                    _VERIFIED.add((ref.uri, s.sha256))
+                out.append(ref)
+                continue
+            if not allow_partial:
+                raise ShardLost(f"{ref.uri}: {bad[s.path]} ({s.samples} samples); the dataset is incomplete: "
+                                "re-run the stage that wrote it, or set data.allow_partial=true to train on the rest")
+            lost.append(LostShard(ref.uri, s.samples, s.captions, bad[s.path]))
+            log.warning("data.allow_partial: leaving out %s (%s): %d samples lost", ref.uri, bad[s.path], s.samples)
+    if lost:
+        log.warning("data.allow_partial: %d shard(s), %d samples lost from %s", len(lost),
+                    sum(x.samples for x in lost), ", ".join(data_uris))
+    return out, lost
+
+
+def dataset_shards(data_uris: Sequence[str], *, allow_partial: bool = False,
+                   verify_sha256: bool = False) -> list[ShardRef]:
+    """The usable shards of every dataset directory in ``data_uris``, in order (see :func:`open_datasets`)."""
+    return open_datasets(data_uris, allow_partial=allow_partial, verify_sha256=verify_sha256)[0]
+
+
+def _check_count(shard: ShardRef, seen: int) -> None:
+    """Raise :class:`ShardReadError` when a shard read to its end held another number of samples than its
+    manifest records (a tar whose tail was zeroed reads as a shorter, valid archive)."""
+    if seen != shard.samples:
+        raise ShardReadError(f"{seen} samples read, the manifest says {shard.samples}")
 
 
 def image_index(image_id: str) -> int:
@@ -110,7 +171,7 @@ class PairStream(IterableDataset):
     def __init__(self, shards: Sequence[ShardRef], tokenizer: BlipTokenizer, *, image_size: int,
                  batch_size: int, train: bool, min_scale: float, randaugment: bool, max_words: int,
                  max_length: int, prompt: str, rank: int, world_size: int, num_workers: int, seed: int,
-                 epoch: int, expand_captions: bool, shuffle_buffer: int) -> None:
+                 epoch: int, expand_captions: bool, shuffle_buffer: int, allow_partial: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.shards = list(shards)
@@ -129,6 +190,7 @@ class PairStream(IterableDataset):
         self.epoch = epoch
         self.expand = expand_captions
         self.shuffle_buffer = max(1, shuffle_buffer)
+        self.allow_partial = allow_partial
         self.total_pairs = sum(s.captions if expand_captions else s.samples for s in self.shards)
         self.streams = world_size * self.workers
         self.quota = self.total_pairs // self.streams
@@ -156,11 +218,15 @@ class PairStream(IterableDataset):
             if offset >= end:
                 return
             g = offset  # global pair index of the next sample's first pair
+            seen = 0  # samples of this shard read so far
             try:
                 for sample in iter_shard(shard.uri, fs):
                     if g >= end:
                         break
+                    seen += 1
                     try:
+                        if OVERSIZE_KEY in sample:
+                            raise ValueError(sample[OVERSIZE_KEY])
                         caps, image_id = sample_captions(sample)
                     except (ValueError, UnicodeDecodeError):
                         counter[0] += count
@@ -178,9 +244,16 @@ class PairStream(IterableDataset):
                             for j in range(lo - g, hi - g):
                                 yield img, caps[j], image_id
                     g += k
+                else:
+                    _check_count(shard, seen)
             except (ShardReadError, OSError) as e:
-                log.warning("shard %s unreadable: %s", shard.uri, e)
-                counter[0] += count
+                if not self.allow_partial:
+                    raise ShardLost(f"{shard.uri}: became unreadable during training ({e}); re-run the stage "
+                                    "that wrote it, or set data.allow_partial=true to train on the rest") from None
+                lost = max(0, min(offset + n, end) - max(g, start))
+                log.warning("data.allow_partial: shard %s unreadable (%s): %d pairs of this stream lost",
+                            shard.uri, e, lost)
+                counter[0] += count * lost
             offset += n
 
     def _shuffled(self, items: Iterator[Any], rng: random.Random) -> Iterator[Any]:
@@ -277,11 +350,18 @@ class BlipLoader:
     come in pinned memory (set it for a CUDA device: :func:`pin_memory_for`).
     """
 
-    def __init__(self, stream: PairStream, num_workers: int, pin_memory: bool = False) -> None:
+    def __init__(self, stream: PairStream, num_workers: int, pin_memory: bool = False,
+                 lost: Sequence[LostShard] = ()) -> None:
         self.stream = stream
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.skipped = 0
+        self.lost = list(lost)  # shards left out when opening (data.allow_partial)
+
+    @property
+    def lost_samples(self) -> int:
+        """Samples of the shards left out when the datasets were opened (``data.allow_partial``)."""
+        return sum(x.samples for x in self.lost)
 
     def __len__(self) -> int:
         return self.stream.steps * self.stream.workers
@@ -306,32 +386,42 @@ class BlipLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = self.data_loader()
         source: Any = self.stream if loader is None else loader
-        for batch in source:
-            self.skipped += int(batch.pop("_skipped", 0))
-            yield batch
+        try:
+            for batch in source:
+                self.skipped += int(batch.pop("_skipped", 0))
+                yield batch
+        except ShardLost as e:  # from a worker process: keep only the message, not the worker's traceback
+            text = str(e)
+            if "Traceback" in text:
+                last = [line for line in text.splitlines() if line.strip()][-1]
+                raise ShardLost(last.split(": ", 1)[1] if ": " in last else last) from None
+            raise
 
 
 def make_loader(data_uris: Sequence[str], tokenizer: BlipTokenizer, *, image_size: int, batch_size: int,
                 train: bool, min_scale: float = 0.5, randaugment: bool = True, max_words: int = 30,
                 max_length: int = 30, prompt: str = "", rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, seed: int = 0, epoch: int = 0, expand_captions: bool = False,
-                shuffle_buffer: int = 1000, pin_memory: bool = False) -> BlipLoader:
+                shuffle_buffer: int = 1000, pin_memory: bool = False, allow_partial: bool = False,
+                verify_sha256: bool = False) -> BlipLoader:
     """A loader of image-text batches from dataset directories (see the module docstring).
 
     ``train`` selects BLIP's train transform (crop scale ``(min_scale, 1)``, flip with left/right swap,
     RandAugment when ``randaugment``), shard shuffling and a shuffle buffer; otherwise the eval transform in
     stored order. ``prompt`` is prepended to every cleaned caption (``"a picture of "`` for the captioner).
     ``pin_memory`` (for a CUDA device, :func:`pin_memory_for`) returns batches in pinned host memory.
+    ``allow_partial`` and ``verify_sha256``: see :func:`open_datasets`; a shard that becomes unreadable while
+    training raises :class:`ShardLost` unless ``allow_partial`` (then its remaining pairs count as skipped).
     """
     if isinstance(data_uris, str):
         data_uris = [data_uris]
-    shards = dataset_shards(data_uris)
+    shards, lost = open_datasets(data_uris, allow_partial=allow_partial, verify_sha256=verify_sha256)
     stream = PairStream(shards, tokenizer, image_size=image_size, batch_size=batch_size, train=train,
                         min_scale=min_scale, randaugment=randaugment, max_words=max_words,
                         max_length=max_length, prompt=prompt, rank=rank, world_size=world_size,
                         num_workers=num_workers, seed=seed, epoch=epoch, expand_captions=expand_captions,
-                        shuffle_buffer=shuffle_buffer)
-    return BlipLoader(stream, num_workers, pin_memory)
+                        shuffle_buffer=shuffle_buffer, allow_partial=allow_partial)
+    return BlipLoader(stream, num_workers, pin_memory, lost)
 
 
 class EvalSplit(NamedTuple):
@@ -345,7 +435,11 @@ class EvalSplit(NamedTuple):
 
 
 def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = 30) -> EvalSplit:
-    """Load every sample of one or more dataset directories with the eval transform (skipping unreadable ones)."""
+    """Load every sample of one or more dataset directories with the eval transform.
+
+    Samples that cannot be decoded are skipped and counted in a warning; a missing, damaged or unreadable
+    shard raises :class:`ShardLost` (an evaluation never runs silently on part of its split).
+    """
     transform = EvalTransform(image_size)
     images: list[torch.Tensor] = []
     texts: list[str] = []
@@ -357,7 +451,9 @@ def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = 
     fs = s3_filesystem() if any(is_s3(u) for u in uris) else None
     for shard in dataset_shards(uris):
         try:
+            seen = 0
             for sample in iter_shard(shard.uri, fs):
+                seen += 1
                 try:
                     caps, _ = sample_captions(sample)
                     img = decode_image(_image_bytes(sample))
@@ -375,9 +471,9 @@ def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = 
                 texts += caps
                 txt2img += [i] * len(caps)
                 samples.append({**meta, "__key__": sample["__key__"]})
-        except ShardReadError as e:
-            log.warning("shard %s unreadable: %s", shard.uri, e)
-            skipped += 1
+            _check_count(shard, seen)
+        except (ShardReadError, OSError) as e:  # an evaluation on part of the split would not say so
+            raise ShardLost(f"{shard.uri}: unreadable ({e}); re-run the stage that wrote it") from None
     if skipped:
         log.warning("load_eval_split(%s): skipped %d unreadable sample(s)", ", ".join(uris), skipped)
     if not images:

@@ -19,7 +19,8 @@ Each sample in a shard has ``__key__`` plus:
 
 ``manifest.json`` holds ``format``, ``source``, ``samples_in``, ``samples_out``, ``captions_out``,
 ``rejected`` (reason -> count, with ``samples_in == samples_out + sum(rejected.values())``), ``shards``
-(each with ``path`` relative to the directory, ``samples``, ``captions``, ``bytes``, ``sha256``) and
+(each with ``path`` relative to the directory, ``samples``, ``captions``, ``bytes``, ``sha256``; readers check
+them with :func:`check_shards`, and accept older manifests without the last two) and
 ``config`` (the settings that produced it), plus any stage-specific top-level keys (kept in
 :attr:`Manifest.extra`). It holds no timestamps: the same input and settings give
 byte-identical shards and manifest.
@@ -31,10 +32,12 @@ Reading ``s3://`` uses fsspec/s3fs with the endpoint from ``AWS_ENDPOINT_URL_S3`
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -44,7 +47,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 from webdataset.writer import TarWriter
 
 from blip_core.errors import UserError
@@ -86,8 +88,8 @@ class ShardInfo:
     path: str  # relative to the dataset directory
     samples: int
     captions: int
-    bytes: int
-    sha256: str
+    bytes: int | None = None  # None in manifests written without it: size not checked
+    sha256: str | None = None  # None in manifests written without it: content not checked
 
 
 @dataclass
@@ -153,8 +155,24 @@ class Sink(Protocol):
         ...
 
 
+def _fsync_path(path: str | Path) -> None:
+    """Flush a file's content, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_close(f: IO) -> None:
+    """Flush, fsync and close a file written through Python (before it is published by a rename)."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
 class LocalSink:
-    """A local dataset directory; files appear under their final name only when complete."""
+    """A local dataset directory; files appear under their final name only when complete and on disk (fsync)."""
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
@@ -182,7 +200,9 @@ class LocalSink:
                 raise
             tmp = self._tmp(name)
             shutil.copyfile(local, tmp)
+            _fsync_path(tmp)
             os.replace(tmp, final)
+        _fsync_path(self.dir)
 
     def put_bytes(self, name: str, data: bytes) -> None:
         tmp = self._tmp(name)
@@ -191,6 +211,7 @@ class LocalSink:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / name)
+        _fsync_path(self.dir)
 
     def delete(self, name: str) -> None:
         (self.dir / name).unlink(missing_ok=True)
@@ -249,7 +270,7 @@ class DatasetWriter:
     def _close_shard(self) -> None:
         assert self._tar is not None and self._tar_file is not None
         self._tar.close()
-        self._tar_file.close()
+        _sync_close(self._tar_file)
         name = shard_name(len(self.shards))
         path = self.staging / name
         info = ShardInfo(name, self._in_shard, self._captions_in_shard, path.stat().st_size, sha256_file(path))
@@ -296,7 +317,7 @@ class DatasetWriter:
         for name in self.sink.list_names():
             if name.startswith(SHARD_PREFIX) and name.endswith(".tar") and name not in keep:
                 self.sink.delete(name)
-        self._rejected_file.close()
+        _sync_close(self._rejected_file)
         self.sink.put_file(self.staging / REJECTED_NAME, REJECTED_NAME)
         self.sink.put_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
         self.close()
@@ -367,27 +388,120 @@ def read_manifest(dataset_uri: str, fs: Any = None) -> Manifest:
     return Manifest.from_json(text, uri)
 
 
-def iter_tar_samples(fileobj: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is never read into memory
+OVERSIZE_KEY = "__oversize__"  # sample key naming members left unread for their size
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def tar_compression(url: str) -> str:
+    """``"gz"`` for a shard name that is decompressed (``.tar.gz``/``.tgz``), else ``""`` (a plain tar)."""
+    return "gz" if str(url).endswith((".tar.gz", ".tgz")) else ""
+
+
+def _tar_members(fileobj: IO[bytes], url: str, max_member_bytes: int) -> Iterator[tuple[str, bytes | None, int]]:
+    """``(name, data, size)`` of each regular member; ``data`` is None (unread) above ``max_member_bytes``.
+
+    The stream is opened without transparent decompression unless the name says so (``.tar.gz``/``.tgz``):
+    a compressed stream under a ``.tar`` name is not a tar archive. An oversize member is skipped by reading
+    past it in fixed-size blocks, never held in memory.
+    """
+    if tar_compression(url) == "gz":  # gzip's reader bounds each decompression step to the size asked for
+        fileobj = gzip.GzipFile(fileobj=fileobj, mode="rb")
+    stream = tarfile.open(fileobj=fileobj, mode="r|")
+    try:
+        for info in stream:
+            if not info.isreg() or _META_MEMBER.match(info.name):
+                continue
+            if max_member_bytes and info.size > max_member_bytes:
+                yield info.name, None, info.size
+            else:
+                member = stream.extractfile(info)
+                assert member is not None
+                yield info.name, member.read(), info.size
+            stream.members = []
+    finally:
+        stream.close()
+
+
+def check_shards(dataset_uri: str, manifest: Manifest, fs: Any = None,
+                 sha256: bool = False) -> list[tuple[ShardInfo, str]]:
+    """Shards of ``manifest`` whose file is missing, of another size, or (with ``sha256``) other content.
+
+    Returns ``(shard, problem)`` pairs, empty when the directory matches its manifest. Sizes come from one
+    listing (s3) or a stat per shard (local); ``sha256`` reads every shard. Shards recorded without a size or
+    checksum (older manifests) are checked for presence only.
+    """
+    sizes: dict[str, int] = {}
+    if is_s3(dataset_uri):
+        fs = fs or s3_filesystem()
+        prefix = dataset_uri[len("s3://"):].rstrip("/")
+        fs.invalidate_cache(prefix)
+        try:
+            entries = fs.find(prefix, detail=True)
+        except FileNotFoundError:
+            entries = {}
+        sizes = {name[len(prefix) + 1:]: int(e.get("size") or 0) for name, e in entries.items()}
+    problems: list[tuple[ShardInfo, str]] = []
+    for shard in manifest.shards:
+        uri = join_uri(dataset_uri, shard.path)
+        if is_s3(dataset_uri):
+            size = sizes.get(shard.path)
+        else:
+            try:
+                size = os.stat(uri).st_size
+            except FileNotFoundError:
+                size = None
+        if size is None:
+            problems.append((shard, "missing"))
+        elif shard.bytes is not None and size != shard.bytes:
+            problems.append((shard, f"{size} bytes, the manifest says {shard.bytes}"))
+        elif sha256 and shard.sha256:
+            h = hashlib.sha256()
+            with open_uri(uri, fs) as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            if h.hexdigest() != shard.sha256:
+                problems.append((shard, "sha256 differs from the manifest"))
+    return problems
+
+
+def iter_tar_samples(fileobj: IO[bytes], url: str,
+                     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
     """Samples of a WebDataset tar stream: dicts of ``__key__``, ``__url__`` and extension -> bytes.
 
-    Raises :class:`ShardReadError` (after yielding every complete sample before it) when the stream is
-    truncated or not a tar archive.
+    A member larger than ``max_member_bytes`` (0 = no limit) is not read: its sample gets
+    ``__oversize__`` (a one-line description) instead of that extension. Raises :class:`ShardReadError`
+    (after yielding every complete sample before it) when the stream is truncated or not a tar archive.
     """
-    def files() -> Iterator[dict[str, Any]]:
-        for f in tar_file_iterator(fileobj):
-            f["__url__"] = url
-            yield f
-
+    current: dict[str, Any] | None = None
     try:
-        yield from group_by_keys(files())
+        for name, data, size in _tar_members(fileobj, url, max_member_bytes):
+            m = _KEY_EXT.match(name)
+            if m is None:
+                continue
+            key, ext = m.group(1), m.group(2).lower()
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            if ext in current:
+                raise ValueError(f"{name}: duplicate file name in tar file")
+            if data is None:
+                current[OVERSIZE_KEY] = f"{name}: {size} bytes, over the {max_member_bytes}-byte member limit"
+            else:
+                current[ext] = data
+        if current is not None:
+            yield current
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         raise ShardReadError(f"{url}: {e}") from e
 
 
-def iter_shard(uri: str, fs: Any = None) -> Iterator[dict[str, Any]]:
+def iter_shard(uri: str, fs: Any = None,
+               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
     """Open a shard (local or ``s3://``) and yield its samples (see :func:`iter_tar_samples`)."""
     with open_uri(uri, fs) as f:
-        yield from iter_tar_samples(f, uri)
+        yield from iter_tar_samples(f, uri, max_member_bytes)
 
 
 def decode_json(raw: bytes | None) -> dict:

@@ -9,13 +9,20 @@ A checkpoint is a directory ``<root>/step-XXXXXXXX/`` holding
   optimizer's param groups and scalar state, and the RNG scheme (random state is re-derived from
   ``(seed, step, rank)`` at every step, so a resumed run draws the same numbers as an uninterrupted one).
 
-It is written under a temporary name and renamed, and ``<root>/latest.json`` (also replaced atomically)
-names the newest complete checkpoint: a run killed mid-write leaves the previous checkpoint current.
+Crash safety: a checkpoint is written into ``<root>/.step-XXXXXXXX.tmp-<pid>/``, every file and the directory
+are fsynced, and only then is it renamed to ``step-XXXXXXXX`` (an existing directory of that name is first
+renamed aside to ``.step-XXXXXXXX.old-<pid>``, and deleted only after the new one is in place).
+``<root>/latest.json`` is replaced atomically last, and names the newest complete checkpoint. Whatever the
+moment a run is killed, :func:`latest_checkpoint` finds a complete checkpoint: the one ``latest.json`` names,
+else (a crash between the steps) the newest complete ``step-*`` directory, restoring one that was renamed
+aside. When ``latest.json`` names a checkpoint that is gone and no other exists it raises
+:class:`CheckpointMissing` instead of letting the run start again from step 0.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -25,7 +32,17 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from blip_core.errors import UserError
+
 FORMAT_VERSION = 1
+LATEST = "latest.json"
+_FILES = ("objective.safetensors", "optimizer.safetensors", "train_state.json")  # train_state.json last
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMissing(UserError):
+    """``latest.json`` names a checkpoint that is gone and no other complete checkpoint exists."""
 
 
 @dataclass
@@ -37,10 +54,28 @@ class TrainPosition:
     batch_in_epoch: int = 0
 
 
+def _fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint directory holding every file of a checkpoint."""
+    return path.is_dir() and all((path / f).is_file() for f in _FILES)
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -74,7 +109,8 @@ def save_checkpoint(root: str | Path, objective: nn.Module, optimizer: torch.opt
     name = f"step-{position.step:08d}"
     final = root / name
     tmp = root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp-*"):  # left by a save that was killed (only rank 0 writes here)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     save_model(objective, str(tmp / "objective.safetensors"))
     opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
@@ -88,22 +124,66 @@ def save_checkpoint(root: str | Path, objective: nn.Module, optimizer: torch.opt
         "extra": extra or {},
     }
     (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
+    for f in _FILES:
+        _fsync_path(tmp / f)
+    _fsync_path(tmp)
+    aside = root / f".{name}.old-{os.getpid()}"
+    if final.exists():  # the same step written again: keep the old one until the new one is in place
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
     os.replace(tmp, final)
-    _atomic_write_text(root / "latest.json", json.dumps({"checkpoint": name, **asdict(position)}))
+    _fsync_path(root)
+    shutil.rmtree(aside, ignore_errors=True)
+    _atomic_write_text(root / LATEST, json.dumps({"checkpoint": name, **asdict(position)}))
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _restore_aside(root: Path) -> None:
+    """Rename back a checkpoint left aside by a crash between replacing it and deleting the old copy."""
+    for aside in sorted(root.glob(".step-*.old-*")):
+        name = aside.name[1:].split(".old-", 1)[0]
+        if not (root / name).exists() and is_complete(aside):
+            os.replace(aside, root / name)
+            log.warning("restored checkpoint %s left aside by an interrupted save", root / name)
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (None when there is none)."""
-    pointer = Path(root) / "latest.json"
-    if not pointer.is_file():
+    """The newest complete checkpoint under ``root`` (None when there is none).
+
+    Normally the one ``latest.json`` names. After a crash between the steps of a save it is the newest
+    complete ``step-*`` directory (with a warning); when ``latest.json`` names a checkpoint that is gone and
+    there is no other, :class:`CheckpointMissing` is raised: a run never silently restarts from step 0.
+    """
+    root = Path(root)
+    if not root.is_dir():
         return None
-    path = Path(root) / json.loads(pointer.read_text())["checkpoint"]
-    return path if (path / "train_state.json").is_file() else None
+    _restore_aside(root)
+    pointer = root / LATEST
+    named: str | None = None
+    if pointer.is_file():
+        try:
+            named = str(json.loads(pointer.read_text())["checkpoint"])
+        except (ValueError, KeyError, TypeError):
+            named = "(unreadable latest.json)"
+        if "/" not in named and is_complete(root / named):
+            return root / named
+    complete = sorted(p for p in root.glob("step-*") if is_complete(p))
+    if complete:
+        if named is not None:
+            log.warning("%s names %s, which is missing or incomplete; resuming from %s instead",
+                        pointer, named, complete[-1].name)
+        else:
+            log.warning("%s has checkpoints but no %s (interrupted save); resuming from %s", root, LATEST,
+                        complete[-1].name)
+        return complete[-1]
+    if named is not None:
+        raise CheckpointMissing(f"{pointer} names checkpoint {named}, which is missing or incomplete, and no "
+                                f"other complete checkpoint is in {root}; restore it, or start over without "
+                                "resuming (delete that directory)")
+    return None
 
 
 def load_checkpoint_into(path: str | Path, objective: nn.Module,
