@@ -129,16 +129,20 @@ def _launch(stage: str, args: list[str], ctx: dict, torchx: dict) -> None:
     if scheduler == "kubernetes" and not storage.is_s3(output):
         raise UserError(f"launcher=torchx writes to S3: set the pipeline parameter output_root (got output {output})")
     allowed = {"nodes", "procs_per_node", "gpus_per_node", "cpu", "mem_mb", "image", "queue", "namespace",
-               "service_account", "secret", "config_map", "node_selector", "priority_class", "mounts",
+               "service_account", "secrets", "secret", "config_map", "node_selector", "priority_class", "mounts",
                "timeout_s", "log_dir"}
     unknown = sorted(set(opts) - allowed)
     if unknown:
         raise UserError(f"torchx: unknown settings {', '.join(unknown)} (known: scheduler, {', '.join(sorted(allowed))})")
+    if "secret" in opts:  # one secret name, as older parameter sets have it
+        opts["secrets"] = opts.pop("secret")
+    # image, namespace, service account, secrets, ...: components.launch checks them against the operator's
+    # launch policy (this step's environment), never against anything in the parameter itself
     for k in ("nodes", "procs_per_node", "gpus_per_node", "cpu", "mem_mb"):  # JSON numbers arrive as floats
         if opts.get(k) is not None:
             opts[k] = int(opts[k])
     env = {k: v for k, v in (ctx.get("env") or {}).items() if v}
-    launch.launch(stage, args, scheduler=scheduler, env=env, **opts)
+    launch.launch(stage, args, scheduler=scheduler, env=env, run_id=ctx.get("run_id") or None, **opts)
 
 
 def _result(output: str) -> dict:
@@ -182,7 +186,7 @@ def start_run(job_id: str, run_name: str, output_root: str, tracking_uri: str, e
             export=False)
         env[tracking.PARENT_RUN_ENV] = parent
         print(f"MLflow parent run {parent} in experiment {experiment!r} at {tracking.redact(tracking.resolve_tracking_uri())}")
-    return parent, {"env": env, "run_root": run_root, "parent_run_id": parent}
+    return parent, {"env": env, "run_root": run_root, "parent_run_id": parent, "run_id": job_id}
 
 
 def end_run(job_id: str, tracking_uri: str, experiment: str, state: str, error: str = "") -> None:
