@@ -1071,6 +1071,48 @@ def test_project_dockerfile():
     assert "python:3.11" in " ".join(rest for op, rest in instr if op in {"ARG", "FROM"})
 
 
+def test_image_does_not_expose_every_gpu():
+    """NVIDIA_VISIBLE_DEVICES=all in the image makes the NVIDIA runtime give every GPU of the node to any pod
+    of this image, even one that asked for none; the device plugin sets it per pod instead."""
+    env_text = " ".join(rest for op, rest in _instructions(DOCKERFILE) if op in {"ENV", "ARG"})
+    assert "NVIDIA_VISIBLE_DEVICES" not in env_text
+
+
+CONSTRAINTS = ROOT / "constraints.txt"
+
+
+def test_python_dependencies_are_locked_by_a_constraints_file():
+    """Every package the image installs has an exact version (constraints.txt, pip freeze of the tested
+    environment), the project's own requirements among them, and the image installs with it."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==" and not req.url and not req.extras, f"constraints.txt: {line} is not a pin"
+        pins[canonicalize_name(req.name)] = spec.version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert canonicalize_name(project["name"]) not in pins, "the project itself is pinned"
+    for dependency in project["dependencies"]:
+        req = Requirement(dependency)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} has no pin in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} breaks {req}"
+    instr = _instructions(DOCKERFILE)
+    assert any(op == "COPY" and "constraints.txt" in rest.split() for op, rest in instr)
+    installs = [rest for op, rest in instr if op == "RUN" and "pip install" in rest and "-r " in rest]
+    assert installs and all("-c constraints.txt" in rest for rest in installs)
+    args = dict(rest.partition("=")[::2] for op, rest in instr if op == "ARG")
+    assert pins["torch"] == args["TORCH_VERSION"] and pins["torchvision"] == args["TORCHVISION_VERSION"]
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert "constraints.txt" not in ignored
+
+
 def test_mlflow_dockerfile_matches_manifests():
     instr = _check_common(MLFLOW_DOCKERFILE)
     args = dict(rest.partition("=")[::2] for op, rest in instr if op == "ARG")
