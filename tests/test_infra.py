@@ -608,7 +608,7 @@ def test_mlflow_requires_authentication(target):
     (server,) = [c for c in _containers(_one(docs, "Deployment", "mlflow"), init=False) if c["name"] == "mlflow"]
     flags, env = _args(server), _env(server)
     assert flags.get("--app-name") == "basic-auth"
-    for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+    for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
         assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "blip-mlflow-admin", "key": var}
     config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
     mount = [m for m in server["volumeMounts"] if m["mountPath"] == str(config_path.parent)]
@@ -1118,7 +1118,7 @@ def test_mlflow_dockerfile_matches_manifests():
     args = dict(rest.partition("=")[::2] for op, rest in instr if op == "ARG")
     version = args["MLFLOW_VERSION"]
     installs = " ".join(rest for op, rest in instr if op == "RUN" and "pip install" in rest)
-    for package in ("mlflow==${MLFLOW_VERSION}", "psycopg2", "boto3"):
+    for package in ("mlflow[auth]==${MLFLOW_VERSION}", "psycopg2", "boto3"):  # [auth]: the basic-auth app
         assert package in installs, f"mlflow image lacks {package}"
     for target in KUSTOMIZATIONS:
         images = {c["image"].split("@")[0] for c in _containers(_one(_render(target), "Deployment", "mlflow"))}
@@ -1143,3 +1143,110 @@ def test_deploy_doc_matches_the_tree():
     for target in KUSTOMIZATIONS:
         if target.startswith("overlays/"):
             assert f"infra/k8s/{target}" in doc, f"docs/deploy.md does not mention {target}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLflow authentication, for real: the server configuration and the mlflow-setup script of the manifests
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_call(url: str, method: str, path: str, body=None, user: tuple[str, str] | None = None) -> int:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if user:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.slow
+def test_mlflow_server_refuses_anonymous_writes_and_setup_creates_the_pipeline_user(tmp_path):
+    """Runs `mlflow server` with the manifest's arguments and auth config (SQLite standing in for PostgreSQL),
+    then the mlflow-setup Job's script: anonymous requests are refused, the pipeline's user can track and
+    register, another signed-in user can only read, and re-running the setup is harmless."""
+    import os
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("flask_wtf", reason="the basic-auth app needs mlflow[auth] (Flask-WTF), as the image has")
+    docs = _render("base")
+    (server,) = [c for c in _containers(_one(docs, "Deployment", "mlflow"), init=False) if c["name"] == "mlflow"]
+    flags = _args(server)
+    ini = configparser.ConfigParser()
+    ini.read_string(_one(docs, "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"])
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ini["mlflow"]["database_uri"] = db
+    with open(tmp_path / "basic_auth.ini", "w") as f:
+        ini.write(f)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    admin = ("admin", secrets.token_hex(12))
+    pipeline = ("blip-pipeline", secrets.token_hex(12))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    env.update({"MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"), "MLFLOW_AUTH_ADMIN_USERNAME": admin[0],
+                "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    assert {k for k, e in _env(server).items() if "secretKeyRef" in e.get("valueFrom", {})} <= set(env) | {
+        "PGUSER", "PGPASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # the server's own settings
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    proc = subprocess.Popen([mlflow_bin, "server", "--app-name", flags["--app-name"], "--backend-store-uri", db,
+                             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        # the setup Job's script, with the Job's environment
+        setup = _containers(_one(docs, "Job", "mlflow-setup"))[0]
+        setup_env = {**env, "MLFLOW_URL": url, "MLFLOW_TRACKING_USERNAME": pipeline[0],
+                     "MLFLOW_TRACKING_PASSWORD": pipeline[1]}
+        assert set(_env(setup)) <= set(setup_env) | {"HOME"}
+        for _ in range(2):  # idempotent
+            run = subprocess.run([sys.executable, "-c", setup["args"][0]], env=setup_env, capture_output=True,
+                                 text=True, timeout=120, check=False)
+            assert run.returncode == 0, run.stderr
+
+        create = ("POST", "/api/2.0/mlflow/experiments/create", {"name": "blip-capfilt"})
+        assert _mlflow_call(url, *create) == 401  # anonymous
+        assert _mlflow_call(url, *create, user=(pipeline[0], "wrong")) == 401
+        assert _mlflow_call(url, *create, user=pipeline) == 200
+        assert _mlflow_call(url, "POST", "/api/2.0/mlflow/registered-models/create", {"name": "blip-capfilt"},
+                            user=pipeline) == 200
+        # another signed-in user (created by the administrator) may read, not write the pipeline's objects
+        reader = ("reader", secrets.token_hex(12))
+        assert _mlflow_call(url, "POST", "/api/2.0/mlflow/users/create",
+                            {"username": reader[0], "password": reader[1]}, user=admin) == 200
+        assert _mlflow_call(url, "GET", "/api/2.0/mlflow/registered-models/get?name=blip-capfilt", user=reader) == 200
+        alias = {"name": "blip-capfilt", "alias": "champion", "version": "1"}
+        assert _mlflow_call(url, "POST", "/api/2.0/mlflow/registered-models/alias", alias, user=reader) == 403
+        assert _mlflow_call(url, "POST", "/api/2.0/mlflow/registered-models/alias", alias) == 401
+        assert _mlflow_call(url, "GET", "/health") == 200  # probes need no user
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
