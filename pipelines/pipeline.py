@@ -31,8 +31,8 @@ Task settings (see :func:`make_pipeline`):
   training, CapFilt and evaluate get a memory-backed ``/dev/shm`` (emptyDir, medium Memory) for the data loaders;
 - the training and CapFilt steps read the cluster operator's launch policy (ConfigMap ``blip-launch-policy``,
   optional) into their environment: what the ``torchx`` parameter may ask for;
-- every container runs as the image's non-root user (uid 1000); KFP adds no privilege escalation, all
-  capabilities dropped and the RuntimeDefault seccomp profile.
+- every container runs as the image's non-root user (uid 1000), the only security settings kfp-kubernetes
+  can compile (the KFP backend adds its own defaults: docs/deploy.md, "Hardening: trade-offs").
 """
 
 from kfp import dsl, kubernetes
