@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 ERRORS_ENV = "BLIP_PIPELINE_ERRORS"
 LOCATION = "location"
+# the MLflow servers the pipeline's MLflow credentials may be sent to (set by the cluster operator, in the launch
+# policy ConfigMap); unset: only the in-cluster default of pipelines.settings
+TRACKING_URIS_ENV = "BLIP_ALLOWED_TRACKING_URIS"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,6 +75,28 @@ def apply_context(ctx: dict) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = str(value)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse (one line) to send this step's MLflow credentials to a server the operator did not allow.
+
+    ``mlflow_tracking_uri`` is a run parameter: without this check a run could point it at a server of its own
+    and receive the pipeline's MLflow password in the Basic-auth header. Without credentials any URI is fine.
+    """
+    import re
+
+    from pipelines import settings
+
+    if not (os.environ.get("MLFLOW_TRACKING_PASSWORD") or os.environ.get("MLFLOW_TRACKING_TOKEN")):
+        return
+    raw = os.environ.get(TRACKING_URIS_ENV)
+    allowed = {u.rstrip("/") for u in re.split(r"[,\s]+", raw) if u} if raw is not None else {settings.MLFLOW_URI}
+    if uri.strip().rstrip("/") not in allowed:
+        from components.tracking import redact
+
+        raise UserError(f"mlflow_tracking_uri {redact(uri)!r} is not allowed with the pipeline's MLflow credentials "
+                        f"(allowed: {', '.join(sorted(allowed)) or 'none'}; the cluster operator sets "
+                        f"{TRACKING_URIS_ENV})")
 
 
 def load_cfg(params_file: str, overrides: Sequence[str]):
@@ -175,6 +200,7 @@ def start_run(job_id: str, run_name: str, output_root: str, tracking_uri: str, e
     if tracking_uri.strip().lower() in ("off", "none", "0"):
         env["BLIP_TRACKING"] = "0"
     elif tracking_uri:
+        check_tracking_uri(tracking_uri)
         env["MLFLOW_TRACKING_URI"] = tracking.resolve_tracking_uri(tracking_uri)
     apply_context({"env": env})
     run_root = storage.join(output_root, "runs", job_id) if output_root else ""
@@ -196,6 +222,7 @@ def end_run(job_id: str, tracking_uri: str, experiment: str, state: str, error: 
     from components import tracking
 
     if tracking_uri:
+        check_tracking_uri(tracking_uri)
         os.environ["MLFLOW_TRACKING_URI"] = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking._client()
     exp = client.get_experiment_by_name(experiment)

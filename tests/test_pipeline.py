@@ -250,11 +250,36 @@ def test_launching_steps_read_the_operator_launch_policy(compiled):
 
     _, platform = compiled
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for name in TRAIN_EXECUTORS:
-        (policy,) = k8s[name]["configMapAsEnv"]
+    from pipelines.steps import TRACKING_URIS_ENV
+
+    for name, executor in k8s.items():
+        if name.startswith("exec-ingest"):
+            assert "configMapAsEnv" not in executor  # no MLflow credentials there
+            continue
+        (policy,) = executor["configMapAsEnv"]
         assert policy["configMapName"] == "blip-launch-policy" and policy["optional"] is True
-        assert {k["envVar"] for k in policy["keyToEnv"]} == set(POLICY_ENV.values())
-    assert "configMapAsEnv" not in k8s["exec-evaluate"] and "configMapAsEnv" not in k8s["exec-register"]
+        expected = {*POLICY_ENV.values(), TRACKING_URIS_ENV} if name in TRAIN_EXECUTORS else {TRACKING_URIS_ENV}
+        assert {k["envVar"] for k in policy["keyToEnv"]} == expected, name
+
+
+def test_mlflow_credentials_go_only_to_allowed_servers(monkeypatch, tmp_path):
+    """mlflow_tracking_uri is a run parameter: a run pointing it at its own server would receive the pipeline's
+    MLflow password. With credentials in the environment only the operator's servers are accepted."""
+    from pipelines import steps
+
+    monkeypatch.delenv(steps.TRACKING_URIS_ENV, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    with pytest.raises(UserError, match="mlflow_tracking_uri 'http://collector.example:5000' is not allowed"):
+        steps.start_run("job-1", "", "", "http://collector.example:5000", "exp", settings.S3_ENDPOINT)
+    with pytest.raises(UserError, match="is not allowed"):
+        steps.end_run("job-1", "http://collector.example:5000", "exp", "SUCCEEDED")
+    steps.check_tracking_uri(settings.MLFLOW_URI)  # the in-cluster default
+    monkeypatch.setenv(steps.TRACKING_URIS_ENV, "http://mlflow.other:5000, http://m2:80/")
+    steps.check_tracking_uri("http://m2:80")
+    with pytest.raises(UserError, match="not allowed"):
+        steps.check_tracking_uri(settings.MLFLOW_URI)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")  # no credentials: nothing to leak, any server (local runs)
+    steps.check_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 @pytest.mark.parametrize("torchx, message", [
