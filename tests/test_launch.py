@@ -193,3 +193,49 @@ def test_launch_policy_comes_from_the_operator_environment(monkeypatch):
     # local processes have no image, namespace or secret: the policy does not apply
     app = launch.build_app("pretrain", ["--data", "d", "--output", "o"], image="anything:1", secrets=["x"])
     assert app.roles[0].image == "anything:1"
+
+
+def test_sigterm_cancels_a_local_job(toy_data, tmp_path):
+    """The launcher gets SIGTERM while a local_cwd job trains: the job's processes are stopped, and the launcher
+    exits with one line (exit code 2), not a traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "pre"
+    root = launch.package_root()
+    env = {**os.environ, "PYTHONPATH": str(root), "BLIP_TRACKING": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "components.launch", "pretrain", "--procs", "1", "--log-dir", str(tmp_path / "logs"),
+         "--", "--data", toy_data["web"], "--output", str(out), *_sets(TINY + ["pretrain.epochs=10000"])],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def job_processes():
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if p.info["pid"] != proc.pid and str(out) in cmd and "components.launch" not in cmd:
+                found.append(p)
+        return found
+
+    try:
+        deadline = time.monotonic() + 180
+        while len(job_processes()) < 2:  # torchrun and its worker
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.5)
+        time.sleep(3)  # the launcher is following the job
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("launch: error:")]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "Traceback" not in err, err
+    gone, alive = psutil.wait_procs(job_processes(), timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
