@@ -14,10 +14,25 @@ Schedulers:
   interpreter's ``bin`` directory is put first on ``PATH`` so ``torchrun`` is found without an activated venv.
 - ``kubernetes``: a Volcano job (one task per node) in ``namespace``/``queue``, pods running ``image`` as
   ``service_account`` with ``gpus_per_node`` GPUs, ``cpu`` and ``mem_mb`` each, a memory-backed ``/dev/shm``
-  (added by TorchX), extra ``mounts``, the S3 credentials from the Kubernetes secret ``secret`` and the settings
-  ConfigMap as environment (``envFrom``; explicit ``env`` wins). The tracking and S3 settings of this process
-  (``MLFLOW_TRACKING_URI``, ``BLIP_PARENT_RUN_ID``, ``AWS_ENDPOINT_URL_S3``, ...) are passed on. Outputs must be
-  ``s3://`` URIs (or on a mounted volume): a pod's disk does not outlive it.
+  (added by TorchX), extra ``mounts``, the S3 and MLflow credentials from the Kubernetes ``secrets`` and the
+  settings ConfigMap as environment (``envFrom``; explicit ``env`` wins). The tracking and S3 settings of this
+  process (``MLFLOW_TRACKING_URI``, ``BLIP_PARENT_RUN_ID``, ``AWS_ENDPOINT_URL_S3``, ...) are passed on; no
+  credential is ever written into the job. Outputs must be ``s3://`` URIs (or on a mounted volume): a pod's disk
+  does not outlive it. The pods meet the ``restricted`` Pod Security level (:data:`POD_SECURITY`): non-root, no
+  privilege escalation, no capabilities, RuntimeDefault seccomp, a read-only root filesystem with ``emptyDir``
+  volumes for ``/tmp``, the home directory and the working directory.
+
+Who may launch what (kubernetes): the image, namespace, service account, secrets, queue, ConfigMap, priority class
+and volumes of a job must be in the **launch policy**, which the cluster operator sets in this process's
+environment (``BLIP_LAUNCH_IMAGES``, ``BLIP_LAUNCH_NAMESPACES``, ... comma-separated; see :data:`POLICY_ENV`;
+the Kubeflow steps get them from the ConfigMap ``blip-launch-policy``). Unset variables mean this module's
+defaults. Anything else is refused, in one line, before anything is submitted; host-path and device mounts are
+always refused.
+
+One job per output: the Kubernetes job is named after the pipeline run, the stage and the output URI
+(:func:`job_name`), and a job still running under that name (left behind by a killed or evicted launcher) is
+cancelled and deleted before the new one is created, so a retried step never runs two jobs writing the same
+output. SIGTERM (a deleted or evicted pipeline step) cancels the job before the launcher exits.
 
 :func:`launch` waits for the job, streams its log lines (prefixed ``[stage/node]``), and turns a failed job into
 a :class:`~blip_core.errors.UserError` carrying the job's error lines and last log lines. The stage's
@@ -29,9 +44,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -47,12 +64,40 @@ from blip_core.errors import UserError
 log = logging.getLogger(__name__)
 
 IMAGE = "blip-capfilt:0.1.0"
-NAMESPACE = "blip"
+NAMESPACE = "blip-jobs"
 QUEUE = "blip"
 SERVICE_ACCOUNT = "blip-trainer"
 S3_SECRET = "blip-s3-credentials"
+MLFLOW_SECRET = "blip-mlflow-credentials"
+SECRETS = (S3_SECRET, MLFLOW_SECRET)
 SETTINGS_CONFIG_MAP = "blip-settings"
 SCHEDULERS = ("local_cwd", "kubernetes")
+UID = 1000  # the image's user (infra/docker/Dockerfile)
+
+# launch policy: setting -> environment variable holding the allowed values (comma- or space-separated)
+POLICY_ENV: dict[str, str] = {
+    "image": "BLIP_LAUNCH_IMAGES",
+    "namespace": "BLIP_LAUNCH_NAMESPACES",
+    "service_account": "BLIP_LAUNCH_SERVICE_ACCOUNTS",
+    "secret": "BLIP_LAUNCH_SECRETS",
+    "queue": "BLIP_LAUNCH_QUEUES",
+    "config_map": "BLIP_LAUNCH_CONFIG_MAPS",
+    "priority_class": "BLIP_LAUNCH_PRIORITY_CLASSES",
+    "volume": "BLIP_LAUNCH_VOLUMES",
+}
+POLICY_DEFAULTS: dict[str, frozenset[str]] = {
+    "image": frozenset({IMAGE}), "namespace": frozenset({NAMESPACE}), "service_account": frozenset({SERVICE_ACCOUNT}),
+    "secret": frozenset(SECRETS), "queue": frozenset({QUEUE}), "config_map": frozenset({SETTINGS_CONFIG_MAP}),
+    "priority_class": frozenset(), "volume": frozenset(),
+}
+
+# the security context of every training pod and container ("restricted" Pod Security level)
+POD_SECURITY: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+                                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY: dict[str, Any] = {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                      "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+# writable directories on the read-only root filesystem: (volume name, mount path)
+WRITABLE_DIRS = (("tmp", "/tmp"), ("home", "/home/blip"), ("workspace", "/workspace"))
 
 # stage -> module run by torchrun -m
 STAGES: dict[str, str] = {
@@ -167,6 +212,59 @@ def _job_name(stage: str, args: Sequence[str]) -> str:
     return stage
 
 
+def job_name(run_id: str | None, stage: str, output: str) -> str:
+    """The Kubernetes name of the job that runs ``stage`` of pipeline run ``run_id`` into ``output``.
+
+    The same three values always give the same name, and a different value another one (a hash of all three), so
+    a relaunch finds the job of an earlier attempt. A valid DNS-1123 label of at most 36 characters: TorchX
+    names the pods ``<job>-<role>-<replica>-0``, which must fit in 63.
+    """
+    digest = hashlib.sha256("\0".join([run_id or "", stage, output]).encode()).hexdigest()[:12]
+    slug = re.sub(r"[^a-z0-9]+", "-", stage.lower()).strip("-")[:18].rstrip("-") or "stage"
+    return f"blip-{slug}-{digest}"
+
+
+def _secret_list(secrets: Sequence[str] | str | None) -> list[str]:
+    if not secrets:
+        return []
+    items = re.split(r"[,\s]+", secrets) if isinstance(secrets, str) else [str(x) for x in secrets]
+    return [x for x in items if x]
+
+
+def launch_policy(environ: Mapping[str, str] | None = None) -> dict[str, frozenset[str]]:
+    """The allowed values per setting: from the ``BLIP_LAUNCH_*`` variables of :data:`POLICY_ENV` where set
+    (an empty value allows nothing), else :data:`POLICY_DEFAULTS`."""
+    environ = os.environ if environ is None else environ
+    policy = dict(POLICY_DEFAULTS)
+    for setting, var in POLICY_ENV.items():
+        if var in environ:
+            policy[setting] = frozenset(x for x in re.split(r"[,\s]+", environ[var]) if x)
+    return policy
+
+
+def check_policy(policy: Mapping[str, frozenset[str]], *, image: str, namespace: str,
+                 service_account: str | None, secrets: Sequence[str], queue: str, config_map: str | None,
+                 priority_class: str | None, mounts: Sequence[str]) -> None:
+    """Raise a one-line :class:`UserError` unless every setting of a Kubernetes job is in ``policy``."""
+    asked: list[tuple[str, str]] = [("image", image), ("namespace", namespace),
+                                    ("service_account", service_account or "default"), ("queue", queue)]
+    asked += [("secret", x) for x in secrets]
+    asked += [("config_map", config_map)] if config_map else []
+    asked += [("priority_class", priority_class)] if priority_class else []
+    for token in mounts:
+        key, _, value = token.partition("=")
+        if key == "type" and value != "volume":
+            raise UserError(f"launch policy: {value} mounts are not allowed on kubernetes (only type=volume "
+                            f"with a PersistentVolumeClaim listed in {POLICY_ENV['volume']})")
+        if key == "src":
+            asked.append(("volume", value))
+    for setting, value in asked:
+        if value not in policy[setting]:
+            allowed = ", ".join(sorted(policy[setting])) or "none"
+            raise UserError(f"launch policy: {setting} {value!r} is not allowed (allowed: {allowed}; the cluster "
+                            f"operator sets {POLICY_ENV[setting]})")
+
+
 def _local_tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` with a relative ``sqlite:///`` path made absolute (the job runs elsewhere)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
@@ -181,7 +279,7 @@ def _local_tracking_uri() -> str:
 def build_app(stage: str, stage_args: Sequence[str], *, scheduler: str = "local_cwd", nodes: int = 1,
               procs_per_node: int | None = None, image: str = IMAGE, gpus_per_node: int = 0, cpu: int = 2,
               mem_mb: int = 4096, env: Mapping[str, str] | None = None, mounts: Iterable[str] | None = None,
-              secret: str | None = S3_SECRET, config_map: str | None = SETTINGS_CONFIG_MAP,
+              secrets: Sequence[str] | str | None = SECRETS, config_map: str | None = SETTINGS_CONFIG_MAP,
               node_selector: Mapping[str, str] | None = None, name: str | None = None,
               max_retries: int = 0):
     """The TorchX :class:`AppDef` of ``torchrun -m components.<stage> <stage_args>`` (see :func:`launch`)."""
@@ -222,7 +320,7 @@ def build_app(stage: str, stage_args: Sequence[str], *, scheduler: str = "local_
                    mounts=tokens or None, max_retries=max_retries)
     if scheduler == "kubernetes":
         role = app.roles[0]
-        env_from = ([{"secretRef": {"name": secret}}] if secret else []) + (
+        env_from = [{"secretRef": {"name": x}} for x in _secret_list(secrets)] + (
             [{"configMapRef": {"name": config_map, "optional": True}}] if config_map else [])
         pod: dict[str, Any] = {"spec": {}}
         if env_from:
@@ -329,13 +427,101 @@ def _stderr_sink(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM while a job is followed (see :func:`_cancel_on_sigterm`)."""
+
+
+@contextlib.contextmanager
+def _cancel_on_sigterm():
+    """Turn SIGTERM (Kubernetes deleting or evicting the pipeline step) into :class:`_Terminated`, so that the
+    job is cancelled before this process ends. Signal handlers can only be set in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _rename_job(resource: dict, name: str) -> dict:
+    """The Volcano job ``resource`` (as a plain dict) with TorchX's random job id replaced by ``name``."""
+    old = resource["metadata"]["name"]
+
+    def swap(value):
+        if isinstance(value, str):
+            return value.replace(old, name)
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        if isinstance(value, dict):
+            return {swap(k): swap(v) for k, v in value.items()}
+        return value
+
+    return swap(_plain(resource))
+
+
+def secure_pods(resource: dict) -> dict:
+    """Give every pod of the Volcano job ``resource`` (a plain dict) the "restricted" security context
+    (:data:`POD_SECURITY`, :data:`CONTAINER_SECURITY`), no service account token, and ``emptyDir`` volumes for
+    the directories written on the read-only root filesystem (:data:`WRITABLE_DIRS`)."""
+    for task in resource["spec"]["tasks"]:
+        spec = task["template"]["spec"]
+        spec["securityContext"] = {**spec.get("securityContext", {}), **POD_SECURITY}
+        spec["automountServiceAccountToken"] = False  # the training processes never call the Kubernetes API
+        volumes = spec.setdefault("volumes", [])
+        volumes += [{"name": f"blip-{v}", "emptyDir": {}} for v, _ in WRITABLE_DIRS]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            c["securityContext"] = {**c.get("securityContext", {}), **CONTAINER_SECURITY}
+            mounts = c.setdefault("volumeMounts", [])
+            mounts += [{"name": f"blip-{v}", "mountPath": path} for v, path in WRITABLE_DIRS
+                       if path not in {m["mountPath"] for m in mounts}]
+    return resource
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def _stop_existing(runner, handle: str, stage: str, *, timeout_s: float = 300.0, poll_s: float = 2.0) -> None:
+    """Cancel (if still running) and delete the job ``handle`` left by an earlier attempt, and wait until it is
+    gone, so that its name is free and it no longer writes to the output."""
+    status = runner.status(handle)
+    if status is None:
+        return
+    if status.state.name not in TERMINAL:
+        log.warning("%s: job %s of an earlier attempt is still %s; cancelling it", stage, handle, status.state.name)
+        runner.cancel(handle)
+
+        def stopped() -> bool:
+            st = runner.status(handle)
+            return st is None or st.state.name in TERMINAL
+
+        if not _wait_until(stopped, timeout_s, poll_s):
+            raise UserError(f"{stage}: the earlier job {handle} did not stop within {timeout_s:.0f} s of being "
+                            "cancelled; delete it (kubectl delete vcjob) and retry")
+    runner.delete(handle)
+    if not _wait_until(lambda: runner.status(handle) is None, timeout_s, poll_s):
+        raise UserError(f"{stage}: the earlier job {handle} was not deleted within {timeout_s:.0f} s; retry later")
+    log.info("%s: removed the earlier job %s", stage, handle)
+
+
 def launch(stage: str, stage_args: Sequence[str], *, scheduler: str = "local_cwd", nodes: int = 1,
            procs_per_node: int | None = None, image: str = IMAGE, queue: str = QUEUE, namespace: str = NAMESPACE,
            service_account: str | None = SERVICE_ACCOUNT, gpus_per_node: int = 0, cpu: int = 2,
            mem_mb: int = 4096, env: Mapping[str, str] | None = None, mounts: Iterable[str] | None = None,
-           secret: str | None = S3_SECRET, config_map: str | None = SETTINGS_CONFIG_MAP,
+           secrets: Sequence[str] | str | None = SECRETS, config_map: str | None = SETTINGS_CONFIG_MAP,
            node_selector: Mapping[str, str] | None = None, priority_class: str | None = None,
-           name: str | None = None, log_dir: str | None = None, dryrun: bool = False,
+           name: str | None = None, run_id: str | None = None, log_dir: str | None = None, dryrun: bool = False,
            stream: bool | Callable[[str], None] = True, timeout_s: float | None = None,
            poll_s: float = 2.0, tail: int = 30) -> LaunchResult:
     """Run ``stage`` (``pretrain``, ``finetune`` or ``capfilt``) as a TorchX torchrun job and wait for it.
@@ -344,16 +530,26 @@ def launch(stage: str, stage_args: Sequence[str], *, scheduler: str = "local_cwd
     ``--output``. ``procs_per_node`` defaults to ``gpus_per_node`` (2 without GPUs). ``mounts`` are TorchX mount
     specs such as ``"type=volume,src=blip-data,dst=/data"``. ``stream`` prints the job's log lines (to stderr,
     or to a callable); ``tail`` lines are kept for the result and for the error of a failed job.
+    ``run_id`` (the pipeline run) goes into the Kubernetes job's name with the stage and the output
+    (:func:`job_name`); a job still running under that name is cancelled and deleted first.
     ``dryrun`` builds the scheduler request without submitting (for ``kubernetes`` no cluster is needed, and the
     request is returned as a plain dict in :attr:`LaunchResult.request`).
 
-    Raises :class:`UserError` when the job fails, is cancelled or times out.
+    Raises :class:`UserError` when a setting is outside the launch policy (kubernetes), or when the job fails,
+    is cancelled, times out, or this process gets SIGTERM (the job is cancelled first).
     """
     from torchx.runner import get_runner
+    from torchx.specs.builders import make_app_handle
 
+    secret_names = _secret_list(secrets)
+    tokens = mount_tokens(mounts)
+    if scheduler == "kubernetes":
+        check_policy(launch_policy(), image=image, namespace=namespace, service_account=service_account,
+                     secrets=secret_names, queue=queue, config_map=config_map, priority_class=priority_class,
+                     mounts=tokens)
     app = build_app(stage, stage_args, scheduler=scheduler, nodes=nodes, procs_per_node=procs_per_node,
-                    image=image, gpus_per_node=gpus_per_node, cpu=cpu, mem_mb=mem_mb, env=env, mounts=mounts,
-                    secret=secret, config_map=config_map, node_selector=node_selector, name=name)
+                    image=image, gpus_per_node=gpus_per_node, cpu=cpu, mem_mb=mem_mb, env=env, mounts=tokens,
+                    secrets=secret_names, config_map=config_map, node_selector=node_selector, name=name)
     output = option_value(stage_args, "--output")
     if scheduler == "local_cwd" and not dryrun and log_dir is None:
         log_dir = tempfile.mkdtemp(prefix=f"blip-launch-{stage}-")
@@ -363,49 +559,66 @@ def launch(stage: str, stage_args: Sequence[str], *, scheduler: str = "local_cwd
     sink = _stderr_sink if stream is True else (stream or None)
     t0 = time.monotonic()
     with get_runner() as runner:
-        if dryrun:
-            with _job_cwd(scheduler):
-                info = runner.dryrun(app, scheduler, cfg=cfg)
-            request = info.request
-            request = _plain(request.resource) if scheduler == "kubernetes" else request
-            return LaunchResult(stage, scheduler, None, "DRYRUN", output, app.name, request=request,
-                                scheduler_cfg=cfg)
+        handle: str | None = None
         try:
             with _job_cwd(scheduler):
-                handle = runner.run(app, scheduler, cfg=cfg)
+                info = runner.dryrun(app, scheduler, cfg=cfg)
+            if scheduler == "kubernetes":
+                job = job_name(run_id, _job_name(stage, stage_args), output or "")
+                info.request.resource = secure_pods(_rename_job(info.request.resource, job))
+                handle = make_app_handle(scheduler, runner.name(), f"{namespace}:{job}")
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - no cluster, no permission, bad spec: one clear line
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"{stage}: cannot submit the TorchX job to {scheduler}: {msg}") from None
-        log.info("%s: launched %s (%d x %s)", stage, handle, role.num_replicas, procs_per_node)
+        if dryrun:
+            request = info.request
+            request = request.resource if scheduler == "kubernetes" else request
+            return LaunchResult(stage, scheduler, handle, "DRYRUN", output, app.name, request=request,
+                                scheduler_cfg=cfg)
         done = threading.Event()
-        followers = [_LogFollower(runner, handle, role.name, k, f"{app.name}/{k}", sink, tail, done)
-                     for k in range(role.num_replicas)]
         status = None
-        misses = 0
         try:
-            while True:
+            with _cancel_on_sigterm():
                 try:
-                    status = runner.status(handle)
-                    misses = 0
-                except Exception as e:  # noqa: BLE001 - a hiccup of the API server is not the job's failure
-                    misses += 1
-                    if misses >= 10:
-                        raise UserError(f"{stage}: cannot get the status of TorchX job {handle}: {e}") from None
-                    log.warning("%s: status of %s unavailable (%s); retrying", stage, handle, e)
-                if status is not None and status.state.name in TERMINAL:
-                    break
-                if timeout_s is not None and time.monotonic() - t0 > timeout_s:
-                    runner.cancel(handle)
-                    raise UserError(f"{stage}: TorchX job {handle} did not finish in {timeout_s:.0f} s; "
-                                    "cancelled (relaunch to resume from its last checkpoint)")
-                time.sleep(poll_s)
-        except BaseException:
-            if status is None or status.state.name not in TERMINAL:
+                    if handle is not None:
+                        _stop_existing(runner, handle, stage, poll_s=poll_s)
+                    with _job_cwd(scheduler):
+                        handle = runner.schedule(info)
+                except (UserError, _Terminated):
+                    raise
+                except Exception as e:  # noqa: BLE001 - no cluster, no permission, bad spec: one clear line
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise UserError(f"{stage}: cannot submit the TorchX job to {scheduler}: {msg}") from None
+                log.info("%s: launched %s (%d x %s)", stage, handle, role.num_replicas, procs_per_node)
+                followers = [_LogFollower(runner, handle, role.name, k, f"{app.name}/{k}", sink, tail, done)
+                             for k in range(role.num_replicas)]
+                misses = 0
+                while True:
+                    try:
+                        status = runner.status(handle)
+                        misses = 0
+                    except Exception as e:  # noqa: BLE001 - a hiccup of the API server is not the job's failure
+                        misses += 1
+                        if misses >= 10:
+                            raise UserError(f"{stage}: cannot get the status of TorchX job {handle}: {e}") from None
+                        log.warning("%s: status of %s unavailable (%s); retrying", stage, handle, e)
+                    if status is not None and status.state.name in TERMINAL:
+                        break
+                    if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                        runner.cancel(handle)
+                        raise UserError(f"{stage}: TorchX job {handle} did not finish in {timeout_s:.0f} s; "
+                                        "cancelled (relaunch to resume from its last checkpoint)")
+                    time.sleep(poll_s)
+        except BaseException as e:
+            if handle is not None and (status is None or status.state.name not in TERMINAL):
                 with contextlib.suppress(Exception):
                     runner.cancel(handle)
             done.set()
+            if isinstance(e, _Terminated):
+                raise UserError(f"{stage}: stopped by {e}; cancelled TorchX job {handle} "
+                                "(a relaunch resumes from its last checkpoint)") from None
             raise
         done.set()  # followers still waiting for a log to appear give up; streaming ones finish their stream
         for f in followers:
@@ -478,7 +691,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--queue", default=QUEUE, help="Volcano queue (kubernetes)")
     p.add_argument("--namespace", default=NAMESPACE)
     p.add_argument("--service-account", default=SERVICE_ACCOUNT)
-    p.add_argument("--secret", default=S3_SECRET, help="secret with the S3 credentials ('' for none)")
+    p.add_argument("--secrets", default=",".join(SECRETS),
+                   help="secrets given to the pods as environment, comma-separated ('' for none)")
+    p.add_argument("--run-id", default=None, help="pipeline run id (part of the kubernetes job's name)")
     p.add_argument("--mount", action="append", default=[], metavar="SPEC",
                    help="e.g. type=volume,src=blip-data,dst=/data (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
@@ -491,8 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = launch(args.stage, stage_args, scheduler=args.scheduler, nodes=args.nodes, procs_per_node=args.procs,
                  image=args.image, queue=args.queue, namespace=args.namespace,
                  service_account=args.service_account or None, gpus_per_node=args.gpus, cpu=args.cpu,
-                 mem_mb=args.mem_mb, env=_env_pairs(args.env), mounts=args.mount, secret=args.secret or None,
-                 log_dir=args.log_dir, dryrun=args.dryrun, timeout_s=args.timeout)
+                 mem_mb=args.mem_mb, env=_env_pairs(args.env), mounts=args.mount, secrets=args.secrets,
+                 run_id=args.run_id, log_dir=args.log_dir, dryrun=args.dryrun, timeout_s=args.timeout)
     if args.dryrun:
         import yaml
 

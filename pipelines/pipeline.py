@@ -28,8 +28,14 @@ Task settings (see :func:`make_pipeline`):
   (S3 ETags, local sizes and modification times) and the ingest settings, and a complete dataset found there
   is reused. Every other step logs to MLflow or writes to the registry, and takes the per-run context;
 - every stage step gets the S3 credentials from the Kubernetes secret ``blip-s3-credentials``
-  (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``); training, CapFilt and evaluate get a memory-backed
-  ``/dev/shm`` (emptyDir, medium Memory) for the data loaders.
+  (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``) and every step that talks to MLflow the pipeline's MLflow
+  account from ``blip-mlflow-credentials`` (``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD``);
+  training, CapFilt and evaluate get a memory-backed ``/dev/shm`` (emptyDir, medium Memory) for the data loaders;
+- the training and CapFilt steps read the cluster operator's launch policy (ConfigMap ``blip-launch-policy``,
+  optional) into their environment: what the ``torchx`` parameter may ask for; every step with the MLflow
+  credentials reads from it the tracking servers they may be sent to (``BLIP_ALLOWED_TRACKING_URIS``);
+- every container runs as the image's non-root user (uid 1000), the only security settings kfp-kubernetes
+  can compile (the KFP backend adds its own defaults: docs/deploy.md, "Hardening: trade-offs").
 """
 
 from kfp import dsl, kubernetes
@@ -40,7 +46,7 @@ from pipelines.settings import Resources
 
 
 def _configure(task, res: Resources, *, name: str, image: str, gpu_type: str, gpu_product: str, retries: int = 0,
-               cache: bool = False, secret: bool = True):
+               cache: bool = False, secret: bool = True, mlflow: bool = True, policy: str = "tracking"):
     task.set_display_name(name)
     task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
     task.set_memory_request(res.memory).set_memory_limit(res.memory)
@@ -55,6 +61,18 @@ def _configure(task, res: Resources, *, name: str, image: str, gpu_type: str, gp
     if secret:
         kubernetes.use_secret_as_env(task, secret_name=settings.S3_SECRET,
                                      secret_key_to_env=dict(settings.S3_SECRET_KEYS))
+    if mlflow:
+        kubernetes.use_secret_as_env(task, secret_name=settings.MLFLOW_SECRET,
+                                     secret_key_to_env=dict(settings.MLFLOW_SECRET_KEYS))
+    if policy:
+        from components.launch import POLICY_ENV
+        from pipelines.steps import TRACKING_URIS_ENV
+
+        keys = [*POLICY_ENV.values(), TRACKING_URIS_ENV] if policy == "launch" else [TRACKING_URIS_ENV]
+        kubernetes.use_config_map_as_env(task, settings.LAUNCH_POLICY_CONFIG_MAP, {k: k for k in keys},
+                                         optional=True)
+    kubernetes.set_security_context(task, run_as_user=settings.RUN_AS_USER, run_as_group=settings.RUN_AS_USER,
+                                    run_as_non_root=True)
     if retries:
         task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="600s")
     task.set_caching_options(enable_caching=cache)
@@ -125,20 +143,21 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
                                   ("calibration", calibration_source)):
                 data[split] = conf(C.ingest(split=split, source=source, output_root=output_root,
                                             s3_endpoint=s3_endpoint, **cfg), "ingest", f"ingest {split}",
-                                   retries=2)
+                                   retries=2, mlflow=False, policy="")
             pre = conf(C.pretrain(web=data["web"].outputs["dataset"], human=data["human"].outputs["dataset"],
-                                  **train), "pretrain", "pretrain", retries=2)
+                                  **train), "pretrain", "pretrain", retries=2, policy="launch")
             tuned = {}
             for task in ("captioner", "filter"):
                 tuned[task] = conf(C.finetune(task=task, pretrained=pre.outputs["model"],
                                               human=data["human"].outputs["dataset"], **train),
-                                   "finetune", f"finetune {task}", retries=2)
+                                   "finetune", f"finetune {task}", retries=2, policy="launch")
             cf = conf(C.capfilt(captioner=tuned["captioner"].outputs["model"],
                                 filter_model=tuned["filter"].outputs["model"], web=data["web"].outputs["dataset"],
                                 human=data["human"].outputs["dataset"],
                                 calibration=data["calibration"].outputs["dataset"], **train),
-                      "capfilt", "capfilt", retries=2)
-            re = conf(C.repretrain(data=cf.outputs["dataset"], **train), "pretrain", "repretrain", retries=2)
+                      "capfilt", "capfilt", retries=2, policy="launch")
+            re = conf(C.repretrain(data=cf.outputs["dataset"], **train), "pretrain", "repretrain", retries=2,
+                      policy="launch")
             ev = conf(C.evaluate(noisy=pre.outputs["model"], bootstrapped=re.outputs["model"],
                                  test=data["test"].outputs["dataset"], capfilt_data=cf.outputs["dataset"],
                                  ctx=ctx, min_gain=min_gain, **cfg), "evaluate", "evaluate", retries=2)

@@ -22,6 +22,14 @@ LAUNCHER = os.environ.get("BLIP_LAUNCHER") or "inline"
 PIPELINE_NAME = "blip-capfilt"
 S3_SECRET = "blip-s3-credentials"
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+# the pipeline's MLflow account (the server requires authentication; infra/k8s/base/mlflow.yaml)
+MLFLOW_SECRET = "blip-mlflow-credentials"
+MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                      "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+# the cluster operator's launch policy (components.launch.POLICY_ENV), read by the steps that launch TorchX jobs
+LAUNCH_POLICY_CONFIG_MAP = "blip-launch-policy"
+# the image's user: every step's container runs as it
+RUN_AS_USER = 1000
 
 # In-cluster endpoints of infra/k8s (ConfigMap blip-settings): the defaults of the pipeline parameters.
 MLFLOW_URI = "http://mlflow.blip.svc.cluster.local:5000"
@@ -32,9 +40,10 @@ EXPERIMENT = "blip-capfilt"
 REGISTERED_MODEL = "blip-capfilt"
 
 # TorchX job settings used when launcher=torchx (the `torchx` pipeline parameter; keys of components.launch).
+# The image, namespace, service account, secrets and queue must also be allowed by the launch policy.
 TORCHX = {"scheduler": "kubernetes", "nodes": 1, "gpus_per_node": 1, "cpu": 8, "mem_mb": 65536,
-          "image": IMAGE, "queue": "blip", "namespace": "blip", "service_account": "blip-trainer",
-          "secret": S3_SECRET}
+          "image": IMAGE, "queue": "blip", "namespace": "blip-jobs", "service_account": "blip-trainer",
+          "secrets": [S3_SECRET, MLFLOW_SECRET]}
 
 # Evaluate names the two pre-trained models so; register promotes the candidate.
 BASELINE = "noisy"  # pre-trained on the noisy web pairs (+ human pairs)

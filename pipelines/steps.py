@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 ERRORS_ENV = "BLIP_PIPELINE_ERRORS"
 LOCATION = "location"
+# the MLflow servers the pipeline's MLflow credentials may be sent to (set by the cluster operator, in the launch
+# policy ConfigMap); unset: only the in-cluster default of pipelines.settings
+TRACKING_URIS_ENV = "BLIP_ALLOWED_TRACKING_URIS"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,6 +81,28 @@ def apply_context(ctx: dict) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = str(value)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse (one line) to send this step's MLflow credentials to a server the operator did not allow.
+
+    ``mlflow_tracking_uri`` is a run parameter: without this check a run could point it at a server of its own
+    and receive the pipeline's MLflow password in the Basic-auth header. Without credentials any URI is fine.
+    """
+    import re
+
+    from pipelines import settings
+
+    if not (os.environ.get("MLFLOW_TRACKING_PASSWORD") or os.environ.get("MLFLOW_TRACKING_TOKEN")):
+        return
+    raw = os.environ.get(TRACKING_URIS_ENV)
+    allowed = {u.rstrip("/") for u in re.split(r"[,\s]+", raw) if u} if raw is not None else {settings.MLFLOW_URI}
+    if uri.strip().rstrip("/") not in allowed:
+        from components.tracking import redact
+
+        raise UserError(f"mlflow_tracking_uri {redact(uri)!r} is not allowed with the pipeline's MLflow credentials "
+                        f"(allowed: {', '.join(sorted(allowed)) or 'none'}; the cluster operator sets "
+                        f"{TRACKING_URIS_ENV})")
 
 
 def load_cfg(params_file: str, overrides: Sequence[str]):
@@ -135,16 +160,20 @@ def _launch(stage: str, args: list[str], ctx: dict, torchx: dict) -> None:
     if scheduler == "kubernetes" and not storage.is_s3(output):
         raise UserError(f"launcher=torchx writes to S3: set the pipeline parameter output_root (got output {output})")
     allowed = {"nodes", "procs_per_node", "gpus_per_node", "cpu", "mem_mb", "image", "queue", "namespace",
-               "service_account", "secret", "config_map", "node_selector", "priority_class", "mounts",
+               "service_account", "secrets", "secret", "config_map", "node_selector", "priority_class", "mounts",
                "timeout_s", "log_dir"}
     unknown = sorted(set(opts) - allowed)
     if unknown:
         raise UserError(f"torchx: unknown settings {', '.join(unknown)} (known: scheduler, {', '.join(sorted(allowed))})")
+    if "secret" in opts:  # one secret name, as older parameter sets have it
+        opts["secrets"] = opts.pop("secret")
+    # image, namespace, service account, secrets, ...: components.launch checks them against the operator's
+    # launch policy (this step's environment), never against anything in the parameter itself
     for k in ("nodes", "procs_per_node", "gpus_per_node", "cpu", "mem_mb"):  # JSON numbers arrive as floats
         if opts.get(k) is not None:
             opts[k] = int(opts[k])
     env = {k: v for k, v in (ctx.get("env") or {}).items() if v}
-    launch.launch(stage, args, scheduler=scheduler, env=env, **opts)
+    launch.launch(stage, args, scheduler=scheduler, env=env, run_id=ctx.get("run_id") or None, **opts)
 
 
 def _result(output: str) -> dict:
@@ -177,6 +206,7 @@ def start_run(job_id: str, run_name: str, output_root: str, tracking_uri: str, e
     if tracking_uri.strip().lower() in ("off", "none", "0"):
         env["BLIP_TRACKING"] = "0"
     elif tracking_uri:
+        check_tracking_uri(tracking_uri)
         env["MLFLOW_TRACKING_URI"] = tracking.resolve_tracking_uri(tracking_uri)
     apply_context({"env": env})
     run_root = storage.join(output_root, "runs", job_id) if output_root else ""
@@ -188,7 +218,7 @@ def start_run(job_id: str, run_name: str, output_root: str, tracking_uri: str, e
             export=False)
         env[tracking.PARENT_RUN_ENV] = parent
         print(f"MLflow parent run {parent} in experiment {experiment!r} at {tracking.redact(tracking.resolve_tracking_uri())}")
-    return parent, {"env": env, "run_root": run_root, "parent_run_id": parent}
+    return parent, {"env": env, "run_root": run_root, "parent_run_id": parent, "run_id": job_id}
 
 
 def end_run(job_id: str, tracking_uri: str, experiment: str, state: str, error: str = "") -> None:
@@ -198,6 +228,7 @@ def end_run(job_id: str, tracking_uri: str, experiment: str, state: str, error: 
     from components import tracking
 
     if tracking_uri:
+        check_tracking_uri(tracking_uri)
         os.environ["MLFLOW_TRACKING_URI"] = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking._client()
     exp = client.get_experiment_by_name(experiment)

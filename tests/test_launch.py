@@ -67,19 +67,30 @@ def _containers(job):
     return [t["template"]["spec"]["containers"][0] for t in job["spec"]["tasks"]]
 
 
-def test_kubernetes_dryrun_spec(monkeypatch):
+@pytest.fixture
+def policy(monkeypatch):
+    """The operator's launch policy: a registry image and one volume, the rest the defaults."""
+    for var in getattr(launch, "POLICY_ENV", {}).values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("BLIP_LAUNCH_IMAGES", "registry.example.com/blip/blip-capfilt:0.1.0")
+    monkeypatch.setenv("BLIP_LAUNCH_VOLUMES", "blip-cache")
+
+
+def test_kubernetes_dryrun_spec(monkeypatch, policy):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio.blip.svc.cluster.local:9000")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-to-be-copied")
     image = "registry.example.com/blip/blip-capfilt:0.1.0"
     res = launch.launch(
         "pretrain", ["--data", "s3://blip/data/web", "--output", "s3://blip/runs/r1/pretrain", "--stage-name", "pretrain"],
         scheduler="kubernetes", nodes=2, gpus_per_node=4, cpu=16, mem_mb=120_000, image=image, queue="blip",
-        namespace="blip", service_account="blip-trainer", mounts=["type=volume,src=blip-cache,dst=/cache"],
+        namespace="blip-jobs", service_account="blip-trainer", mounts=["type=volume,src=blip-cache,dst=/cache"],
         env={"MLFLOW_TRACKING_URI": "http://mlflow.blip.svc.cluster.local:5000", "BLIP_PARENT_RUN_ID": "abc123"},
         node_selector={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}, dryrun=True)
     job = res.request
     assert res.state == "DRYRUN" and job["apiVersion"] == "batch.volcano.sh/v1alpha1" and job["kind"] == "Job"
     assert job["spec"]["queue"] == "blip" and job["spec"]["schedulerName"] == "volcano"
-    assert res.scheduler_cfg["namespace"] == "blip" and res.scheduler_cfg["service_account"] == "blip-trainer"
+    assert res.scheduler_cfg["namespace"] == "blip-jobs" and res.scheduler_cfg["service_account"] == "blip-trainer"
+    assert "not-to-be-copied" not in json.dumps(job)  # credentials come from secrets, never from this process
     tasks = job["spec"]["tasks"]
     assert len(tasks) == 2 and all(t["replicas"] == 1 for t in tasks)  # one Volcano task per node
     for task, c in zip(tasks, _containers(job)):
@@ -99,6 +110,7 @@ def test_kubernetes_dryrun_spec(monkeypatch):
         assert env["AWS_ENDPOINT_URL_S3"] == "http://minio.blip.svc.cluster.local:9000"
         assert "AWS_SECRET_ACCESS_KEY" not in env  # credentials come from the secret, never inline
         assert {"secretRef": {"name": "blip-s3-credentials"}} in c["envFrom"]
+        assert {"secretRef": {"name": "blip-mlflow-credentials"}} in c["envFrom"]
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
 
@@ -112,10 +124,118 @@ def test_launch_cli_dryrun_prints_the_job(capsys):
     (c,) = _containers(job)
     assert c["image"] == launch.IMAGE and c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert "-m components.finetune --task captioner" in c["command"][-1]
-    assert job["metadata"]["name"].startswith("finetune-captioner")
+    assert job["metadata"]["name"] == launch.job_name(None, "finetune-captioner", "s3://blip/r/finetune_captioner")
 
 
 def test_package_root_holds_the_stage_modules():
     root = launch.package_root()
     for module in launch.STAGES.values():
         assert (root / Path(*module.split("."))).with_suffix(".py").is_file()
+
+
+def test_training_pods_meet_the_restricted_pod_security_level(policy):
+    """The namespace enforces "restricted": a pod without this security context would be refused."""
+    from test_infra import restricted_violations
+
+    job = launch.launch("pretrain", ["--data", "s3://blip/d", "--output", "s3://blip/o"], scheduler="kubernetes",
+                        nodes=2, gpus_per_node=1, mounts=["type=volume,src=blip-cache,dst=/cache"], dryrun=True,
+                        image="registry.example.com/blip/blip-capfilt:0.1.0").request
+    for task in job["spec"]["tasks"]:
+        pod = task["template"]["spec"]
+        assert restricted_violations(pod, task["name"]) == []
+        assert pod["automountServiceAccountToken"] is False
+        (c,) = pod["containers"]
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        writable = {m["mountPath"] for m in c["volumeMounts"] if "emptyDir" in volumes[m["name"]]}
+        assert {"/tmp", "/dev/shm", "/home/blip", "/workspace"} <= writable
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("image", "attacker/tools:latest", "image 'attacker/tools:latest' is not allowed"),
+    ("secrets", ["blip-minio-root"], "secret 'blip-minio-root' is not allowed"),
+    ("secrets", "blip-s3-credentials,blip-postgres", "secret 'blip-postgres' is not allowed"),
+    ("service_account", "default", "service_account 'default' is not allowed"),
+    ("service_account", None, "service_account 'default' is not allowed"),
+    ("namespace", "blip", "namespace 'blip' is not allowed"),
+    ("namespace", "kube-system", "namespace 'kube-system' is not allowed"),
+    ("queue", "other", "queue 'other' is not allowed"),
+    ("config_map", "blip-launch-policy", "config_map 'blip-launch-policy' is not allowed"),
+    ("priority_class", "system-node-critical", "priority_class 'system-node-critical' is not allowed"),
+    ("mounts", ["type=bind,src=/,dst=/host"], "bind mounts are not allowed"),
+    ("mounts", ["type=device,src=/dev/mem"], "device mounts are not allowed"),
+    ("mounts", ["type=volume,src=minio-data,dst=/d"], "volume 'minio-data' is not allowed"),
+])
+def test_launch_policy_refuses_settings_outside_it(policy, setting, value, message):
+    """What a pipeline user puts in the `torchx` parameter cannot pick another image, secret, identity or
+    namespace: one line, before anything is built or submitted (dryrun=False and no cluster here)."""
+    with pytest.raises(UserError) as e:
+        launch.launch("pretrain", ["--data", "s3://blip/d", "--output", "s3://blip/o"], scheduler="kubernetes",
+                      stream=False, **{"image": "registry.example.com/blip/blip-capfilt:0.1.0", setting: value})
+    msg = str(e.value)
+    assert message in msg and "\n" not in msg and msg.startswith("launch policy:")
+
+
+def test_launch_policy_comes_from_the_operator_environment(monkeypatch):
+    for var in getattr(launch, "POLICY_ENV", {}).values():
+        monkeypatch.delenv(var, raising=False)
+    assert launch.launch_policy()["secret"] == {"blip-s3-credentials", "blip-mlflow-credentials"}
+    monkeypatch.setenv("BLIP_LAUNCH_IMAGES", "reg/a@sha256:" + "1" * 64 + ", reg/b:2")
+    monkeypatch.setenv("BLIP_LAUNCH_SECRETS", "")
+    policy = launch.launch_policy()
+    assert policy["image"] == {"reg/a@sha256:" + "1" * 64, "reg/b:2"} and policy["secret"] == frozenset()
+    job = launch.launch("pretrain", ["--data", "s3://blip/d", "--output", "s3://blip/o"], scheduler="kubernetes",
+                        image="reg/b:2", secrets=None, dryrun=True).request
+    assert "envFrom" in job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]  # the settings ConfigMap only
+    with pytest.raises(UserError, match="secret 'blip-s3-credentials' is not allowed"):
+        launch.launch("pretrain", ["--data", "s3://blip/d", "--output", "s3://blip/o"], scheduler="kubernetes",
+                      image="reg/b:2", dryrun=True)
+    # local processes have no image, namespace or secret: the policy does not apply
+    app = launch.build_app("pretrain", ["--data", "d", "--output", "o"], image="anything:1", secrets=["x"])
+    assert app.roles[0].image == "anything:1"
+
+
+def test_sigterm_cancels_a_local_job(toy_data, tmp_path):
+    """The launcher gets SIGTERM while a local_cwd job trains: the job's processes are stopped, and the launcher
+    exits with one line (exit code 2), not a traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "pre"
+    root = launch.package_root()
+    env = {**os.environ, "PYTHONPATH": str(root), "BLIP_TRACKING": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "components.launch", "pretrain", "--procs", "1", "--log-dir", str(tmp_path / "logs"),
+         "--", "--data", toy_data["web"], "--output", str(out), *_sets(TINY + ["pretrain.epochs=10000"])],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def job_processes():
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if p.info["pid"] != proc.pid and str(out) in cmd and "components.launch" not in cmd:
+                found.append(p)
+        return found
+
+    try:
+        deadline = time.monotonic() + 180
+        while len(job_processes()) < 2:  # torchrun and its worker
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.5)
+        time.sleep(3)  # the launcher is following the job
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("launch: error:")]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "Traceback" not in err, err
+    gone, alive = psutil.wait_procs(job_processes(), timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive

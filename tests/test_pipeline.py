@@ -74,6 +74,8 @@ def test_retries_caching_gate_and_exit_handler(compiled):
     assert params["s3_endpoint"]["defaultValue"] == settings.S3_ENDPOINT
     assert params["torchx"]["defaultValue"]["queue"] == "blip"
     assert params["torchx"]["defaultValue"]["service_account"] == "blip-trainer"
+    assert params["torchx"]["defaultValue"]["namespace"] == "blip-jobs"
+    assert params["torchx"]["defaultValue"]["secrets"] == ["blip-s3-credentials", "blip-mlflow-credentials"]
     # the parent MLflow run id reaches every stage through the start step's context
     for name in ("pretrain", "finetune", "capfilt", "repretrain", "evaluate"):
         ctx = tasks[name]["inputs"]["parameters"]["ctx"]["taskOutputParameter"]
@@ -84,10 +86,17 @@ def test_secret_and_volumes(compiled):
     _, platform = compiled
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name in STAGE_EXECUTORS:
-        (secret,) = k8s[name]["secretAsEnv"]
-        assert secret["secretName"] == "blip-s3-credentials"
+        secrets = {s["secretName"]: s for s in k8s[name]["secretAsEnv"]}
+        secret = secrets["blip-s3-credentials"]
         assert {(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]} == {
             ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")}
+    # MLflow requires a user: every step that talks to it gets the pipeline's account, and only from a secret
+    for name in set(k8s) - {"exec-ingest", "exec-ingest-2", "exec-ingest-3", "exec-ingest-4"}:
+        secrets = {s["secretName"]: s for s in k8s[name]["secretAsEnv"]}
+        assert {(k["secretKey"], k["envVar"]) for k in secrets["blip-mlflow-credentials"]["keyToEnv"]} == {
+            ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+            ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_PASSWORD")}
+    assert {s["secretName"] for s in k8s["exec-ingest"]["secretAsEnv"]} == {"blip-s3-credentials"}
     for name in GPU_EXECUTORS:
         (shm,) = k8s[name]["emptyDirMounts"]
         assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory" and shm["sizeLimit"] == "8Gi"
@@ -225,3 +234,70 @@ def test_ingest_without_a_calibration_source_marks_the_dataset_empty(tmp_path):
     # Any other split needs its source: the default config has one for web, none is made up for calibration.
     with pytest.raises(UserError):
         steps.ingest("web", "toyweb://?split=bogus&n=2", "", "", "", [], dataset, report)
+
+
+def test_every_step_runs_as_non_root(compiled):
+    spec, platform = compiled
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == set(spec["deploymentSpec"]["executors"])
+    for name, executor in k8s.items():
+        ctx = executor["securityContext"]
+        assert ctx["runAsNonRoot"] is True and int(ctx["runAsUser"]) == settings.RUN_AS_USER > 0, name
+
+
+def test_launching_steps_read_the_operator_launch_policy(compiled):
+    from components.launch import POLICY_ENV
+
+    _, platform = compiled
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    from pipelines.steps import TRACKING_URIS_ENV
+
+    for name, executor in k8s.items():
+        if name.startswith("exec-ingest"):
+            assert "configMapAsEnv" not in executor  # no MLflow credentials there
+            continue
+        (policy,) = executor["configMapAsEnv"]
+        assert policy["configMapName"] == "blip-launch-policy" and policy["optional"] is True
+        expected = {*POLICY_ENV.values(), TRACKING_URIS_ENV} if name in TRAIN_EXECUTORS else {TRACKING_URIS_ENV}
+        assert {k["envVar"] for k in policy["keyToEnv"]} == expected, name
+
+
+def test_mlflow_credentials_go_only_to_allowed_servers(monkeypatch, tmp_path):
+    """mlflow_tracking_uri is a run parameter: a run pointing it at its own server would receive the pipeline's
+    MLflow password. With credentials in the environment only the operator's servers are accepted."""
+    from pipelines import steps
+
+    monkeypatch.delenv(steps.TRACKING_URIS_ENV, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    with pytest.raises(UserError, match="mlflow_tracking_uri 'http://collector.example:5000' is not allowed"):
+        steps.start_run("job-1", "", "", "http://collector.example:5000", "exp", settings.S3_ENDPOINT)
+    with pytest.raises(UserError, match="is not allowed"):
+        steps.end_run("job-1", "http://collector.example:5000", "exp", "SUCCEEDED")
+    steps.check_tracking_uri(settings.MLFLOW_URI)  # the in-cluster default
+    monkeypatch.setenv(steps.TRACKING_URIS_ENV, "http://mlflow.other:5000, http://m2:80/")
+    steps.check_tracking_uri("http://m2:80")
+    with pytest.raises(UserError, match="not allowed"):
+        steps.check_tracking_uri(settings.MLFLOW_URI)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")  # no credentials: nothing to leak, any server (local runs)
+    steps.check_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.mark.parametrize("torchx, message", [
+    ({"secret": "blip-minio-root", "image": "attacker/tools:1"}, "image 'attacker/tools:1' is not allowed"),
+    ({"secret": "blip-minio-root"}, "secret 'blip-minio-root' is not allowed"),
+    ({"secrets": ["blip-postgres"]}, "secret 'blip-postgres' is not allowed"),
+    ({"namespace": "blip"}, "namespace 'blip' is not allowed"),
+    ({"service_account": "default"}, "service_account 'default' is not allowed"),
+])
+def test_torchx_parameter_cannot_escalate(monkeypatch, torchx, message):
+    """The `torchx` pipeline parameter as a pipeline user could set it: refused in one line, before anything is
+    launched (no cluster exists here, so getting past the check would fail differently)."""
+    from components import launch
+    from pipelines import steps
+
+    for var in getattr(launch, "POLICY_ENV", {}).values():
+        monkeypatch.delenv(var, raising=False)
+    args = ["--data", "s3://blip/d", "--output", "s3://blip/pipeline/runs/r/pretrain"]
+    with pytest.raises(UserError) as e:
+        steps._launch("pretrain", args, {"env": {}, "run_id": "r"}, {**settings.TORCHX, "image": launch.IMAGE, **torchx})
+    assert message in str(e.value) and str(e.value).startswith("launch policy:")
