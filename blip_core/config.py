@@ -145,6 +145,7 @@ class IngestConfig:
     """Ingest stage: checks, cleaning and sharding of raw image-text pairs."""
 
     source: str = "toyweb://?split=web&n=2000&noise=0.3&seed=0"  # used when --source is not given
+    image_root: str = ""  # image paths of a .json annotation source are relative to this ("" = the file's dir)
     resolution: int = 64  # stored images: short side downscaled to this, aspect kept (never upscaled); 0 = keep
     min_size: int = 16  # reject images with a side shorter than this (pixels)
     max_pixels: int = 64_000_000  # reject images with more pixels than this (decompression bombs)
@@ -155,6 +156,8 @@ class IngestConfig:
     dedupe: bool = True  # drop exact duplicates (same image bytes and same cleaned caption)
     caption_source: Literal["web", "human", "synthetic"] = "web"  # json "source" when the input does not say
     fetch_threads: int = 8  # parallel image reads for JSONL/CSV manifests (S3 keys, URLs, files)
+    # manifest / annotation-file image paths may leave the manifest's directory / the image root (or s3 prefix)
+    allow_paths_outside: bool = False
 
 
 @dataclass(kw_only=True)

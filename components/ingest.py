@@ -9,7 +9,9 @@ Sources:
   order) in the img2dataset layout: ``jpg|jpeg|png|webp`` + ``txt`` + optional ``json``; or one ``.tar``;
 - a ``.jsonl`` or ``.csv`` manifest: one row per sample with ``image`` (a path relative to the manifest,
   an absolute path, an ``s3://`` URI or an ``http(s)://`` URL) and ``caption`` (or ``text``); optional
-  ``captions`` (a list, JSONL only), ``key`` and ``image_id``; other fields are kept in the sample json.
+  ``captions`` (a list, JSONL only), ``key`` and ``image_id``; other fields are kept in the sample json;
+- a ``.json`` annotation file in the formats of the official BLIP code (pre-training caption lists, COCO and
+  Flickr Karpathy train/val/test, VQA), images under ``--image-root``: see :mod:`components.annotations`.
 
 Every input sample ends up either in a shard or in ``rejected.jsonl`` with a reason (see
 :mod:`blip_core.data.checks`); a shard that breaks off mid-way counts its unreadable remainder once as
@@ -239,6 +241,10 @@ def open_source(uri: str, cfg: IngestConfig) -> Source:
         return ToyWebSource(uri)
     if uri.endswith((".jsonl", ".csv")):
         return ManifestSource(uri, cfg.fetch_threads)
+    if uri.endswith(".json"):
+        from components.annotations import AnnotationSource  # imports this module
+
+        return AnnotationSource(uri, cfg)
     return ShardSource(uri)
 
 
@@ -328,7 +334,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blip ingest", description="Check, clean, de-duplicate and shard raw "
                                 "image-text pairs into a WebDataset directory (local or s3://).")
     p.add_argument("--source", help="toyweb://?split=web&n=...&noise=...&seed=..., a directory or s3:// prefix "
-                   "of .tar shards, or a .jsonl/.csv manifest (default: ingest.source of the config)")
+                   "of .tar shards, a .jsonl/.csv manifest, or a BLIP annotation .json (default: ingest.source "
+                   "of the config)")
+    p.add_argument("--image-root", default=None, help="directory or s3:// prefix the image paths of a .json "
+                   "annotation file are relative to (default: ingest.image_root, else the file's directory)")
     p.add_argument("--output", required=True, help="output dataset directory: a local path or s3://bucket/prefix")
     add_config_args(p, tracking=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -342,6 +351,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     source = args.source or cfg.ingest.source
+    if args.image_root:
+        cfg.ingest.image_root = args.image_root
     res = run(cfg, source, args.output, progress=not args.no_progress)
     m = res.manifest
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(m.rejected.items())) or "none"

@@ -23,6 +23,7 @@ from blip_core.tokenizer import pre_caption
 REJECT_REASONS = (
     "missing_image", "zero_byte", "corrupt_image", "truncated_image", "too_small", "too_large",
     "invalid_utf8", "empty_caption", "bad_metadata", "duplicate", "unreadable_shard",
+    "outside_root",  # an image path outside the manifest's directory / the annotation file's image root
 )
 
 
