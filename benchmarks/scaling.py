@@ -241,8 +241,8 @@ def table_compute(name: str, scenario: str = "paper") -> list[str]:
 
 
 def table_summary() -> list[str]:
-    rows = ["| scale | scenario | A100 GPU-hours | " + " | ".join(f"wall d, {n} x 8" for n in NODES) + " |",
-            "|---|---|---:|" + "---:|" * len(NODES)]
+    rows = ["| scale | scenario | A100 GPU-hours | " + " | ".join(f"wall d, {n} x 8" for n in NODES)
+            + " | of which ingest (d) |", "|---|---|---:|" + "---:|" * (len(NODES) + 1)]
     for name in SCALES:
         for scenario in ("paper", "bf16"):
             st = stage_walls(name, scenario)
@@ -250,7 +250,8 @@ def table_summary() -> list[str]:
             walls = [sum(x[4][i] for x in st) + ingest_hours(name) for i in range(len(NODES))]
             label = (f"paper rate ({scenario_rate('paper') / 1e12:.1f} TFLOP/s per GPU)" if scenario == "paper"
                      else f"bf16 at {ASSUMPTIONS['bf16_mfu']:.0%} MFU ({scenario_rate('bf16') / 1e12:.0f} TFLOP/s)")
-            rows.append(f"| {name} | {label} | {_fmt(gh)} | " + " | ".join(f"{w / 24:.1f}" for w in walls) + " |")
+            rows.append(f"| {name} | {label} | {_fmt(gh)} | " + " | ".join(f"{w / 24:.1f}" for w in walls)
+                        + f" | {ingest_hours(name) / 24:.1f} |")
     return rows
 
 
