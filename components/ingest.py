@@ -9,15 +9,17 @@ Sources:
   order) in the img2dataset layout: ``jpg|jpeg|png|webp`` + ``txt`` + optional ``json``; or one ``.tar``;
 - a ``.jsonl`` or ``.csv`` manifest: one row per sample with ``image`` (a path relative to the manifest,
   an absolute path, an ``s3://`` URI or an ``http(s)://`` URL) and ``caption`` (or ``text``); optional
-  ``captions`` (a list, JSONL only), ``key`` and ``image_id``; other fields are kept in the sample json;
-- a ``.json`` annotation file in the formats of the official BLIP code (pre-training caption lists, COCO and
-  Flickr Karpathy train/val/test, VQA), images under ``--image-root``: see :mod:`components.annotations`.
+  ``captions`` (a list, JSONL only), ``key`` and ``image_id``; other fields are kept in the sample json.
 
 Every input sample ends up either in a shard or in ``rejected.jsonl`` with a reason (see
 :mod:`blip_core.data.checks`); a shard that breaks off mid-way counts its unreadable remainder once as
 ``unreadable_shard``. The output directory follows the contract of :mod:`blip_core.data.webdataset_io`:
 shards, ``rejected.jsonl``, then ``manifest.json`` last. The run is deterministic: re-running after a crash
 rewrites byte-identical shards.
+
+A ``.json`` source is an annotation file in the formats of the official BLIP code (pre-training caption
+lists, COCO and Flickr Karpathy train/val/test, VQA) with its images under ``--image-root``
+(``ingest.image_root``): see :mod:`components.annotations`.
 """
 
 from __future__ import annotations
@@ -239,12 +241,12 @@ def open_source(uri: str, cfg: IngestConfig) -> Source:
     """The reader for a source URI; a missing or unreachable source raises a one-line UserError."""
     if toyweb.is_toyweb(uri):
         return ToyWebSource(uri)
-    if uri.endswith((".jsonl", ".csv")):
-        return ManifestSource(uri, cfg.fetch_threads)
     if uri.endswith(".json"):
         from components.annotations import AnnotationSource  # imports this module
 
         return AnnotationSource(uri, cfg)
+    if uri.endswith((".jsonl", ".csv")):
+        return ManifestSource(uri, cfg.fetch_threads)
     return ShardSource(uri)
 
 
