@@ -127,6 +127,17 @@ def test_karpathy_train_one_sample_per_image_one_pair_per_caption(tmp_path):
     assert sorted(ids) == sorted(e["image_id"] for e in entries)
 
 
+def test_flickr_karpathy_train_integer_image_ids(tmp_path):
+    caps = _images(tmp_path / "flickr30k-images", ["1000092795.jpg", "10002456.jpg"], split="human")
+    entries = [{"image": f"flickr30k-images/{n}", "caption": c, "image_id": i}
+               for i, n in enumerate(["1000092795.jpg", "10002456.jpg"]) for c in caps[i][:2]]
+    ann = _write(tmp_path / "flickr30k_train.json", entries)
+    out = str(tmp_path / "out")
+    m = ingest.run(_cfg(), ann, out, progress=False).manifest
+    assert (m.samples_out, m.captions_out) == (2, 4)
+    assert sorted(s["image_id"] for s in _samples(out)) == ["0", "1"]  # 0 is an id, not a missing one
+
+
 # --------------------------------------------------------------------------------------------------
 # Karpathy val/test: the evaluation split
 # --------------------------------------------------------------------------------------------------
