@@ -152,6 +152,7 @@ class IngestConfig:
     """Ingest stage: checks, cleaning and sharding of raw image-text pairs."""
 
     source: str = "toyweb://?split=web&n=2000&noise=0.3&seed=0"  # used when --source is not given
+    image_root: str = ""  # image paths of a .json annotation source are relative to this ("" = the file's dir)
     resolution: int = 64  # stored images: short side downscaled to this, aspect kept (never upscaled); 0 = keep
     min_size: int = 16  # reject images with a side shorter than this (pixels)
     max_pixels: int = 64_000_000  # reject images with more pixels than this (decompression bombs)

@@ -23,6 +23,10 @@ Every input sample ends up either in a shard or in ``rejected.jsonl`` with a rea
 ``unreadable_shard``. The output directory follows the contract of :mod:`blip_core.data.webdataset_io`:
 shards, ``rejected.jsonl``, then ``manifest.json`` last. The run is deterministic: re-running after a crash
 rewrites byte-identical shards.
+
+A ``.json`` source is an annotation file in the formats of the official BLIP code (pre-training caption
+lists, COCO and Flickr Karpathy train/val/test, VQA) with its images under ``--image-root``
+(``ingest.image_root``): see :mod:`components.annotations`.
 """
 
 from __future__ import annotations
@@ -382,6 +386,10 @@ def open_source(uri: str, cfg: IngestConfig) -> Source:
     """The reader for a source URI; a missing or unreachable source raises a one-line UserError."""
     if toyweb.is_toyweb(uri):
         return ToyWebSource(uri)
+    if uri.endswith(".json"):
+        from components.annotations import AnnotationSource  # imports this module
+
+        return AnnotationSource(uri, cfg)
     if uri.endswith((".jsonl", ".csv")):
         return ManifestSource(uri, cfg.fetch_threads, max_bytes=cfg.max_member_bytes,
                               allow_paths_outside=cfg.allow_paths_outside,
@@ -389,22 +397,25 @@ def open_source(uri: str, cfg: IngestConfig) -> Source:
     return ShardSource(uri, cfg.max_member_bytes)
 
 
-def source_fingerprint(uri: str) -> str:
+def source_fingerprint(uri: str, image_root: str = "") -> str:
     """A hash of what ``uri`` holds now, to key cached ingest outputs: it changes when the data does.
 
     ``toyweb://``: the URI (the generator is deterministic). Shards (a file, a directory or an ``s3://``
     prefix): every shard's name, size and version (S3 ETag, local modification time). A JSONL/CSV manifest:
     the same for every file under the manifest's directory (the manifest itself and the images it may
     reference without ``ingest.allow_paths_outside``); images fetched by URL or from outside that directory
-    are not covered.
+    are not covered. A ``.json`` annotation file: the same for the files under its directory and under
+    ``image_root`` (``ingest.image_root``) when one is given.
     """
     h = hashlib.sha256(redact(uri).encode())
     if toyweb.is_toyweb(uri):
         return h.hexdigest()
-    if uri.endswith((".jsonl", ".csv")):
+    if uri.endswith((".jsonl", ".csv", ".json")):
         if not storage.exists(uri):
             raise UserError(f"source not found: {redact(uri)}")
         listing = storage.list_versions(uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).parent))
+        if uri.endswith(".json") and image_root:
+            listing = [*listing, *storage.list_versions(image_root)]
     else:
         listing = storage.list_versions(uri, SHARD_SUFFIXES)
         if not listing:
@@ -500,7 +511,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blip ingest", description="Check, clean, de-duplicate and shard raw "
                                 "image-text pairs into a WebDataset directory (local or s3://).")
     p.add_argument("--source", help="toyweb://?split=web&n=...&noise=...&seed=..., a directory or s3:// prefix "
-                   "of .tar shards, or a .jsonl/.csv manifest (default: ingest.source of the config)")
+                   "of .tar shards, a .jsonl/.csv manifest, or a BLIP annotation .json (default: ingest.source "
+                   "of the config)")
+    p.add_argument("--image-root", default=None, help="directory or s3:// prefix the image paths of a .json "
+                   "annotation file are relative to (default: ingest.image_root, else the file's directory)")
     p.add_argument("--output", required=True, help="output dataset directory: a local path or s3://bucket/prefix")
     add_config_args(p, tracking=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -514,6 +528,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     source = args.source or cfg.ingest.source
+    if args.image_root:
+        cfg.ingest.image_root = args.image_root
     res = run(cfg, source, args.output, progress=not args.no_progress)
     m = res.manifest
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(m.rejected.items())) or "none"

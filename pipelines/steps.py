@@ -275,7 +275,7 @@ def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_f
         return
     # same source content (listing with ETags / sizes and mtimes) and ingest settings -> same location, where a
     # complete dataset is reused; new data under an unchanged URI gets a new location
-    fingerprint = stage.source_fingerprint(source)
+    fingerprint = stage.source_fingerprint(source, cfg.ingest.image_root)
     key = hashlib.sha256(json.dumps([source, to_dict(cfg.ingest), fingerprint], sort_keys=True).encode()).hexdigest()[:12]
     root = f"{output_root.rstrip('/')}/datasets" if output_root else ""
     out = output_location(dataset, root, f"{split}-{key}")

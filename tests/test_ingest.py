@@ -567,6 +567,21 @@ def test_source_fingerprint_follows_the_data_under_an_unchanged_prefix(s3_bucket
     assert ingest.source_fingerprint(rows) != fp
 
 
+def test_source_fingerprint_of_an_annotation_file_covers_its_image_root(tmp_path):
+    ann, images = tmp_path / "ann", tmp_path / "images"
+    ann.mkdir(), images.mkdir()
+    (images / "a.jpg").write_bytes(_jpeg(1))
+    src = ann / "train.json"
+    src.write_text(json.dumps([{"image": "a.jpg", "caption": "a red circle"}]))
+    fp = ingest.source_fingerprint(str(src), str(images))
+    assert ingest.source_fingerprint(str(src), str(images)) == fp
+    (images / "a.jpg").write_bytes(_jpeg(2, size=(80, 64)))  # an image under the root changed
+    fp2 = ingest.source_fingerprint(str(src), str(images))
+    assert fp2 != fp
+    src.write_text(json.dumps([{"image": "a.jpg", "caption": "a blue circle"}]))  # the annotations changed
+    assert ingest.source_fingerprint(str(src), str(images)) not in (fp, fp2)
+
+
 def test_pipeline_ingest_reuses_its_output_only_while_the_source_is_unchanged(s3_bucket, tmp_path, capsys):
     from types import SimpleNamespace
 

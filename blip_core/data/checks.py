@@ -23,7 +23,7 @@ from blip_core.tokenizer import pre_caption
 REJECT_REASONS = (
     "missing_image", "zero_byte", "corrupt_image", "truncated_image", "too_small", "too_large",
     "invalid_utf8", "empty_caption", "bad_metadata", "duplicate", "unreadable_shard",
-    "outside_root", "blocked_url",  # manifest sources: a path outside the manifest's directory, a private URL
+    "outside_root", "blocked_url",  # an image path outside the manifest's directory / the image root, a private URL
 )
 
 
