@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from blip_core.checkpoint_io import Checkpoint, load_checkpoint
+from blip_core.data.images import to_rgb
 from blip_core.errors import UserError
 from blip_core.generation import generate_captions, itm_scores
 
@@ -61,7 +62,7 @@ def load_image(path: str | Path, transform) -> torch.Tensor:
     try:
         with Image.open(p) as img:
             img.load()
-            return transform(img, "")[0]
+            return transform(to_rgb(img), "")[0]  # upright (EXIF orientation), 8-bit RGB
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 

@@ -55,8 +55,10 @@ def _missing(value: Any) -> bool:
 
 
 def decode_image(value: Any):
-    """A PIL RGB image from base64 text, raw bytes or a local file path."""
+    """A PIL RGB image, upright (EXIF orientation applied), from base64 text, raw bytes or a local file path."""
     from PIL import Image, UnidentifiedImageError
+
+    from blip_core.data.images import to_rgb
 
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
@@ -65,7 +67,7 @@ def decode_image(value: Any):
         path = text[7:] if text.startswith("file://") else text
         if len(path) < 4096 and os.path.isfile(path):
             with Image.open(path) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
         if text.startswith("data:") and "," in text:
             text = text.split(",", 1)[1]
         try:
@@ -76,7 +78,7 @@ def decode_image(value: Any):
         raise ValueError(f"image must be base64 text, bytes or a local path, not {type(value).__name__}")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except UnidentifiedImageError as e:
         raise ValueError("image bytes are not a readable PNG/JPEG image") from e
 
