@@ -257,7 +257,7 @@ def retrieval_scores(model: BlipModel, images: torch.Tensor, input_ids: torch.Te
     ``(N, k)`` index and score tensors of each direction) combines them. Without ``reduce_fn`` a rank returns
     its partial result, zero outside its rows, so the ranks' results sum to the full one. Rows are assigned in
     whole ITM steps (and 16-row multiples), so the result is the same at any ``world_size`` and ``block_rows``
-(bit for bit on the CPU).
+    (bit for bit on the CPU).
 
     ``partial_dir``: each finished block of rows is saved there atomically, under a digest of the model,
     features and texts, and a re-run with the same inputs loads it instead of recomputing it. ``progress``
