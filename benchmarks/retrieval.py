@@ -11,7 +11,7 @@ number of ITM pairs re-ranked. ``--unblocked`` also runs the previous, unblocked
 matrix, then each direction's dense re-rank) for comparison; use it only at reduced sizes.
 
 Options: ``--images``, ``--texts``, ``--k``, ``--preset``, ``--threads``, ``--block-rows``, ``--itm-batch``,
-``--batch``, ``--partial-dir`` (save finished blocks there; a second run resumes), ``--progress``.
+``--batch``, ``--device``, ``--partial-dir`` (save finished blocks there; a second run resumes), ``--progress``.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default="toy", choices=["tiny", "toy", "base"])
     p.add_argument("--text-len", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (then the peak accelerator memory is reported too)")
     p.add_argument("--batch", type=int, default=128, help="images/texts per encoder forward")
     p.add_argument("--itm-batch", type=int, default=256, help="image-text pairs per ITM forward")
     p.add_argument("--block-rows", type=int, default=1024)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(model_preset(args.preset), vocab_size=VOCAB).eval()
+    model = build_model(model_preset(args.preset), vocab_size=VOCAB).eval().to(args.device)
     size = model.cfg.vision.image_size
     images, ids, mask, img2txt, txt2img = synthetic_split(args.images, args.texts, size, args.text_len)
     base_rss = _rss_mib()
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
         block_rows=args.block_rows, partial_dir=args.partial_dir, progress=args.progress))
     report["scores"] = {"seconds": round(secs, 1), "peak_rss_mib": round(peak, 1),
                         "itm_pairs_per_s": round(report["itm_pairs"] / secs, 1)}
+    if torch.device(args.device).type == "cuda":
+        report["scores"]["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     metrics, secs, peak = _phase(lambda: recall_at_k(scores.i2t, scores.t2i, img2txt, txt2img))
     report["metrics"] = {"seconds": round(secs, 2), "peak_rss_mib": round(peak, 1),
                          "tr_r1": round(metrics["tr_r1"], 3), "ir_r1": round(metrics["ir_r1"], 3)}
