@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,3 +315,17 @@ def test_rank_rows_split_evenly_in_whole_units():
     assert [hi - lo for lo, hi in (rank_rows(25000, r, 8, 16) for r in range(8))] == [3136] * 7 + [3048]
     with pytest.raises(ValueError):
         rank_rows(10, 2, 2)
+
+
+def test_two_gloo_processes_all_reduce_to_the_unblocked(larger, tmp_path):
+    model, images, ids, mask, _, _ = larger
+    i2t, t2i = _unblocked(model, images, ids, mask, K)
+    script = Path(__file__).parent / "scripts" / "ddp_retrieval.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "scores")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"scores.{r}.pt", weights_only=True)
+        assert torch.equal(got["i2t"], i2t) and torch.equal(got["t2i"], t2i)
