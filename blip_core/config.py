@@ -253,6 +253,7 @@ class EvalConfig:
     metric: str = "mean_r1"  # the metric register compares against the champion
     max_text_len: int = 35  # tokens per caption for retrieval (official retrieval uses 35)
     log_samples: int = 4  # test images logged to MLflow with each model's caption
+    resume_dir: str = ""  # local directory keeping finished retrieval re-rank blocks; a re-run resumes from it
 
 
 @dataclass(kw_only=True)

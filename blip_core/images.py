@@ -15,6 +15,8 @@ from typing import IO
 
 from PIL import Image
 
+from blip_core.data.images import to_rgb
+
 MAX_PIXELS = 40_000_000  # 40 megapixels: 120 MB as RGB; the default limit for captioning and serving
 
 
@@ -46,4 +48,4 @@ def open_rgb(source: bytes | str | Path | IO[bytes], max_pixels: int = MAX_PIXEL
             img.load()
         except Image.DecompressionBombError as e:
             raise ImageTooLarge(f"image too large to decode: {e}") from None
-        return img.convert("RGB")
+        return to_rgb(img)  # upright (EXIF orientation), 8-bit RGB, transparency on white

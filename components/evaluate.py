@@ -52,6 +52,7 @@ from blip_core.data.transforms import CLIP_MEAN, CLIP_STD
 from blip_core.errors import UserError
 from blip_core.generation import generate_captions
 from blip_core.retrieval import recall_at_k, retrieval_scores
+from blip_core.train import distributed as dist
 from components import storage, training
 from components.cli import add_config_args
 
@@ -273,7 +274,10 @@ def retrieval_metrics(model, tokenizer, split: EvalSplit, ecfg: EvalConfig) -> d
     """
     ids, mask = tokenizer(split.texts, max_length=ecfg.max_text_len)
     scores = retrieval_scores(model, split.images, ids, mask, enc_id=tokenizer.enc_id, k=ecfg.k_test,
-                              batch_size=ecfg.batch_size, itm_batch_size=ecfg.itm_batch_size)
+                              batch_size=ecfg.batch_size, itm_batch_size=ecfg.itm_batch_size,
+                              rank=dist.rank(), world_size=dist.world_size(),
+                              reduce_fn=dist.all_reduce_sum if dist.world_size() > 1 else None,
+                              partial_dir=ecfg.resume_dir or None, progress=True)
     return recall_at_k(scores.i2t, scores.t2i, split.img2txt, split.txt2img)
 
 

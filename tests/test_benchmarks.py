@@ -15,3 +15,14 @@ def test_vision_probe_reports_every_encoder(capsys):
         assert row["step"] == 4 and 0.0 <= row["shape_set_acc"] <= 1.0 and 0.0 <= row["colour_set_acc"] <= 1.0
     out = capsys.readouterr().out
     assert out.count("step     2") == 3 and '"final"' in out
+
+
+def test_retrieval_benchmark_reports_time_and_memory(capsys, tmp_path):
+    from benchmarks import retrieval
+
+    report = retrieval.main(["--preset", "tiny", "--images", "20", "--texts", "60", "--k", "8", "--batch", "16",
+                             "--block-rows", "16", "--unblocked", "--partial-dir", str(tmp_path)])
+    assert report["itm_pairs"] == 20 * 8 + 60 * 8
+    assert report["scores"]["seconds"] > 0 and report["scores"]["peak_rss_mib"] > 0
+    assert report["unblocked"]["same_metrics"] is True  # the blocked path gives the unblocked metrics
+    assert list(tmp_path.glob("*/i2t_*.pt")) and '"metrics"' in capsys.readouterr().out

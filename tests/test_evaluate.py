@@ -344,3 +344,17 @@ def test_threshold_note():
     cal = {"threshold": 0.2, "captions": 30, "target_precision": 0.9, "met": False}
     assert "(not reached there: the most precise threshold)" in evaluate.threshold_note({"threshold": 0.2,
                                                                                           "calibration": cal})
+
+
+def test_evaluate_resumes_retrieval_from_saved_blocks(no_tracking, test_split, models, tmp_path):
+    blocks = tmp_path / "blocks"
+    fresh = evaluate.run(load_config(None, CFG), {"noisy": models["noisy"]}, test_split, str(tmp_path / "a"))
+    cfg = load_config(None, [*CFG, f"evaluate.resume_dir={blocks}"])
+    first = evaluate.run(cfg, {"noisy": models["noisy"]}, test_split, str(tmp_path / "b"))
+    saved = sorted(p.name for p in blocks.glob("*/*.pt"))
+    assert saved and {n[:3] for n in saved} == {"i2t", "t2i"}
+    again = evaluate.run(cfg, {"noisy": models["noisy"]}, test_split, str(tmp_path / "c"))  # all blocks read back
+    retrieval = [k for k in fresh.metrics["models"]["noisy"] if k.startswith(("tr_", "ir_", "r_", "mean_r"))]
+    for res in (first, again):
+        assert {k: res.metrics["models"]["noisy"][k] for k in retrieval} == \
+            {k: fresh.metrics["models"]["noisy"][k] for k in retrieval}

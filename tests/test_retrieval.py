@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +16,7 @@ from blip_testing import IDS, tiny_batch, tiny_model
 from blip_core.retrieval import (
     OUTSIDE_TOP_K,
     itc_similarity,
+    rank_rows,
     recall_at_k,
     rerank_i2t,
     rerank_t2i,
@@ -187,3 +194,138 @@ def test_k_larger_than_the_split_scores_everything(setup):
     assert (scores.i2t != OUTSIDE_TOP_K).all() and (scores.t2i != OUTSIDE_TOP_K).all()
     # the same pair gets the same fused score from both directions
     torch.testing.assert_close(scores.i2t, scores.t2i.T, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocked, rank-split and resumable retrieval_scores against the unblocked computation
+# --------------------------------------------------------------------------------------------------
+
+N_IMG, N_TXT, K = 37, 101, 5  # more rows than one block of 16, and ragged ends
+# itm_batch_size K: one row per ITM forward, so blocks and rank shares are multiples of 16 rows
+
+
+@pytest.fixture(scope="module")
+def larger():
+    model = tiny_model(seed=5).eval()
+    images, _, _ = tiny_batch(batch=N_IMG, seed=6)
+    _, ids, mask = tiny_batch(batch=N_TXT, length=8, seed=7)
+    img2txt = [list(range(i, N_TXT, N_IMG)) for i in range(N_IMG)]  # 2-3 captions per image
+    txt2img = [j % N_IMG for j in range(N_TXT)]
+    return model, images, ids, mask, img2txt, txt2img
+
+
+def _unblocked(model, images, ids, mask, itm_batch_size):
+    """Today's path: the whole cosine matrix, then each direction re-ranked row by row."""
+    itc = itc_similarity(model, images, ids, mask, batch_size=8)
+    with torch.no_grad():
+        i2t = rerank_i2t(model, itc.image_embeds, itc.sim, ids, mask, enc_id=IDS.enc, k=K, batch_size=itm_batch_size)
+        t2i = rerank_t2i(model, itc.image_embeds, itc.sim, ids, mask, enc_id=IDS.enc, k=K, batch_size=itm_batch_size)
+    return i2t, t2i
+
+
+def _blocked(model, images, ids, mask, itm_batch_size, **kw):
+    return retrieval_scores(model, images, ids, mask, enc_id=IDS.enc, k=K, batch_size=8,
+                            itm_batch_size=itm_batch_size, **kw)
+
+
+@pytest.mark.parametrize("itm_batch_size", [5, 16, 64])
+@pytest.mark.parametrize("block_rows", [1, 20, 4096])
+def test_blocked_scores_and_metrics_equal_the_unblocked(larger, itm_batch_size, block_rows):
+    model, images, ids, mask, img2txt, txt2img = larger
+    i2t, t2i = _unblocked(model, images, ids, mask, itm_batch_size)
+    got = _blocked(model, images, ids, mask, itm_batch_size, block_rows=block_rows)
+    assert torch.equal(got.i2t, i2t.cpu()) and torch.equal(got.t2i, t2i.cpu())
+    assert recall_at_k(got.i2t, got.t2i, img2txt, txt2img) == recall_at_k(i2t, t2i, img2txt, txt2img)
+    assert got.sim is None
+
+
+def test_two_ranks_sum_to_the_unblocked(larger):
+    model, images, ids, mask, img2txt, txt2img = larger
+    i2t, t2i = _unblocked(model, images, ids, mask, K)
+    parts = [_blocked(model, images, ids, mask, K, block_rows=16, rank=r, world_size=2) for r in (0, 1)]
+    for p in parts:  # each rank filled a share of the rows and left the others at zero
+        assert 0 < int((p.i2t != 0).any(dim=1).sum()) < N_IMG and 0 < int((p.t2i != 0).any(dim=1).sum()) < N_TXT
+    s_i2t, s_t2i = parts[0].i2t + parts[1].i2t, parts[0].t2i + parts[1].t2i
+    assert torch.equal(s_i2t, i2t) and torch.equal(s_t2i, t2i)
+    assert recall_at_k(s_i2t, s_t2i, img2txt, txt2img) == recall_at_k(i2t, t2i, img2txt, txt2img)
+
+
+def test_two_ranks_with_a_reduce_function_each_get_the_whole_result(larger):
+    model, images, ids, mask, _, _ = larger
+    i2t, t2i = _unblocked(model, images, ids, mask, K)
+    barrier, box = threading.Barrier(2), {}
+
+    def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:  # two threads stand for two ranks
+        box[threading.get_ident()] = t
+        barrier.wait()
+        total = sum(box.values())
+        barrier.wait()
+        return total
+
+    out: dict[int, object] = {}
+
+    def rank(r: int) -> None:
+        out[r] = _blocked(model, images, ids, mask, K, block_rows=16, rank=r, world_size=2,
+                          reduce_fn=all_reduce_sum)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(out) == [0, 1]
+    for r in (0, 1):
+        assert torch.equal(out[r].i2t, i2t) and torch.equal(out[r].t2i, t2i)
+
+
+def test_resumed_partial_result_equals_the_unblocked(larger, tmp_path):
+    model, images, ids, mask, img2txt, txt2img = larger
+    i2t, t2i = _unblocked(model, images, ids, mask, K)
+    first = _blocked(model, images, ids, mask, K, block_rows=16, partial_dir=tmp_path, progress=True)
+    blocks = sorted(tmp_path.glob("*/*.pt"))
+    assert len(blocks) == 3 + 7  # ceil(37 / 16) image blocks + ceil(101 / 16) text blocks
+    assert not list(tmp_path.glob("*/.*"))  # no temporary file left behind
+    for p in blocks[::2]:  # an interrupted run: only some blocks were finished
+        p.unlink()
+    blocks[1].write_bytes(b"not a block")  # and one is damaged: recomputed, not trusted
+    resumed = _blocked(model, images, ids, mask, K, block_rows=16, partial_dir=tmp_path)
+    assert torch.equal(resumed.i2t, i2t) and torch.equal(resumed.t2i, t2i) and torch.equal(first.i2t, i2t)
+    assert recall_at_k(resumed.i2t, resumed.t2i, img2txt, txt2img) == recall_at_k(i2t, t2i, img2txt, txt2img)
+    assert len(sorted(tmp_path.glob("*/*.pt"))) == len(blocks)
+    # the saved blocks are what a re-run reads: change one and the re-run reports the change
+    saved = torch.load(blocks[0], weights_only=True)
+    saved["val"] = saved["val"] + 1000.0
+    torch.save(saved, blocks[0])
+    reread = _blocked(model, images, ids, mask, K, block_rows=16, partial_dir=tmp_path)
+    assert not torch.equal(reread.i2t, i2t) and reread.i2t.max() > 900
+    # another model never reads this model's blocks
+    other = tiny_model(seed=9).eval()
+    o_i2t, o_t2i = _unblocked(other, images, ids, mask, K)
+    got = _blocked(other, images, ids, mask, K, block_rows=16, partial_dir=tmp_path)
+    assert torch.equal(got.i2t, o_i2t) and torch.equal(got.t2i, o_t2i)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_rank_rows_split_evenly_in_whole_units():
+    for n, world, unit in [(37, 2, 16), (101, 3, 16), (5, 4, 1), (0, 2, 16), (25000, 8, 16)]:
+        shares = [rank_rows(n, r, world, unit) for r in range(world)]
+        assert shares[0][0] == 0 and shares[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+        assert all(lo % unit == 0 for lo, _ in shares)
+    assert [hi - lo for lo, hi in (rank_rows(25000, r, 8, 16) for r in range(8))] == [3136] * 7 + [3048]
+    with pytest.raises(ValueError):
+        rank_rows(10, 2, 2)
+
+
+def test_two_gloo_processes_all_reduce_to_the_unblocked(larger, tmp_path):
+    model, images, ids, mask, _, _ = larger
+    i2t, t2i = _unblocked(model, images, ids, mask, K)
+    script = Path(__file__).parent / "scripts" / "ddp_retrieval.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "scores")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"scores.{r}.pt", weights_only=True)
+        assert torch.equal(got["i2t"], i2t) and torch.equal(got["t2i"], t2i)

@@ -5,7 +5,8 @@ decodable image (``corrupt_image``), cut short (``truncated_image``), smaller th
 (``too_small``) or larger than ``max_pixels`` in area (``too_large``: checked from the header, before
 decoding, so a decompression bomb never gets decoded). Captions are rejected when they are not valid
 UTF-8 (``invalid_utf8``) or nothing is left after :func:`~blip_core.tokenizer.pre_caption`
-(``empty_caption``). Accepted images are converted to RGB, downscaled so the short side is at most
+(``empty_caption``). Accepted images are turned upright and converted to RGB
+(:func:`~blip_core.data.images.to_rgb`), downscaled so the short side is at most
 ``resolution`` and stored as JPEG (or PNG); a JPEG that needs no change is stored byte for byte.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from blip_core.data.images import exif_orientation, swaps_sides, to_rgb
 from blip_core.tokenizer import pre_caption
 
 REJECT_REASONS = (
@@ -58,19 +60,6 @@ class CheckedImage:
     height: int
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    if im.mode.startswith("I;16") or im.mode == "I":
-        return im.point(lambda v: v / 256).convert("L").convert("RGB")
-    return im.convert("RGB")
-
-
 def check_image(data: bytes | None, rules: ImageRules) -> CheckedImage:
     """Decode, check and re-encode one image; raises :class:`Rejected` with the reason."""
     if data is None:
@@ -104,9 +93,12 @@ def check_image(data: bytes | None, rules: ImageRules) -> CheckedImage:
         except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
             raise Rejected("corrupt_image", str(e) or type(e).__name__) from None
     want_ext = "png" if rules.image_format == "png" else "jpg"
-    if source_format == "JPEG" and want_ext == "jpg" and im.mode == "RGB" and target == (w, h):
+    orientation = exif_orientation(im)
+    if source_format == "JPEG" and want_ext == "jpg" and im.mode == "RGB" and target == (w, h) and orientation == 1:
         return CheckedImage(data, "jpg", w, h)
-    rgb = _to_rgb(im)
+    rgb = to_rgb(im)  # upright (EXIF orientation applied), 8-bit RGB, transparency on white
+    if swaps_sides(orientation):
+        target = target[::-1]
     if rgb.size != target:
         rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
     buf = io.BytesIO()

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from blip_core.data.images import to_rgb
 from blip_core.data.transforms import EvalTransform, TrainTransform
 from blip_core.data.webdataset_io import (
     IMAGE_EXTS,
@@ -137,10 +138,10 @@ def image_index(image_id: str) -> int:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode stored image bytes to RGB (raises on corrupt data)."""
+    """Decode stored image bytes to upright RGB (:func:`~blip_core.data.images.to_rgb`; raises on corrupt data)."""
     img = Image.open(io.BytesIO(data))
     img.load()
-    return img.convert("RGB")
+    return to_rgb(img)
 
 
 def sample_captions(sample: dict[str, Any]) -> tuple[list[str], str]:

@@ -15,6 +15,9 @@ image side, grey fill 128; geometric ops pick a random sign). As in BLIP, the Br
 factor is 1.8·M/10 + 0.1, which is exactly 1.0 (a no-op) at M=5.
 
 Eval: ``Resize((S, S), bicubic) -> ToTensor -> Normalize``.
+
+Both first turn the image upright and into 8-bit RGB with :func:`~blip_core.data.images.to_rgb` (EXIF
+orientation, transparency on white, 16-bit grayscale scaled, CMYK).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from blip_core.data.images import to_rgb
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _FILL = (128, 128, 128)
@@ -38,7 +43,7 @@ _LEFT_RIGHT = re.compile(r"\b(left|right)\b")
 
 def to_tensor_normalized(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float tensor ``(3, H, W)`` normalised with the CLIP mean/std."""
-    arr = np.array(img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    arr = np.array(img if img.mode == "RGB" else to_rgb(img), dtype=np.uint8)  # (H, W, 3)
     t = torch.from_numpy(arr).permute(2, 0, 1).float()  # (3, H, W) in [0, 255]
     return t.sub_(_MEAN).div_(_STD)
 
@@ -178,7 +183,7 @@ class TrainTransform:
         self.flip = flip
 
     def __call__(self, img: Image.Image, caption: str, rng: random.Random) -> tuple[torch.Tensor, str]:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         box = random_resized_crop_box(img.width, img.height, (self.min_scale, 1.0), rng)
         img = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
         if self.flip and rng.random() < 0.5:
@@ -196,7 +201,7 @@ class EvalTransform:
         self.image_size = image_size
 
     def __call__(self, img: Image.Image, caption: str = "", rng: random.Random | None = None) -> tuple[torch.Tensor, str]:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         return to_tensor_normalized(img), caption

@@ -126,6 +126,16 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
     return float(t)
 
 
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of ``tensor`` over ranks, returned on ``tensor``'s device. Identity alone."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    t = tensor.to("cuda" if dist.get_backend() == "nccl" else tensor.device, copy=True)
+    dist.all_reduce(t)
+    return t.to(tensor.device)
+
+
 def broadcast_object(obj, src: int = 0):
     """Send a picklable object from ``src`` to every rank."""
     if not is_initialized():
