@@ -7,6 +7,7 @@ and the inference decode paths must see the same upright pixels.
 
 from __future__ import annotations
 
+import base64
 import io
 import random
 
@@ -195,7 +196,7 @@ def test_exif_orientation_is_applied_at_every_decode(tmp_path):
     assert seen.shape == (W, H, 3) and _upright_top_is_red(seen)
     mlflow_model = pytest.importorskip("components.mlflow_model")
     assert _upright_top_is_red(mlflow_model.decode_image(data))  # MLflow model, raw bytes
-    assert _upright_top_is_red(mlflow_model.decode_image(str(path)))  # and a local path
+    assert _upright_top_is_red(mlflow_model.decode_image(base64.b64encode(data).decode()))  # and base64 text
     with Image.open(io.BytesIO(data)) as im:  # the transforms, given the file as decoded
         x = EvalTransform(32)(im)[0]
         assert x.shape == (3, 32, 32)
