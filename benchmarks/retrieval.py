@@ -20,43 +20,17 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 
 import torch
 
+from benchmarks.common import peak_rss_mib, reset_peak_rss, rss_mib
 from blip_core import build_model, model_preset
 from blip_core.retrieval import itc_similarity, recall_at_k, rerank_i2t, rerank_t2i, retrieval_scores
 
 VOCAB = 1000
 ENC_ID, CLS_ID, SEP_ID, PAD_ID = VOCAB - 1, 2, 3, 0
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) so a phase's peak excludes what came before."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def synthetic_split(n_images: int, n_texts: int, image_size: int, text_len: int, seed: int = 0):
@@ -77,10 +51,10 @@ def synthetic_split(n_images: int, n_texts: int, image_size: int, text_len: int,
 
 
 def _phase(fn):
-    _reset_peak()
+    reset_peak_rss()
     t0 = time.perf_counter()
     out = fn()
-    return out, time.perf_counter() - t0, _peak_mib()
+    return out, time.perf_counter() - t0, peak_rss_mib()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -104,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(model_preset(args.preset), vocab_size=VOCAB).eval().to(args.device)
     size = model.cfg.vision.image_size
     images, ids, mask, img2txt, txt2img = synthetic_split(args.images, args.texts, size, args.text_len)
-    base_rss = _rss_mib()
+    base_rss = rss_mib()
     k_i2t, k_t2i = min(args.k, args.texts), min(args.k, args.images)
     report: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
