@@ -29,7 +29,8 @@ System metrics (CPU, memory, disk, network; GPU when ``nvidia-ml-py`` is install
 If the server goes away after the stage started, the stage goes on without tracking: the first logging call
 that fails (after MLflow's own HTTP retries) logs one warning, every later call is skipped, the run is left as
 the server last saw it, and :attr:`StageRun.lost` holds the reason (training stages copy it into
-``result.json`` as ``tracking_lost``). Errors in what is logged (bad values, missing files) still raise.
+``result.json`` as ``tracking_lost``). Errors in what is logged (bad values, missing files) still raise while
+tracking works.
 
 Tracking is off (every call a no-op, ``run_id`` is ``None``) when ``BLIP_TRACKING`` is ``0``/``off``/``false``,
 and on distributed ranks other than 0 (``RANK``), so only rank 0 logs.

@@ -462,3 +462,32 @@ def test_server_lost_mid_stage_the_stage_completes_and_says_so(toy_data, tmp_pat
         a = load_file(tmp_path / "untracked" / "model" / name)
         b = load_file(out / "model" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_lost_server_warns_once_and_later_calls_are_skipped(tmp_path, tiny_checkpoint, monkeypatch, caplog):
+    """In process: a mistake in what is logged raises; after the server dies, the first failing call warns and
+    marks the run lost, later calls return at once, and leaving the block raises nothing."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with _mlflow_server_process(tmp_path, str(tmp_path / "artifacts")) as (url, server):
+        with caplog.at_level("WARNING", logger="components.tracking"), \
+                stage_run("finetune_filter", {"a": 1}, uri=url, log_system_metrics=False) as run:
+            run.log_metrics(0, {"loss": 1.0})
+            with pytest.raises(ValueError, match="must end in .json"):  # a mistake is not a lost server
+                run.log_table([{"a": 1}], "table.csv")
+            assert run.lost is None
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+            run.log_metrics(1, {"loss": 0.5})
+            assert run.lost and "API request to" in run.lost
+            start = time.monotonic()
+            for step in range(2, 50):
+                run.log_metrics(step, {"loss": 0.1})
+            run.set_tags({"x": "y"})
+            assert run.log_blip_model(tiny_checkpoint) == ""
+            assert time.monotonic() - start < 1.0
+    assert mlflow.active_run() is None
+    warnings_ = [r for r in caplog.records if r.name == "components.tracking" and r.levelname == "WARNING"]
+    assert len(warnings_) == 1 and "was lost during stage finetune_filter" in warnings_[0].getMessage()
+    store = MlflowClient(f"sqlite:///{tmp_path / 'server.db'}")
+    assert [m.step for m in store.get_metric_history(run.run_id, "loss")] == [0]
