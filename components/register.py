@@ -143,6 +143,8 @@ def run(cfg: Config, model: str, metrics: str, candidate: str, name: str = "blip
                 champion_value = None if run_value is None or math.isnan(run_value) else float(run_value)
         run_.log_metrics(0, {f"{candidate}/{k}": v for k, v in values.items()})
         model_uri = run_.log_blip_model(model_dir)
+        if run_.lost is not None:  # registering is this stage's work: without the server it cannot go on
+            raise tracking.TrackingError(f"register: MLflow tracking was lost ({run_.lost}); nothing was registered")
         tags: dict[str, Any] = {METRIC_TAG + k: repr(v) for k, v in values.items()}
         tags.update({"blip.candidate": candidate, "blip.metrics_uri": metrics, "blip.model_source": model,
                      "blip.register_run_id": run_.run_id})

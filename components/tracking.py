@@ -26,6 +26,12 @@ An exception inside the block ends the stage run as ``FAILED`` (``KILLED`` on Ct
 System metrics (CPU, memory, disk, network; GPU when ``nvidia-ml-py`` is installed) are sampled by MLflow every
 ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (default here: 5).
 
+If the server goes away after the stage started, the stage goes on without tracking: the first logging call
+that fails (after MLflow's own HTTP retries) logs one warning, every later call is skipped, the run is left as
+the server last saw it, and :attr:`StageRun.lost` holds the reason (training stages copy it into
+``result.json`` as ``tracking_lost``). Errors in what is logged (bad values, missing files) still raise while
+tracking works.
+
 Tracking is off (every call a no-op, ``run_id`` is ``None``) when ``BLIP_TRACKING`` is ``0``/``off``/``false``,
 and on distributed ranks other than 0 (``RANK``), so only rank 0 logs.
 
@@ -43,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -333,6 +340,47 @@ def _metric_value(value: Any) -> float | None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _is_server_failure(e: BaseException) -> bool:
+    """True when ``e`` says the tracking server could not be reached or answered with a server error."""
+    import requests
+
+    seen: set[int] = set()
+    err: BaseException | None = e
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+            return True
+        # MLflow's HTTP client: "API request to ... failed with exception ..." (no connection, retries used
+        # up) or "... failed with error code 5xx" (an answer that is not MLflow's JSON)
+        if isinstance(err, MlflowException) and (str(err).startswith("API request to ")
+                                                 or err.error_code == "TEMPORARILY_UNAVAILABLE"):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _tolerant(default: Any = None):
+    """Make a :class:`StageRun` method skip itself (returning ``default``) once tracking is lost, and mark
+    tracking lost when the call fails because the server is gone."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def method(self: StageRun, *args: Any, **kwargs: Any) -> Any:
+            if self.lost is not None:
+                return default
+            try:
+                return fn(self, *args, **kwargs)
+            except Exception as e:
+                if not _is_server_failure(e):
+                    raise
+                self.lose(e)
+                return default
+
+        return method
+
+    return wrap
+
+
 class StageRun:
     """One stage's nested MLflow run; every method logs to this run (``run_id``), whatever run is active."""
 
@@ -344,12 +392,26 @@ class StageRun:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.model_info: Any = None  # mlflow.models.model.ModelInfo of the last log_blip_model
+        self.lost: str | None = None  # why tracking stopped during the stage (None while it works)
 
     @property
     def enabled(self) -> bool:
         return True
 
+    def lose(self, error: BaseException) -> None:
+        """Stop tracking for the rest of the stage after ``error`` (the server is gone): one warning, no more
+        calls to the server, system-metrics sampling stopped."""
+        if self.lost is not None:
+            return
+        text = str(error).strip()
+        self.lost = _clip(redact(text.splitlines()[0] if text else type(error).__name__), 500)
+        log.warning("MLflow tracking at %s was lost during stage %s (%s); the stage goes on without tracking: "
+                    "its later metrics, artifacts and model are in its output only", redact(self.tracking_uri),
+                    self.stage, self.lost)
+        _stop_system_metrics(self.run_id)
+
     # ------------------------------------------------------------------ params, tags, metrics
+    @_tolerant()
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (nested dicts are flattened to dotted keys; values longer than MLflow allows are cut)."""
         flat = _flatten(params)
@@ -363,11 +425,13 @@ class StageRun:
         self.log_params(d)
         self.log_dict(d, "config.json")
 
+    @_tolerant()
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(_key(k), _clip(redact(str(v)), MAX_TAG_VALUE)) for k, v in tags.items()]
         if items:
             self.client.log_batch(self.run_id, tags=items)
 
+    @_tolerant()
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Log scalar metrics (floats, 0-d tensors, numpy scalars) at ``step``; ``None`` values are skipped."""
         now = int(time.time() * 1000)
@@ -380,21 +444,26 @@ class StageRun:
             self.client.log_batch(self.run_id, metrics=items)
 
     # ------------------------------------------------------------------ artifacts
+    @_tolerant()
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """``obj`` as JSON (``.json``) or YAML (``.yaml``/``.yml``) at ``artifact_file`` (credentials redacted)."""
         self.client.log_dict(self.run_id, redact(obj), artifact_file)
 
+    @_tolerant()
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, redact(text), artifact_file)
 
+    @_tolerant()
     def log_artifact(self, local_path: str | Path, path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), path)
 
+    @_tolerant()
     def log_artifacts(self, local_dir: str | Path, path: str | None = None) -> None:
         """Every file under ``local_dir`` (a local directory or an ``s3://`` prefix) under artifact ``path``."""
         with _local_dir(local_dir) as d:
             self.client.log_artifacts(self.run_id, str(d), path)
 
+    @_tolerant()
     def log_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
         """Rows (dicts) as an MLflow table (``.json`` or ``.parquet``); appended to if the file exists.
 
@@ -409,6 +478,7 @@ class StageRun:
         df = pd.DataFrame([{k: _plain(v) if not hasattr(v, "resize") else v for k, v in r.items()} for r in rows])
         self.client.log_table(self.run_id, data=df, artifact_file=str(artifact_file))
 
+    @_tolerant()
     def log_image(self, image: Any, key: str, step: int) -> None:
         """One time-stepped image (PIL or HxWxC numpy), shown in the run's image view under ``key``."""
         self.client.log_image(self.run_id, image, key=_BAD_IMAGE_KEY_CHARS.sub("_", key),
@@ -440,6 +510,7 @@ class StageRun:
         self.log_table(rows, f"{_BAD_IMAGE_KEY_CHARS.sub('_', key)}.json")
 
     # ------------------------------------------------------------------ models
+    @_tolerant("")
     def log_blip_model(self, checkpoint_dir: str | Path, name: str = "model", registered_name: str | None = None,
                        *, model_config: Mapping[str, Any] | None = None, include_code: bool = True) -> str:
         """Log a BLIP checkpoint directory (``BlipModel.save``) as an MLflow pyfunc model; return its model URI.
@@ -485,6 +556,7 @@ class NullStageRun(StageRun):
         self.tracking_uri = None  # type: ignore[assignment]
         self.client = None  # type: ignore[assignment]
         self.model_info = None
+        self.lost = None
 
     @property
     def enabled(self) -> bool:
@@ -632,7 +704,12 @@ def stage_run(stage: str, config: Any = None, parent_run_id: str | None = None, 
     run = StageRun(run_id, parent_id, exp_id, stage, uri)
     status = "FAILED"
     try:
-        mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=log_system_metrics)
+        try:
+            mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=log_system_metrics)
+        except Exception as e:
+            if not _is_server_failure(e):
+                raise
+            run.lose(e)
         if config is not None:
             run.log_config(config)
         yield run
@@ -643,10 +720,40 @@ def stage_run(stage: str, config: Any = None, parent_run_id: str | None = None, 
             run.set_tags({"blip.error": f"{type(e).__name__}: {e}"})
         raise
     finally:
-        _end_active(run_id, status)
-        if owned:
+        if run.lost is None:
+            try:
+                _end_active(run_id, status)
+            except Exception as e:
+                if not _is_server_failure(e):
+                    raise
+                run.lose(e)
+        if run.lost is not None:
+            _drop_active(run_id)
+        elif owned:
             with contextlib.suppress(Exception):
                 client.set_terminated(parent_id, status=status)
+
+
+def _stop_system_metrics(run_id: str) -> None:
+    """Stop MLflow's system-metrics sampler of ``run_id`` without a last flush to the server."""
+    from mlflow.tracking import fluent
+
+    monitor = getattr(fluent, "run_id_to_system_metrics_monitor", {}).pop(run_id, None)
+    event = getattr(monitor, "_shutdown_event", None)
+    if event is not None:
+        event.set()
+
+
+def _drop_active(run_id: str) -> None:
+    """Take ``run_id`` (and any run above it) off the fluent run stack without calling the server."""
+    from mlflow.tracking import fluent
+
+    _stop_system_metrics(run_id)
+    stack = getattr(fluent, "_active_run_stack", None)
+    runs = stack.get() if stack is not None else []
+    ids = [r.info.run_id for r in runs]
+    if run_id in ids:
+        del runs[ids.index(run_id):]
 
 
 def _end_active(run_id: str, status: str) -> None:

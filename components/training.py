@@ -77,6 +77,7 @@ class TrainStageResult:
     resumed_from: str | None = None
     run_id: str | None = None
     validation: dict | None = None  # with a validation split: the metric, chosen epoch and per-epoch scores
+    tracking_lost: str | None = None  # why MLflow tracking stopped during the stage (see components.tracking)
 
 
 @dataclass
@@ -386,6 +387,7 @@ def run_training(
             run.log_artifact(work / "train_log.json")
             run.log_blip_model(work / MODEL_DIR, registered_name=registered_name)
             publish(work, output, [MODEL_DIR, "metrics.json", "train_log.json"])
+            result.tracking_lost = run.lost
             write_result(output, work, {"stage": stage, **dataclasses.asdict(result)})
         D.barrier()
     return result

@@ -90,13 +90,14 @@ def s3_bucket(s3_env):
 
 
 class FlakyProxy:
-    """An HTTP proxy on 127.0.0.1 that answers 503 SlowDown to chosen requests and forwards the rest.
+    """An HTTP proxy on 127.0.0.1 that answers 503 SlowDown (or, with ``status=500``, 500 InternalError) to
+    chosen requests and forwards the rest.
 
     Requests number 0, 1, ... in arrival order; request ``i`` fails when ``i < fail_first`` or, with
     ``fail_every = k > 0``, when ``i % k == k - 1``. ``requests`` and ``failed`` count what happened.
     """
 
-    def __init__(self, target: str, fail_first: int = 0, fail_every: int = 0) -> None:
+    def __init__(self, target: str, fail_first: int = 0, fail_every: int = 0, status: int = 503) -> None:
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -104,6 +105,7 @@ class FlakyProxy:
 
         t = urlsplit(target)
         self.fail_first, self.fail_every = fail_first, fail_every
+        code = {503: b"SlowDown", 500: b"InternalError"}[status]
         self.requests = self.failed = 0
         lock = threading.Lock()
         proxy = self
@@ -135,8 +137,8 @@ class FlakyProxy:
                     fail = i < proxy.fail_first or (proxy.fail_every > 0 and i % proxy.fail_every == proxy.fail_every - 1)
                     proxy.failed += fail
                 if fail:
-                    msg = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>injected</Message></Error>"
-                    self.send_response(503)
+                    msg = b"<?xml version='1.0'?><Error><Code>" + code + b"</Code><Message>injected</Message></Error>"
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(msg)))
                     self.end_headers()
@@ -179,12 +181,12 @@ class FlakyProxy:
 
 @pytest.fixture
 def flaky_s3(s3_env, monkeypatch):
-    """Factory: ``flaky_s3(fail_first=3, fail_every=0)`` starts a :class:`FlakyProxy` in front of the moto
-    server and points ``AWS_ENDPOINT_URL[_S3]`` at it; returns the proxy (``.url``, ``.failed``)."""
+    """Factory: ``flaky_s3(fail_first=3, fail_every=0, status=503)`` starts a :class:`FlakyProxy` in front of
+    the moto server and points ``AWS_ENDPOINT_URL[_S3]`` at it; returns the proxy (``.url``, ``.failed``)."""
     proxies = []
 
-    def make(fail_first: int = 0, fail_every: int = 0) -> FlakyProxy:
-        p = FlakyProxy(s3_env, fail_first, fail_every)
+    def make(fail_first: int = 0, fail_every: int = 0, status: int = 503) -> FlakyProxy:
+        p = FlakyProxy(s3_env, fail_first, fail_every, status)
         proxies.append(p)
         monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", p.url)

@@ -362,6 +362,28 @@ def test_missing_shard_on_s3_is_refused_naming_it(s3_bucket, tokenizer):
     assert loader.lost_samples == 10 and len(loader) == 4
 
 
+@pytest.mark.parametrize("status", [500, 503])
+def test_s3_error_storm_while_streaming_is_retried_and_loses_nothing(s3_bucket, flaky_s3, web_dir, tokenizer,
+                                                                      status):
+    """5xx answers to the loader's s3fs requests (listing, manifest, shard reads, in DataLoader workers too)
+    are retried: every sample is read exactly once, as from the local copy. s3fs itself retries only
+    SlowDown; 500 InternalError is retried by botocore (``s3_filesystem``'s retry config)."""
+    from components import storage
+
+    out = f"s3://{s3_bucket}/web"
+    storage.upload_dir(web_dir, out)
+    proxy = flaky_s3(fail_first=3, fail_every=4, status=status)  # 3 failures in a row, then every 4th request
+    loader = make_loader([out], tokenizer, batch_size=1, train=False, **LOADER_ARGS)
+    ids = [i for b in loader for i in b["image_id"]]
+    assert ids == [f"web-s3-{i:07d}" for i in range(53)] and loader.skipped == 0
+    local = make_loader([web_dir], tokenizer, batch_size=4, train=True, num_workers=2, seed=1, **LOADER_ARGS)
+    remote = make_loader([out], tokenizer, batch_size=4, train=True, num_workers=2, seed=1, **LOADER_ARGS)
+    expected = [i for b in local for i in b["image_id"]]
+    assert [i for b in remote for i in b["image_id"]] == expected and len(set(expected)) == len(expected) == 48
+    assert remote.skipped == 0 and remote.lost_samples == 0
+    assert proxy.failed >= 3 + proxy.requests // 4 - 1
+
+
 def test_shard_with_a_zeroed_tail_is_refused_in_training_and_evaluation(tmp_path, tokenizer):
     """A tar whose tail was zeroed reads as a shorter valid archive: the manifest's sample count catches it."""
     from blip_core.data.loader import ShardLost

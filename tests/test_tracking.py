@@ -7,6 +7,7 @@ Everything is real: a sqlite store in ``tmp_path``, and one test against an ``ml
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -300,19 +301,18 @@ def test_server_down_fails_fast_with_user_error():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def mlflow_server(tmp_path, s3_server, s3_bucket):
-    """``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artifacts in the moto bucket); yields its URL."""
+@contextlib.contextmanager
+def _mlflow_server_process(tmp_path: Path, artifacts: str, env_extra: dict[str, str] | None = None):
+    """``mlflow server`` on 127.0.0.1 (sqlite backend ``tmp_path/server.db``, proxied artifacts in
+    ``artifacts``); yields ``(url, process)``. The process leads its own process group."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "BLIP_"))}
-    env.update({"MLFLOW_S3_ENDPOINT_URL": s3_server, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1,localhost",
-                "no_proxy": "127.0.0.1,localhost"})
+    env.update({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "NO_PROXY": "127.0.0.1,localhost",
+                "no_proxy": "127.0.0.1,localhost", **(env_extra or {})})
     log_path = tmp_path / "mlflow-server.log"
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server",
            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", f"s3://{s3_bucket}/mlruns",
+           "--artifacts-destination", artifacts,
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
@@ -330,7 +330,7 @@ def mlflow_server(tmp_path, s3_server, s3_bucket):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -339,6 +339,15 @@ def mlflow_server(tmp_path, s3_server, s3_bucket):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, s3_server, s3_bucket):
+    """``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artifacts in the moto bucket); yields its URL."""
+    env = {"MLFLOW_S3_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    with _mlflow_server_process(tmp_path, f"s3://{s3_bucket}/mlruns", env) as (url, _):
+        yield url
 
 
 @pytest.mark.slow
@@ -392,3 +401,93 @@ def test_mlflow_server_with_s3_artifacts(mlflow_server, s3_server, s3_bucket, ti
     assert alias_version == 1 and metrics["val/loss"] == 0.5
     model = mlflow.pyfunc.load_model("models:/blip-server-captioner@champion")
     _check_pyfunc(model, image_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# (d) a tracking server that goes down in the middle of a stage
+# --------------------------------------------------------------------------------------------------
+
+
+def test_server_lost_mid_stage_the_stage_completes_and_says_so(toy_data, tmp_path, monkeypatch):
+    """The server is killed after the first checkpoint of a pre-training run that logs to it: the run goes
+    on, warns once, writes the same model as a run without tracking, and its result says tracking was lost."""
+    import torch
+    from safetensors.torch import load_file
+    from toy_data import TINY
+
+    from blip_core.config import load_config
+    from components import pretrain
+
+    root = Path(__file__).resolve().parents[1]
+    extra = TINY + ["pretrain.epochs=2", "pretrain.checkpoint_every=3"]
+    with _mlflow_server_process(tmp_path, str(tmp_path / "artifacts")) as (url, server):
+        out = tmp_path / "tracked"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "BLIP_"))}
+        env.update({"MLFLOW_TRACKING_URI": url, "OMP_NUM_THREADS": "1", "NO_PROXY": "127.0.0.1,localhost",
+                    "no_proxy": "127.0.0.1,localhost", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+                    # fail fast once the server is gone (by default MLflow retries a request for minutes)
+                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+        cmd = [sys.executable, "-m", "components.pretrain", "--data", toy_data["web"], "--output", str(out),
+               *sum((["--set", s] for s in extra), [])]
+        with open(tmp_path / "stage.err", "wb") as err:
+            stage = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=err)
+        pointer = out / "checkpoints" / "latest.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and stage.poll() is None:
+            if pointer.exists() and json.loads(pointer.read_text())["step"] >= 3:
+                break
+            time.sleep(0.05)
+        assert stage.poll() is None, "the stage finished before the server could be stopped"
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        assert stage.wait(timeout=300) == 0, (tmp_path / "stage.err").read_text()[-3000:]
+    stderr = (tmp_path / "stage.err").read_text()
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.count("was lost during stage pretrain") == 1, stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 16 and result["run_id"] and result["tracking_lost"]
+    train_log = json.loads((out / "train_log.json").read_text())
+    assert [r["step"] for r in train_log] == list(range(1, 17))  # every step's metrics, in the output
+    key = next(k for k in train_log[0] if k.startswith("loss"))
+
+    # The server saw the run's first steps; the rest of the stage is its output only.
+    store = MlflowClient(f"sqlite:///{tmp_path / 'server.db'}")
+    history = store.get_metric_history(result["run_id"], key)
+    assert 3 <= len(history) < 16 and store.get_run(result["run_id"]).info.status == "RUNNING"
+
+    # The work itself is what a run without tracking gives.
+    monkeypatch.setenv("BLIP_TRACKING", "0")
+    pretrain.run(load_config(None, extra), [toy_data["web"]], str(tmp_path / "untracked"))
+    for name in ("model.safetensors", "momentum.safetensors"):
+        a = load_file(tmp_path / "untracked" / "model" / name)
+        b = load_file(out / "model" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_lost_server_warns_once_and_later_calls_are_skipped(tmp_path, tiny_checkpoint, monkeypatch, caplog):
+    """In process: a mistake in what is logged raises; after the server dies, the first failing call warns and
+    marks the run lost, later calls return at once, and leaving the block raises nothing."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with _mlflow_server_process(tmp_path, str(tmp_path / "artifacts")) as (url, server):
+        with caplog.at_level("WARNING", logger="components.tracking"), \
+                stage_run("finetune_filter", {"a": 1}, uri=url, log_system_metrics=False) as run:
+            run.log_metrics(0, {"loss": 1.0})
+            with pytest.raises(ValueError, match="must end in .json"):  # a mistake is not a lost server
+                run.log_table([{"a": 1}], "table.csv")
+            assert run.lost is None
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+            run.log_metrics(1, {"loss": 0.5})
+            assert run.lost and "API request to" in run.lost
+            start = time.monotonic()
+            for step in range(2, 50):
+                run.log_metrics(step, {"loss": 0.1})
+            run.set_tags({"x": "y"})
+            assert run.log_blip_model(tiny_checkpoint) == ""
+            assert time.monotonic() - start < 1.0
+    assert mlflow.active_run() is None
+    warnings_ = [r for r in caplog.records if r.name == "components.tracking" and r.levelname == "WARNING"]
+    assert len(warnings_) == 1 and "was lost during stage finetune_filter" in warnings_[0].getMessage()
+    store = MlflowClient(f"sqlite:///{tmp_path / 'server.db'}")
+    assert [m.step for m in store.get_metric_history(run.run_id, "loss")] == [0]

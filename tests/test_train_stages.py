@@ -114,9 +114,38 @@ def test_vit_and_bert_initialisation_from_s3(tmp_path, s3_bucket, no_tracking):
         assert load_vit_weights(build_model(cfg, vocab_size=92), p) == ["head.bias", "head.weight"]
 
 
-def _pretrain_cmd(data, out, extra):
+def _stage_cmd(stage, args, out, extra):
+    """``python -m components.<stage> <args> --output <out>`` with the tiny config and ``extra`` overrides."""
     sets = sum((["--set", s] for s in TINY + extra), [])
-    return [sys.executable, "-m", "components.pretrain", "--data", data, "--output", str(out), *sets]
+    return [sys.executable, "-m", f"components.{stage}", *args, "--output", str(out), *sets]
+
+
+def _pretrain_cmd(data, out, extra):
+    return _stage_cmd("pretrain", ["--data", data], out, extra)
+
+
+def _kill_after_checkpoint(cmd, out, env, step):
+    """Start ``cmd``, SIGKILL it once ``out/checkpoints/latest.json`` names a step >= ``step``."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = out / "checkpoints" / "latest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if pointer.exists() and json.loads(pointer.read_text())["step"] >= step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "result.json").exists() and not (out / "model").exists()
+
+
+def _assert_same_files(a_dir, b_dir, names=("model.safetensors", "momentum.safetensors")):
+    """The safetensors files ``names`` of two model directories hold bit-identical tensors."""
+    for name in names:
+        a, b = load_file(a_dir / name), load_file(b_dir / name)
+        assert a.keys() == b.keys(), name
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k}"
 
 
 @pytest.mark.slow
@@ -128,31 +157,38 @@ def test_sigkill_and_resume_gives_identical_weights(toy_data, tmp_path):
                    capture_output=True, timeout=600)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_pretrain_cmd(toy_data["web"], out, extra), env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = out / "checkpoints" / "latest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if pointer.exists() and json.loads(pointer.read_text())["step"] >= 6:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "result.json").exists() and not (out / "model").exists()
+    _kill_after_checkpoint(_pretrain_cmd(toy_data["web"], out, extra), out, env, step=6)
     subprocess.run(_pretrain_cmd(toy_data["web"], out, extra), check=True, env=env, cwd=ROOT,
                    capture_output=True, timeout=600)
     result = json.loads((out / "result.json").read_text())
     assert result["resumed_from"] and result["steps"] == 16
-    a = load_file(ref / "model" / "model.safetensors")
-    b = load_file(out / "model" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ma = load_file(ref / "model" / "momentum.safetensors")
-    mb = load_file(out / "model" / "momentum.safetensors")
-    for k in ma:
-        assert torch.equal(ma[k], mb[k]), k
+    _assert_same_files(ref / "model", out / "model")
+
+
+def test_sigkill_during_filter_finetune_and_resume_gives_identical_weights(toy_data, tmp_path, no_tracking):
+    """The filter carries momentum encoders and queues (from its pre-trained init) through the checkpoint."""
+    init = tmp_path / "pre"
+    pretrain.run(load_config(None, TINY + ["pretrain.max_steps=2"]), [toy_data["web"]], str(init))
+    assert "image_queue" in load_file(init / "model" / "momentum.safetensors")
+    env = {**os.environ, "BLIP_TRACKING": "0", "OMP_NUM_THREADS": "1"}
+    extra = ["finetune_filter.epochs=1", "finetune_filter.checkpoint_every=4"]
+
+    def cmd(out):
+        return _stage_cmd("finetune", ["--task", "filter", "--init", str(init), "--data", toy_data["human"]],
+                          out, extra)
+
+    ref = tmp_path / "ref"
+    subprocess.run(cmd(ref), check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+    out = tmp_path / "killed"
+    _kill_after_checkpoint(cmd(out), out, env, step=4)
+    subprocess.run(cmd(out), check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+    result = json.loads((out / "result.json").read_text())
+    assert result["resumed_from"] and "step-0000000" in result["resumed_from"]
+    assert result["steps"] == json.loads((ref / "result.json").read_text())["steps"] == 24 * 5 // 8
+    assert result["losses"] == json.loads((ref / "result.json").read_text())["losses"]
+    _assert_same_files(ref / "model", out / "model")
+    queues = load_file(out / "model" / "momentum.safetensors")
+    assert "image_queue" in queues and "text_queue" in queues
 
 
 def test_pretrain_refuses_a_dataset_missing_a_shard_unless_partial_is_allowed(tmp_path, no_tracking, capsys):

@@ -26,7 +26,9 @@ them with :func:`check_shards`, and accept older manifests without the last two)
 byte-identical shards and manifest.
 
 Reading ``s3://`` uses fsspec/s3fs with the endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
-(path-style addressing) and credentials from the standard AWS environment/config.
+(path-style addressing) and credentials from the standard AWS environment/config. Requests answered with a
+5xx or throttling error are retried (botocore standard mode, 5 attempts with back-off), so a short error storm
+while the loader streams shards loses no sample.
 """
 
 from __future__ import annotations
