@@ -55,10 +55,10 @@ def test_peak_flops_given_gives_mfu(capsys, monkeypatch):
 
 def test_failing_rows_print_fail_and_exit_nonzero(capsys, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    # a patch (8 px) larger than the image: the step raises; the row says why, the run goes on
+    # a patch (8 px) larger than the image: the config is refused; the row says why, the run goes on
     assert gpu_check.main(QUICK + ["--skip", "pipeline", "compare", "--image-size", "4"]) == 1
     (status, result), = _table(capsys.readouterr().out).values()
-    assert status == "FAIL" and result.startswith("RuntimeError: ") and "\n" not in result
+    assert status == "FAIL" and result.startswith("ConfigError: ") and "patch_size" in result and "\n" not in result
     # no time left: every row is printed, as not run
     argv = QUICK + ["--budget-s", "0"]
     assert gpu_check.main(argv) == 1
