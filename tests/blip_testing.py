@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -37,3 +41,11 @@ def tiny_batch(batch: int = 4, length: int = 9, seed: int = 1, image_size: int =
         mask[b, n:] = 0
     ids[0, -1] = 3
     return image, ids, mask
+
+
+def torchrun2(script: Path, *args: str) -> None:
+    """Run ``script`` under ``torch.distributed.run`` as 2 gloo processes (one thread each); fail on an error."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]

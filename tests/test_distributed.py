@@ -1,10 +1,7 @@
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from blip_testing import IDS, tiny_batch, tiny_model
+from blip_testing import IDS, tiny_batch, tiny_model, torchrun2
 
 from blip_core.objectives import PretrainObjective
 
@@ -13,11 +10,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_pretrain_step.py"
 
 def test_two_process_gloo_step_matches_single_process_halves(tmp_path):
     out = tmp_path / "ddp.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(SCRIPT), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun2(SCRIPT, out)
     ddp = torch.load(out, weights_only=True)
 
     image, ids, mask = tiny_batch(batch=8, seed=7)
@@ -46,11 +39,7 @@ FILTER_SCRIPT = Path(__file__).parent / "scripts" / "ddp_filter_negatives.py"
 
 def test_filter_negatives_from_all_ranks_only_with_negative_all_rank(tmp_path):
     prefix = tmp_path / "neg"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(FILTER_SCRIPT), str(prefix)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun2(FILTER_SCRIPT, prefix)
     ranks = [torch.load(f"{prefix}.{r}", weights_only=True) for r in range(2)]
     for r, res in enumerate(ranks):
         own, other = res["idx"], ranks[1 - r]["idx"]

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from blip_testing import IDS, tiny_batch, tiny_model
+from blip_testing import IDS, tiny_batch, tiny_model, torchrun2
 
 from blip_core.retrieval import (
     OUTSIDE_TOP_K,
@@ -321,11 +318,7 @@ def test_two_gloo_processes_all_reduce_to_the_unblocked(larger, tmp_path):
     model, images, ids, mask, _, _ = larger
     i2t, t2i = _unblocked(model, images, ids, mask, K)
     script = Path(__file__).parent / "scripts" / "ddp_retrieval.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path / "scores")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun2(script, tmp_path / "scores")
     for r in (0, 1):
         got = torch.load(tmp_path / f"scores.{r}.pt", weights_only=True)
         assert torch.equal(got["i2t"], i2t) and torch.equal(got["t2i"], t2i)
