@@ -28,6 +28,7 @@ import torch
 from benchmarks.common import peak_rss_mib, reset_peak_rss, rss_mib
 from blip_core import build_model, model_preset
 from blip_core.retrieval import itc_similarity, recall_at_k, rerank_i2t, rerank_t2i, retrieval_scores
+from blip_core.seeding import make_generator
 
 VOCAB = 1000
 ENC_ID, CLS_ID, SEP_ID, PAD_ID = VOCAB - 1, 2, 3, 0
@@ -36,7 +37,7 @@ ENC_ID, CLS_ID, SEP_ID, PAD_ID = VOCAB - 1, 2, 3, 0
 def synthetic_split(n_images: int, n_texts: int, image_size: int, text_len: int, seed: int = 0):
     """Random pixels ``(N_img, 3, S, S)``, token ids ``(N_txt, L)`` ([CLS] first, [SEP], right padding) and
     COCO-like ground truth (text ``j`` describes image ``j % N_img``)."""
-    g = torch.Generator().manual_seed(seed)
+    g = make_generator("cpu", seed)
     images = torch.randn(n_images, 3, image_size, image_size, generator=g)
     ids = torch.randint(5, VOCAB - 3, (n_texts, text_len), generator=g)
     lengths = torch.randint(text_len // 2, text_len + 1, (n_texts,), generator=g)
