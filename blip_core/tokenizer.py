@@ -1,4 +1,4 @@
-"""BERT WordPiece tokenizer with BLIP's special tokens, and BLIP's caption cleaning.
+"""BERT WordPiece tokenizer with BLIP's special tokens, and BLIP's caption and question cleaning.
 
 The tokenizer always emits ``[CLS] ... [SEP]``; callers overwrite position 0 with ``[ENC]`` for the
 image-grounded encoder or ``[DEC]`` for the decoder (see :mod:`blip_core.models.blip`). As in the official
@@ -35,6 +35,12 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
     if len(words) > max_words:
         text = " ".join(words[:max_words])
     return text
+
+
+def pre_question(question: str, max_words: int = 50) -> str:
+    """Clean a VQA question as BLIP does: lowercase, delete ``.!"()*#:;~`` (``?``, ``,`` and ``'`` stay),
+    collapse spaces, keep ``max_words``."""
+    return " ".join(_PUNCT.sub("", question.lower()).split()[:max_words])
 
 
 class BlipTokenizer:
