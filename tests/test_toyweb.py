@@ -152,3 +152,97 @@ def test_generation_is_fast():
     n = sum(1 for _ in generate("toyweb://?split=human&n=300"))
     rate = n / (time.perf_counter() - t0)
     assert rate > 100, f"{rate:.0f} images/s"  # in practice ~1000/s on one core
+
+
+# --------------------------------------------------------------------------------------------------
+# VQA splits
+# --------------------------------------------------------------------------------------------------
+
+
+def _expected_answer(scene: Scene, question: str) -> str:
+    """The answer to a toy-web question, read from the scene independently of the generator."""
+    import re
+
+    objs = scene.objects
+    words = question.rstrip("?").split()
+    if question == "what color is the background?":
+        return scene.background
+    if question in ("how many shapes are there?", "how many objects are in the picture?"):
+        return str(len(objs))
+    if m := re.fullmatch(r"how many (\w+)s are there\?", question):
+        return str(sum(o.shape == m[1] for o in objs))
+    if m := re.fullmatch(r"is there an? (\w+) (\w+)\?", question):
+        return "yes" if any((o.color, o.shape) == (m[1], m[2]) for o in objs) else "no"
+    if m := re.fullmatch(r"what color is the shape on the (left|right)\?", question):
+        xs = sorted(objs, key=lambda o: o.x)
+        return (xs[0] if m[1] == "left" else xs[-1]).color
+    if m := re.fullmatch(r"is the (\w+) (\w+) to the left or to the right of the (\w+) (\w+)\?", question):
+        a = next(o for o in objs if (o.color, o.shape) == (m[1], m[2]))
+        b = next(o for o in objs if (o.color, o.shape) == (m[3], m[4]))
+        return "left" if a.x < b.x else "right"
+    if "small or large" in question:
+        color, shape = words[2], words[3].removesuffix("s")
+        (size,) = {o.size for o in objs if (o.color, o.shape) == (color, shape)}
+        return size
+    if question.startswith(("what color", "which color")):
+        shape = words[-1].removesuffix("s")
+        (color,) = {o.color for o in objs if o.shape == shape}
+        return color
+    if "shape" in question:
+        color = words[-2]
+        (shape,) = {o.shape for o in objs if o.color == color}
+        return shape
+    raise AssertionError(f"unknown question {question!r}")
+
+
+def test_vqa_splits_answers_follow_from_the_scene():
+    from blip_core.eval.vqa import normalize_answer, vqa_accuracy
+
+    train = list(generate("toyweb://?split=vqa_train&n=300&seed=2"))
+    test = list(generate("toyweb://?split=vqa_test&n=100&seed=2"))
+    assert not {s.jpg for s in train} & {s.jpg for s in test}  # train and test scenes differ
+    assert not {s.jpg for s in test} & {s.jpg for s in generate("toyweb://?split=test&n=100&seed=2")}
+    kinds: Counter[str] = Counter()
+    yes_no: Counter[str] = Counter()
+    answer_list = set(toyweb.vqa_answer_list())
+    wrong_seen = variants_seen = 0
+    for s in train + test:
+        assert s.txt == "" and "captions" not in s.json
+        qs = s.json["questions"]
+        assert len(qs) == 4 and len({q["question"] for q in qs}) == 4
+        assert len({q["question_id"] for q in qs}) == 4
+        scene = Scene.from_json(s.json["scene"])
+        for q in qs:
+            right = _expected_answer(scene, q["question"])
+            assert len(q["answers"]) == 10 and set(q["answers"]) <= answer_list
+            assert Counter(q["answers"])[right] >= 5, q
+            assert vqa_accuracy(right, q["answers"]) == 1.0
+            wrong = [a for a in q["answers"] if normalize_answer(a) != normalize_answer(right)]
+            wrong_seen += len(wrong)
+            variants_seen += sum(a != right and normalize_answer(a) == normalize_answer(right) for a in q["answers"])
+            kinds[q["kind"]] += 1
+            if q["kind"] == "exists":
+                yes_no[right] += 1
+    assert set(kinds) == set(toyweb.VQA_KINDS)
+    assert min(kinds.values()) > 40
+    assert abs(yes_no["yes"] - yes_no["no"]) < 0.2 * sum(yes_no.values())  # balanced
+    assert wrong_seen > 0 and variants_seen > 0  # annotators disagree now and then
+
+
+def test_vqa_split_deterministic_and_validated():
+    a = list(generate("toyweb://?split=vqa_test&n=20&seed=1&questions=6"))
+    b = list(generate("toyweb://?split=vqa_test&n=20&seed=1&questions=6"))
+    assert [(s.jpg, s.json) for s in a] == [(s.jpg, s.json) for s in b]
+    assert all(len(s.json["questions"]) >= 5 for s in a)  # a one-object scene still gives 5 kinds or more
+    spec = parse_toyweb_uri("toyweb://?split=vqa_train&n=5&questions=2")
+    assert parse_toyweb_uri(spec.uri()) == spec and spec.questions == 2
+    for bad in ("toyweb://?split=vqa_train&questions=0", "toyweb://?split=vqa_train&noise=0.1",
+                "toyweb://?split=vqa_test&questions=99"):
+        with pytest.raises(UserError):
+            parse_toyweb_uri(bad)
+
+
+def test_vqa_generation_is_fast():
+    t0 = time.perf_counter()
+    n = sum(1 for _ in generate("toyweb://?split=vqa_train&n=300"))
+    assert n / (time.perf_counter() - t0) > 100

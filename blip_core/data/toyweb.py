@@ -15,10 +15,16 @@ Splits, addressed as ``toyweb://?split=web&n=2000&noise=0.3&seed=0&size=64``:
   attribute, ``color`` or ``shape``, in ``json["noise_detail"]``) for evaluation only.
 - ``human``: clean, COCO-like: ``captions`` (default 5) human-style captions per image, varied in wording.
 - ``test``: like ``human``, held out.
+- ``vqa_train`` and ``vqa_test``: visual question answering (see :func:`vqa_questions`). A sample has no
+  captions; its ``json["questions"]`` holds ``questions`` (default 4) questions about the drawn scene, each
+  ``{"question_id", "question", "answers", "kind"}`` with ten annotator answers in the VQAv2 style: mostly
+  the right answer, some in another form ("2"/"two", "gray"/"grey", "large"/"big") and now and then a wrong
+  one, always at least five right ones. :func:`vqa_answer_list` lists every answer they can hold.
 
-Query parameters: ``split`` (web), ``n`` (web 2000, human 500, test 200), ``noise`` (0.3 for web; must be
-0 for human/test), ``seed`` (0), ``size`` (image side in pixels, 64), ``captions`` (captions per image for
-human/test, 5), ``mix`` (relative weights of the noise kinds, ``unrelated:1,boilerplate:1,wrong_attribute:1``).
+Query parameters: ``split`` (web), ``n`` (web 2000, human 500, test 200, vqa_train 1000, vqa_test 200),
+``noise`` (0.3 for web; must be 0 for the others), ``seed`` (0), ``size`` (image side in pixels, 64),
+``captions`` (captions per image for human/test, 5), ``questions`` (questions per image for the VQA splits,
+4), ``mix`` (relative weights of the noise kinds, ``unrelated:1,boilerplate:1,wrong_attribute:1``).
 
 Sample ``i`` of a split depends only on ``(split, seed, i)``: the scene stream of each split is seeded
 separately (splits are disjoint in scene seeds), and the noise draw uses its own stream, so changing
@@ -31,6 +37,7 @@ import dataclasses
 import io
 import random
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
@@ -58,8 +65,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 TEXTURES = ("plain", "gradient", "noise")
 NOISE_KINDS = ("unrelated", "boilerplate", "wrong_attribute")
-SPLITS = ("web", "human", "test")
-_DEFAULT_N = {"web": 2000, "human": 500, "test": 200}
+SPLITS = ("web", "human", "test", "vqa_train", "vqa_test")
+VQA_SPLITS = ("vqa_train", "vqa_test")
+_DEFAULT_N = {"web": 2000, "human": 500, "test": 200, "vqa_train": 1000, "vqa_test": 200}
 
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 _SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large"}
@@ -304,6 +312,125 @@ def wrong_attribute_change(scene: Scene, rng: random.Random) -> tuple[Scene, str
 
 
 # --------------------------------------------------------------------------------------------------
+# Questions and answers (VQA splits)
+# --------------------------------------------------------------------------------------------------
+
+VQA_KINDS = ("color", "shape", "count", "exists", "position", "size", "background")
+MAX_QUESTIONS = 8
+_COUNT_ANSWERS = ("0", "1", "2", "3")
+# other forms annotators use for an answer (all but the digit words stay different after normalisation)
+_ANSWER_VARIANTS = {"0": ("zero", "none"), "1": ("one",), "2": ("two",), "3": ("three",), "gray": ("grey",),
+                    "purple": ("violet",), "large": ("big",), "small": ("little",), "left": ("left side",),
+                    "right": ("right side",), "square": ("box",), "star": ("asterisk",)}
+# the answers of each kind; a wrong annotator answer comes from the family of the right one
+_KIND_ANSWERS: dict[str, tuple[str, ...]] = {
+    "color": tuple(COLORS), "shape": SHAPES, "count": _COUNT_ANSWERS, "exists": ("yes", "no"),
+    "position": (*COLORS, "left", "right"), "size": SIZES, "background": tuple(BACKGROUNDS),
+}
+_ANSWER_FAMILIES = (tuple(COLORS), SHAPES, _COUNT_ANSWERS, ("yes", "no"), ("left", "right"), SIZES,
+                    tuple(BACKGROUNDS))
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _candidate_questions(scene: Scene, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
+    """Every question of each kind the scene answers unambiguously: ``kind -> [(question, answer), ...]``."""
+    objs = scene.objects
+    group = scene.is_group
+    out: dict[str, list[tuple[str, str]]] = {k: [] for k in VQA_KINDS}
+    shapes = Counter(o.shape for o in objs)
+    colors = Counter(o.color for o in objs)
+    for o in objs:
+        if group:
+            out["color"].append((f"what color are the {_plural(o.shape)}?", o.color))
+            out["shape"].append((f"what shape are the {o.color} objects?", o.shape))
+            out["size"].append((f"are the {o.color} {_plural(o.shape)} small or large?", o.size))
+            break
+        if shapes[o.shape] == 1:
+            out["color"].append((rng.choice((f"what color is the {o.shape}?", f"which color is the {o.shape}?")),
+                                 o.color))
+        if colors[o.color] == 1:
+            out["shape"].append((rng.choice((f"what shape is the {o.color} object?",
+                                             f"what is the shape of the {o.color} object?")), o.shape))
+        out["size"].append((f"is the {o.color} {o.shape} small or large?", o.size))
+    out["count"].append((rng.choice(("how many shapes are there?", "how many objects are in the picture?")),
+                         str(len(objs))))
+    shape = rng.choice(SHAPES)
+    out["count"].append((f"how many {_plural(shape)} are there?", str(shapes[shape])))
+    present = {(o.color, o.shape) for o in objs}
+    if rng.random() < 0.5:
+        color, shape = rng.choice(sorted(present))
+        out["exists"].append((f"is there {_a(color)} {shape}?", "yes"))
+    else:
+        color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
+        out["exists"].append((f"is there {_a(color)} {shape}?", "no"))
+    if len(objs) > 1 and not group:
+        out["position"].append(("what color is the shape on the left?", objs[0].color))
+        out["position"].append(("what color is the shape on the right?", objs[-1].color))
+        i, j = rng.sample(range(len(objs)), 2)
+        a, b = objs[i], objs[j]
+        out["position"].append((f"is the {a.color} {a.shape} to the left or to the right of the {b.color} "
+                                f"{b.shape}?", "left" if i < j else "right"))
+    out["background"].append(("what color is the background?", scene.background))
+    return out
+
+
+def annotator_answers(answer: str, kind: str, rng: random.Random, k: int = 10) -> list[str]:
+    """``k`` annotator answers in the VQAv2 style: 0-2 wrong ones (answers of the same kind), up to 3 in
+    another form (:data:`_ANSWER_VARIANTS`), the rest ``answer`` itself; at least half are ``answer``."""
+    wrong = rng.choices((0, 1, 2), weights=(0.6, 0.3, 0.1))[0]
+    variants = _ANSWER_VARIANTS.get(answer, ())
+    n_var = rng.choice((0, 0, 1, 2, 3)) if variants else 0
+    family = next((f for f in _ANSWER_FAMILIES if answer in f), _KIND_ANSWERS[kind])
+    others = [a for a in family if a != answer]
+    out = [rng.choice(others) for _ in range(wrong)] + [rng.choice(variants) for _ in range(n_var)]
+    out += [answer] * (k - len(out))
+    rng.shuffle(out)
+    return out
+
+
+def vqa_questions(scene: Scene, rng: random.Random, k: int = 4) -> list[dict]:
+    """``k`` distinct questions about ``scene`` (fewer only if it cannot give ``k``), each
+    ``{"question", "answers", "kind"}``, whose right answer follows from the scene.
+
+    Kinds: ``color`` (of a named shape), ``shape`` (of a named colour), ``count`` (all shapes, or one shape,
+    0 included), ``exists`` (yes/no, balanced: a drawn or an absent colour and shape with equal chance),
+    ``position`` (the colour of the leftmost / rightmost shape, or whether one shape is left or right of
+    another), ``size`` (small or large) and ``background`` (its colour). Kinds are drawn without repetition
+    until each applicable kind has been asked once.
+    """
+    pools = _candidate_questions(scene, rng)
+    for pool in pools.values():
+        rng.shuffle(pool)
+    out: list[dict] = []
+    while len(out) < k and any(pools.values()):
+        kinds = [kd for kd in VQA_KINDS if pools[kd]]
+        for kind in rng.sample(kinds, len(kinds)):
+            question, answer = pools[kind].pop()
+            out.append({"question": question, "answers": annotator_answers(answer, kind, rng), "kind": kind})
+            if len(out) == k:
+                break
+    return out
+
+
+def vqa_answer_list() -> list[str]:
+    """Every answer a toy-web VQA annotator can give: the candidate list of rank-mode answering."""
+    seen: dict[str, None] = {}
+    for kind in VQA_KINDS:
+        for a in _KIND_ANSWERS[kind]:
+            seen[a] = None
+            for v in _ANSWER_VARIANTS.get(a, ()):
+                seen[v] = None
+    return list(seen)
+
+
+# --------------------------------------------------------------------------------------------------
 # Caption grammar parser
 # --------------------------------------------------------------------------------------------------
 
@@ -425,12 +552,14 @@ class ToyWebSpec:
     size: int = 64
     captions: int = 5
     mix: tuple[float, float, float] = (1.0, 1.0, 1.0)  # weights of unrelated, boilerplate, wrong_attribute
+    questions: int = 4  # questions per image (VQA splits)
 
     def uri(self) -> str:
         """Canonical URI of this spec."""
         mix = ",".join(f"{k}:{w:g}" for k, w in zip(NOISE_KINDS, self.mix))
+        vqa = f"&questions={self.questions}" if self.split in VQA_SPLITS else ""
         return (f"toyweb://?split={self.split}&n={self.n}&noise={self.noise:g}&seed={self.seed}"
-                f"&size={self.size}&captions={self.captions}&mix={mix}")
+                f"&size={self.size}&captions={self.captions}&mix={mix}{vqa}")
 
 
 def is_toyweb(uri: str) -> bool:
@@ -444,7 +573,7 @@ def parse_toyweb_uri(uri: str) -> ToyWebSpec:
     if parts.scheme != "toyweb":
         raise UserError(f"{uri}: not a toyweb:// URI")
     params = dict(parse_qsl(parts.query, keep_blank_values=True))
-    known = {"split", "n", "noise", "seed", "size", "captions", "mix"}
+    known = {"split", "n", "noise", "seed", "size", "captions", "mix", "questions"}
     unknown = set(params) - known
     if unknown:
         raise UserError(f"{uri}: unknown parameter(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -457,6 +586,7 @@ def parse_toyweb_uri(uri: str) -> ToyWebSpec:
         seed = int(params.get("seed", 0))
         size = int(params.get("size", 64))
         captions = int(params.get("captions", 5))
+        questions = int(params.get("questions", 4))
     except ValueError as e:
         raise UserError(f"{uri}: bad number: {e}") from None
     mix = (1.0, 1.0, 1.0)
@@ -473,16 +603,19 @@ def parse_toyweb_uri(uri: str) -> ToyWebSpec:
         mix = tuple(weights[k] for k in NOISE_KINDS)
         if sum(mix) <= 0:
             raise UserError(f"{uri}: mix weights must not all be zero")
-    if n < 0 or not 0.0 <= noise <= 1.0 or size < 16 or captions < 1:
-        raise UserError(f"{uri}: need n >= 0, 0 <= noise <= 1, size >= 16 and captions >= 1")
+    if n < 0 or not 0.0 <= noise <= 1.0 or size < 16 or captions < 1 or not 1 <= questions <= MAX_QUESTIONS:
+        raise UserError(f"{uri}: need n >= 0, 0 <= noise <= 1, size >= 16, captions >= 1 and "
+                        f"1 <= questions <= {MAX_QUESTIONS}")
     if split != "web" and noise > 0:
         raise UserError(f"{uri}: noise applies to the web split only; the {split} split is clean")
-    return ToyWebSpec(split, n, noise, seed, size, captions, mix)  # type: ignore[arg-type]
+    return ToyWebSpec(split, n, noise, seed, size, captions, mix, questions)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
 class ToySample:
-    """One generated sample in the WebDataset layout (``jpg`` bytes, ``txt`` caption, ``json`` metadata)."""
+    """One generated sample in the WebDataset layout (``jpg`` bytes, ``txt`` caption, ``json`` metadata).
+
+    A VQA sample has no caption: ``txt`` is empty and ``json["questions"]`` holds its questions."""
 
     key: str
     jpg: bytes
@@ -498,6 +631,13 @@ def generate_sample(spec: ToyWebSpec, index: int, jpeg_quality: int = 95) -> Toy
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=jpeg_quality)
     key = f"{spec.split}-s{spec.seed}-{index:07d}"
+    if spec.split in VQA_SPLITS:
+        qrng = random.Random(f"toyweb/questions/{spec.split}/{spec.seed}/{index}")
+        questions = [{"question_id": f"{key}-q{j}", **q} for j, q in
+                     enumerate(vqa_questions(scene, qrng, spec.questions))]
+        meta = {"image_id": key, "questions": questions, "source": "human", "noise": None, "split": spec.split,
+                "seed": spec.seed, "scene": scene.to_json()}
+        return ToySample(key, buf.getvalue(), "", meta)
     crng = random.Random(f"toyweb/captions/{spec.split}/{spec.seed}/{index}")
     noise_kind = noise_detail = None
     if spec.split == "web":
