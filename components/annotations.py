@@ -10,11 +10,12 @@ A ``.json`` source is one JSON list in one of the formats of the official BLIP c
   the toy-web human and test splits, so training expands them into one pair per caption and evaluation
   scores retrieval and captioning against all references, as the official code does.
 - **VQA**: entries ``{"question_id", "image", "question", "answer": [str, ...] | str}`` plus an optional
-  ``"dataset"`` (``"vqa"`` or ``"vg"``); ``answer`` is absent in test files. One sample per question; its
-  json carries ``task: "vqa"``, ``question`` (as given), ``question_id``, ``answers`` (unique, first-seen
-  order) and ``answer_weights``: for VQAv2 each unique answer weighs count / number of annotator answers,
-  for Visual Genome (``dataset: "vg"``) 0.2 each, as the official training code weighs them. ``txt`` is the
-  cleaned question.
+  ``"dataset"`` (``"vqa"`` or ``"vg"``) and ``"kind"`` (or the VQAv2 ``"answer_type"``); ``answer`` is absent
+  in test files. Entries naming the same image are grouped into one VQA sample (no caption) whose
+  ``json["questions"]`` lists them in file order as ``{"question_id", "question", "answers", "kind"?,
+  "dataset"?}``: every annotator answer as given (the loader weighs each unique VQAv2 answer by
+  count / number of answers, and Visual Genome answers, ``dataset: "vg"``, by 0.2 each, as the official
+  training code). The data set also gets ``answer_list.json`` (:mod:`blip_core.data.webdataset_io`).
 
 The format is read from the first entry (``question`` present: VQA) and every entry is validated before
 anything is written: malformed JSON, a top level that is not a list of objects, a missing key or a value of
@@ -45,9 +46,8 @@ from components.ingest import RawSample, Source, redact
 
 log = logging.getLogger(__name__)
 
-VG_ANSWER_WEIGHT = 0.2  # weight of a Visual Genome QA answer in the official VQA training
 _CAPTION_KEYS = ("image", "caption", "image_id")
-_VQA_KEYS = ("question_id", "image", "question", "answer", "dataset")
+_VQA_KEYS = ("question_id", "image", "question", "answer", "dataset", "kind", "answer_type")
 
 
 @dataclass
@@ -154,7 +154,8 @@ class AnnotationSource(Source):
         return list(items.values())
 
     def _vqa(self, entries: list[dict]) -> list[_Item]:
-        items: list[_Item] = []
+        items: dict[str, _Item] = {}
+        seen: dict[str, int] = {}  # question id -> entry index
         for i, e in enumerate(entries):
             for k in ("question_id", "question"):
                 if k not in e:
@@ -169,21 +170,27 @@ class AnnotationSource(Source):
             if dataset is not None and not isinstance(dataset, str):
                 raise self._fail(i, "'dataset' must be a string")
             answer = e.get("answer", [])
-            answers_in = [answer] if isinstance(answer, str) else answer
-            if not isinstance(answers_in, list) or not all(isinstance(a, str) for a in answers_in):
+            answers = [answer] if isinstance(answer, str) else answer
+            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
                 raise self._fail(i, "'answer' must be a string or a list of strings")
-            weights: dict[str, float] = {}
-            for a in answers_in:
-                step = VG_ANSWER_WEIGHT if dataset == "vg" else 1.0 / len(answers_in)
-                weights[a] = VG_ANSWER_WEIGHT if dataset == "vg" else weights.get(a, 0.0) + step
+            kind = e.get("kind", e.get("answer_type"))
+            if kind is not None and not isinstance(kind, str):
+                raise self._fail(i, "'kind' must be a string")
+            if str(qid) in seen:
+                raise self._fail(i, f"question_id {qid} repeats entry {seen[str(qid)]}")
+            seen[str(qid)] = i
             extra = {k: v for k, v in e.items() if k not in _VQA_KEYS}
-            meta = {**extra, "task": "vqa", "question": question, "question_id": qid, "answers": list(weights),
-                    "answer_weights": [round(w, 6) for w in weights.values()], "image_path": ref,
-                    "image_id": ref}
+            q = {**extra, "question_id": str(qid), "question": question, "answers": list(answers)}
+            if kind is not None:
+                q["kind"] = kind
             if dataset is not None:
-                meta["dataset"] = dataset
-            items.append(_Item(i, f"q{qid}", ref, [question], meta))
-        return items
+                q["dataset"] = dataset
+            item = items.get(ref)
+            if item is None:
+                item = items[ref] = _Item(i, _strip_ext(ref), ref, meta={"image_path": ref, "image_id": ref,
+                                                                         "questions": []})
+            item.meta["questions"].append(q)
+        return list(items.values())
 
     # ---------------------------------------------------------------------------------------------- images
 
@@ -225,11 +232,11 @@ class AnnotationSource(Source):
 
     def _raw(self, item: _Item, data: bytes | None, err: Rejected | None) -> RawSample:
         captions = item.captions
-        meta = {**item.meta, "captions": captions[1:]}
         if self.kind == "vqa":
-            meta["captions"] = []
-        raw = RawSample(item.key, f"entry {item.index}", data, captions[0] if captions else "", meta,
-                        default_image_id=item.ref)
+            meta, txt = dict(item.meta), None
+        else:
+            meta, txt = {**item.meta, "captions": captions[1:]}, captions[0]
+        raw = RawSample(item.key, f"entry {item.index}", data, txt, meta, default_image_id=item.ref)
         if data is None:
             raw.error = err or Rejected("missing_image", f"{item.ref}: no image")
         return raw

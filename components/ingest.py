@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from blip_core.config import Config, IngestConfig, load_config, to_dict
 from blip_core.data import toyweb
-from blip_core.data.checks import ImageRules, Rejected, check_image, clean_captions
+from blip_core.data.checks import ImageRules, Rejected, check_image, clean_captions, clean_questions
 from blip_core.data.webdataset_io import (
     IMAGE_EXTS,
     OVERSIZE_KEY,
@@ -450,15 +450,23 @@ def _check(raw: RawSample, cfg: IngestConfig, rules: ImageRules) -> tuple[bytes,
     if raw.error is not None:
         raise raw.error
     meta = dict(raw.meta or {})
-    others = meta.get("captions") or []
-    if not isinstance(others, list):
-        raise Rejected("bad_metadata", "json captions is not a list")
-    captions = clean_captions(raw.txt, others, cfg.max_words)
+    if "questions" in meta:  # a VQA sample: questions (each kept or dropped with a reason), no caption
+        questions, dropped = clean_questions(meta["questions"])
+        captions, meta["questions"] = [], questions
+        if dropped:
+            meta["dropped_questions"] = dropped
+        text = json.dumps([(q["question_id"], q["question"]) for q in questions])
+    else:
+        others = meta.get("captions") or []
+        if not isinstance(others, list):
+            raise Rejected("bad_metadata", "json captions is not a list")
+        captions = clean_captions(raw.txt, others, cfg.max_words)
+        text = captions[0]
     image = check_image(raw.image, rules)
     source = meta.get("source") if meta.get("source") in _CAPTION_SOURCES else cfg.caption_source
     meta.update(image_id=str(meta.get("image_id") or raw.default_image_id or raw.key), captions=captions,
                 source=source, noise=meta.get("noise"), width=image.width, height=image.height)
-    digest = hashlib.sha256(raw.image or b"").digest() + captions[0].encode("utf-8")
+    digest = hashlib.sha256(raw.image or b"").digest() + text.encode("utf-8")
     return image.data, image.ext, meta, digest
 
 
@@ -533,7 +541,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     res = run(cfg, source, args.output, progress=not args.no_progress)
     m = res.manifest
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(m.rejected.items())) or "none"
-    print(f"ingest: {m.samples_in} in, {m.samples_out} out ({m.captions_out} captions) in {len(m.shards)} "
+    texts = f"{m.extra['questions_out']} questions" if m.extra.get("questions_out") else f"{m.captions_out} captions"
+    print(f"ingest: {m.samples_in} in, {m.samples_out} out ({texts}) in {len(m.shards)} "
           f"shard(s) at {res.output}; rejected: {rejected}; {res.samples_per_s:.0f} samples/s")
     return 0
 

@@ -14,7 +14,7 @@ from blip_core.data.loader import load_eval_split, make_loader
 from blip_core.data.toyweb import generate
 from blip_core.data.webdataset_io import iter_shard, read_manifest
 from blip_core.errors import UserError
-from blip_core.tokenizer import BlipTokenizer, pre_caption
+from blip_core.tokenizer import BlipTokenizer, pre_caption, pre_question
 from components import cli, evaluate, ingest, storage, training
 
 CFG = ["ingest.resolution=32"]
@@ -179,31 +179,63 @@ def test_karpathy_test_file_is_an_evaluation_split(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_vqa_questions_with_answer_weights(tmp_path):
+def test_vqa_questions_grouped_by_image_with_an_answer_list(tmp_path):
     _images(tmp_path / "vqa", ["val2014/a.jpg", "val2014/b.jpg"])
     vqa_answers = ["yes"] * 7 + ["no"] * 2 + ["maybe"]
     entries = [
         {"question_id": 11, "image": "val2014/a.jpg", "question": "Is the circle red?", "answer": vqa_answers,
-         "dataset": "vqa"},
-        {"question_id": 12, "image": "val2014/a.jpg", "question": "How many shapes?", "answer": ["2", "3", "2"]},
-        {"question_id": 13, "image": "val2014/b.jpg", "question": "What color is it?", "answer": "blue",
+         "dataset": "vqa", "answer_type": "yes/no"},
+        {"question_id": 13, "image": "val2014/b.jpg", "question": "What color is it?", "answer": "Blue ",
          "dataset": "vg"},
+        {"question_id": 12, "image": "val2014/a.jpg", "question": "How many shapes?", "answer": ["2", "3", "2"]},
         {"question_id": 14, "image": "val2014/b.jpg", "question": "What shape is left?"},  # test: no answer
+        {"question_id": 16, "image": "val2014/b.jpg", "question": "?!.", "answer": ["x"]},  # empty when cleaned
         {"question_id": 15, "image": "val2014/gone.jpg", "question": "Where?", "answer": ["here"]},
+        {"question_id": 17, "image": "val2014/c.jpg", "question": "...", "answer": ["x"]},
     ]
+    _images(tmp_path / "vqa", ["val2014/c.jpg"], seed=4)
     ann = _write(tmp_path / "vqa_train.json", entries)
     out = str(tmp_path / "out")
     m = ingest.run(_cfg(f"ingest.image_root={tmp_path / 'vqa'}", "ingest.caption_source=human"), ann, out,
                    progress=False).manifest
-    assert (m.samples_in, m.samples_out, m.rejected) == (5, 4, {"missing_image": 1})
-    s = {x["question_id"]: x for x in _samples(out)}
-    assert s[11]["task"] == "vqa" and s[11]["question"] == "Is the circle red?" and s[11]["dataset"] == "vqa"
-    assert s[11]["answers"] == ["yes", "no", "maybe"] and s[11]["answer_weights"] == pytest.approx([0.7, 0.2, 0.1])
-    assert s[12]["answers"] == ["2", "3"] and s[12]["answer_weights"] == pytest.approx([2 / 3, 1 / 3])
-    assert s[13]["answers"] == ["blue"] and s[13]["answer_weights"] == [0.2]
-    assert s[14]["answers"] == [] and s[14]["answer_weights"] == []
-    assert s[11]["txt"] == pre_caption("Is the circle red?", 30) and s[11]["captions"] == [s[11]["txt"]]
-    assert s[11]["image_id"] == s[12]["image_id"] == "val2014/a.jpg" and s[11]["key"] == "q11"
+    assert (m.samples_in, m.samples_out) == (4, 2)  # one sample per image
+    assert m.rejected == {"missing_image": 1, "empty_question": 1}
+    assert m.captions_out == 0 and m.extra["questions_out"] == 4 and [s.questions for s in m.shards] == [4]
+    assert m.extra["questions_dropped"] == {"empty_question": 1}
+    s = {x["image_path"]: x for x in _samples_any(out)}
+    a, b = s["val2014/a.jpg"], s["val2014/b.jpg"]
+    assert "txt" not in a and a["captions"] == [] and a["key"] == "val2014_a" and a["image_id"] == "val2014/a.jpg"
+    assert [q["question_id"] for q in a["questions"]] == ["11", "12"]  # file order, ids as strings
+    assert a["questions"][0] == {"question_id": "11", "question": pre_question("Is the circle red?"),
+                                 "answers": vqa_answers, "kind": "yes/no", "dataset": "vqa"}
+    assert a["questions"][1]["answers"] == ["2", "3", "2"] and "kind" not in a["questions"][1]
+    assert b["questions"][0]["answers"] == ["blue"] and b["questions"][0]["dataset"] == "vg"
+    assert b["questions"][1]["answers"] == []
+    assert b["dropped_questions"] == [{"question_id": "16", "reason": "empty_question",
+                                       "detail": "no question left after cleaning"}]
+    # every annotator answer counted: yes 7, 2 2, no 2, then the singletons alphabetically
+    answer_list = json.loads(Path(out, "answer_list.json").read_text())
+    assert answer_list == ["yes", "2", "no", "3", "blue", "maybe"]
+    assert json.loads(Path(out, "manifest.json").read_text())["shards"][0]["questions"] == 4
+
+
+def test_vqa_duplicate_question_id_is_refused(tmp_path):
+    _images(tmp_path, ["a.jpg"])
+    ann = _write(tmp_path / "v.json", [{"question_id": 1, "image": "a.jpg", "question": "q?"},
+                                       {"question_id": "1", "image": "a.jpg", "question": "r?"}])
+    with pytest.raises(UserError, match="entry 1: question_id 1 repeats entry 0"):
+        ingest.run(_cfg(), ann, str(tmp_path / "o"), progress=False)
+
+
+def _samples_any(out: str) -> list[dict]:
+    res = []
+    for uri in storage.list_uris(out, ".tar"):
+        for s in iter_shard(uri):
+            d = {"key": s["__key__"], **json.loads(s["json"])}
+            if "txt" in s:
+                d["txt"] = s["txt"].decode()
+            res.append(d)
+    return res
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ decodable image (``corrupt_image``), cut short (``truncated_image``), smaller th
 (``too_small``) or larger than ``max_pixels`` in area (``too_large``: checked from the header, before
 decoding, so a decompression bomb never gets decoded). Captions are rejected when they are not valid
 UTF-8 (``invalid_utf8``) or nothing is left after :func:`~blip_core.tokenizer.pre_caption`
-(``empty_caption``). Accepted images are turned upright and converted to RGB
+(``empty_caption``). A VQA sample (``json["questions"]``, no captions) is cleaned by :func:`clean_questions`
+instead: a question left empty by :func:`~blip_core.tokenizer.pre_question` is dropped with the reason
+``empty_question`` (and a sample left with none is rejected for it). Accepted images are turned upright and converted to RGB
 (:func:`~blip_core.data.images.to_rgb`), downscaled so the short side is at most
 ``resolution`` and stored as JPEG (or PNG); a JPEG that needs no change is stored byte for byte.
 """
@@ -20,11 +22,11 @@ from dataclasses import dataclass
 from PIL import Image
 
 from blip_core.data.images import exif_orientation, swaps_sides, to_rgb
-from blip_core.tokenizer import pre_caption
+from blip_core.tokenizer import pre_caption, pre_question
 
 REJECT_REASONS = (
     "missing_image", "zero_byte", "corrupt_image", "truncated_image", "too_small", "too_large",
-    "invalid_utf8", "empty_caption", "bad_metadata", "duplicate", "unreadable_shard",
+    "invalid_utf8", "empty_caption", "empty_question", "bad_metadata", "duplicate", "unreadable_shard",
     "outside_root", "blocked_url",  # an image path outside the manifest's directory / the image root, a private URL
 )
 
@@ -147,3 +149,53 @@ def clean_captions(primary: bytes | str | None, others: Iterable[object] = (), m
     if not out:
         raise Rejected("empty_caption", "no caption left after cleaning" if texts else "no caption")
     return out
+
+
+def clean_answer(answer: str) -> str:
+    """An annotator answer as stored: lower case, whitespace collapsed (VQA normalisation is the metric's)."""
+    return " ".join(answer.lower().split())
+
+
+def clean_questions(questions: object, max_words: int = 50) -> tuple[list[dict], list[dict]]:
+    """Check and clean the questions of a VQA sample; returns ``(kept, dropped)``.
+
+    ``questions`` must be a list of objects with ``question_id`` (string or integer, stored as a string),
+    ``question`` (a string) and optionally ``answers`` (a list of strings; absent in a test split) and ``kind``
+    (a string); other keys are kept. Anything else rejects the sample as ``bad_metadata``. Each kept question
+    is cleaned with :func:`~blip_core.tokenizer.pre_question` and its answers with :func:`clean_answer`
+    (empty answers left out). A question left empty (or with punctuation only), or repeating an earlier question id, is dropped and
+    listed in ``dropped`` as ``{"question_id", "reason", "detail"}`` (reasons ``empty_question`` and
+    ``duplicate``); if no question is left the sample is rejected as ``empty_question``.
+    """
+    if not isinstance(questions, list):
+        raise Rejected("bad_metadata", "json questions is not a list")
+    kept: list[dict] = []
+    dropped: list[dict] = []
+    ids: set[str] = set()
+    for j, q in enumerate(questions):
+        if not isinstance(q, dict):
+            raise Rejected("bad_metadata", f"question {j} is not an object")
+        qid, text, answers = q.get("question_id"), q.get("question"), q.get("answers", [])
+        if isinstance(qid, bool) or not isinstance(qid, str | int) or str(qid) == "":
+            raise Rejected("bad_metadata", f"question {j}: question_id must be a non-empty string or integer")
+        if not isinstance(text, str):
+            raise Rejected("bad_metadata", f"question {j}: question must be a string")
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise Rejected("bad_metadata", f"question {j}: answers must be a list of strings")
+        if "kind" in q and not isinstance(q["kind"], str):
+            raise Rejected("bad_metadata", f"question {j}: kind must be a string")
+        qid = str(qid)
+        cleaned = pre_question(decode_text(text) or "", max_words)
+        if qid in ids:
+            dropped.append({"question_id": qid, "reason": "duplicate", "detail": "question id repeated"})
+            continue
+        ids.add(qid)
+        if not any(ch.isalnum() for ch in cleaned):  # nothing, or only punctuation ("?") left
+            dropped.append({"question_id": qid, "reason": "empty_question",
+                            "detail": "no question left after cleaning"})
+            continue
+        clean = [c for c in (clean_answer(decode_text(a) or "") for a in answers) if c]
+        kept.append({**q, "question_id": qid, "question": cleaned, "answers": clean})
+    if not kept:
+        raise Rejected("empty_question", "no question left after cleaning" if questions else "no question")
+    return kept, dropped

@@ -6,6 +6,7 @@ A dataset directory (a local directory or an ``s3://bucket/prefix``) holds::
 
     shard-000000.tar ...   WebDataset shards (plain tar, members sorted per sample, mtime 0, no owner)
     rejected.jsonl         one {"key", "reason", "detail", "origin"} line per rejected input sample
+    answer_list.json       VQA data sets only: every distinct annotator answer, most frequent first
     manifest.json          written LAST: a directory without it is incomplete and must not be read
 
 Each sample in a shard has ``__key__`` plus:
@@ -16,6 +17,13 @@ Each sample in a shard has ``__key__`` plus:
   "web"|"human"|"synthetic", "noise": null|"unrelated"|"boilerplate"|"wrong_attribute"}`` plus whatever
   else the source's json held (``noise``, and ``noise_detail`` for a wrong attribute, are set by toy-web only
   and used by evaluation only).
+
+A VQA sample is one image with no caption (no ``txt``, ``captions`` empty) whose json carries ``questions``:
+``[{"question_id": str, "question": str (cleaned with pre_question), "answers": [str, ...], "kind": str
+(optional)}, ...]``, the annotators' answers as given (a test split may have none). Such a data set's shards
+also record their number of ``questions``, the manifest the total as ``questions_out`` (and questions dropped from kept samples, per reason, as ``questions_dropped``), and
+``answer_list.json`` (written before the manifest) the distinct answers, most frequent first (ties in
+alphabetical order): the candidates of rank-mode answering.
 
 ``manifest.json`` holds ``format``, ``source``, ``samples_in``, ``samples_out``, ``captions_out``,
 ``rejected`` (reason -> count, with ``samples_in == samples_out + sum(rejected.values())``), ``shards``
@@ -56,6 +64,7 @@ from blip_core.errors import UserError
 DATASET_FORMAT = "blip-capfilt/webdataset-v1"
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.jsonl"
+ANSWER_LIST_NAME = "answer_list.json"
 SHARD_PREFIX = "shard-"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -92,6 +101,7 @@ class ShardInfo:
     captions: int
     bytes: int | None = None  # None in manifests written without it: size not checked
     sha256: str | None = None  # None in manifests written without it: content not checked
+    questions: int | None = None  # VQA questions in the shard (None: a caption data set)
 
 
 @dataclass
@@ -111,6 +121,9 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         extra = d.pop("extra")
+        for shard in d["shards"]:
+            if shard["questions"] is None:  # caption data sets keep the manifest they always had
+                del shard["questions"]
         d["rejected"] = dict(sorted(self.rejected.items()))
         return json.dumps({**extra, **d}, indent=2, sort_keys=True) + "\n"
 
@@ -231,6 +244,11 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def answer_list(counts: Counter[str]) -> list[str]:
+    """Distinct answers, most frequent first (ties in alphabetical order): ``answer_list.json``."""
+    return sorted(counts, key=lambda a: (-counts[a], a))
+
+
 class DatasetWriter:
     """Write accepted samples into shards and rejected ones into ``rejected.jsonl``, manifest last.
 
@@ -252,7 +270,11 @@ class DatasetWriter:
         self.staging = Path(staging_dir)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.sink.delete(MANIFEST_NAME)
+        self.sink.delete(ANSWER_LIST_NAME)
         self.shards: list[ShardInfo] = []
+        self.questions_out = 0
+        self.answers: Counter[str] = Counter()  # every annotator answer of the VQA samples
+        self.questions_dropped: Counter[str] = Counter()  # reason -> questions dropped from kept samples
         self.rejected: Counter[str] = Counter()
         self.samples_out = 0
         self.captions_out = 0
@@ -268,6 +290,7 @@ class DatasetWriter:
         self._tar = TarWriter(self._tar_file, user="", group="", mode=0o644, mtime=0, encoder=False)
         self._in_shard = 0
         self._captions_in_shard = 0
+        self._questions_in_shard: int | None = None
 
     def _close_shard(self) -> None:
         assert self._tar is not None and self._tar_file is not None
@@ -275,20 +298,32 @@ class DatasetWriter:
         _sync_close(self._tar_file)
         name = shard_name(len(self.shards))
         path = self.staging / name
-        info = ShardInfo(name, self._in_shard, self._captions_in_shard, path.stat().st_size, sha256_file(path))
+        info = ShardInfo(name, self._in_shard, self._captions_in_shard, path.stat().st_size, sha256_file(path),
+                         self._questions_in_shard)
         self.sink.put_file(path, name)
         path.unlink(missing_ok=True)
         self.shards.append(info)
         self._tar = self._tar_file = None
 
     def add(self, key: str, image: bytes, image_ext: str, meta: dict) -> None:
-        """Add one accepted sample; ``meta["captions"][0]`` becomes ``txt``."""
+        """Add one accepted sample; ``meta["captions"][0]`` becomes ``txt`` (a VQA sample, with
+        ``meta["questions"]`` and no captions, has no ``txt``)."""
         if self._tar is None:
             self._open_shard()
         assert self._tar is not None
-        captions = meta["captions"]
-        sample = {"__key__": key, image_ext: image, "txt": captions[0].encode("utf-8"),
+        captions = meta.get("captions") or []
+        questions = meta.get("questions")
+        if not captions and not questions:
+            raise ValueError(f"{key}: a sample needs captions or questions")
+        sample = {"__key__": key, image_ext: image,
                   "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
+        if captions:
+            sample["txt"] = captions[0].encode("utf-8")
+        if questions:
+            self._questions_in_shard = (self._questions_in_shard or 0) + len(questions)
+            self.questions_out += len(questions)
+            self.answers.update(a for q in questions for a in q.get("answers") or [])
+            self.questions_dropped.update(d.get("reason", "") for d in meta.get("dropped_questions") or [])
         self._tar.write(sample)
         self._in_shard += 1
         self._captions_in_shard += len(captions)
@@ -311,9 +346,14 @@ class DatasetWriter:
         """
         if self._tar is not None:
             self._close_shard()
+        extra = dict(extra or {})
+        if self.questions_out:
+            extra["questions_out"] = self.questions_out
+        if self.questions_dropped:
+            extra["questions_dropped"] = dict(sorted(self.questions_dropped.items()))
         manifest = Manifest(source=source, samples_in=samples_in, samples_out=self.samples_out,
                             captions_out=self.captions_out, rejected=dict(self.rejected), shards=self.shards,
-                            config=config or {}, extra=extra or {})
+                            config=config or {}, extra=extra)
         manifest.check_counts()
         keep = {s.path for s in self.shards}
         for name in self.sink.list_names():
@@ -321,6 +361,9 @@ class DatasetWriter:
                 self.sink.delete(name)
         _sync_close(self._rejected_file)
         self.sink.put_file(self.staging / REJECTED_NAME, REJECTED_NAME)
+        if self.questions_out:
+            self.sink.put_bytes(ANSWER_LIST_NAME, (json.dumps(answer_list(self.answers), ensure_ascii=False,
+                                                               indent=0) + "\n").encode("utf-8"))
         self.sink.put_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
         self.close()
         return manifest
