@@ -22,12 +22,19 @@ A batch is a dict: ``image`` float ``(B, 3, S, S)`` normalised with the CLIP mea
 ``attention_mask`` ``(B, L)`` (prompt + cleaned caption, padded to the longest), ``image_idx`` long ``(B,)``
 (a stable id per image, equal for all captions of one image: the retrieval positives), ``text`` and
 ``image_id`` (lists of str).
+
+:func:`make_vqa_loader` runs the same machinery over VQA data sets (one image per sample, its questions in
+``json["questions"]``; see :mod:`blip_core.data.webdataset_io`) with one item per *question*: the split over
+ranks and workers, epochs, seeding, shuffling and the counting of skipped and lost samples are those above,
+with questions in place of pairs. Its batches are described at :class:`VQAStream`;
+:func:`load_vqa_split` loads a VQA split for evaluation.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import random
@@ -42,6 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from blip_core.data.images import to_rgb
 from blip_core.data.transforms import EvalTransform, TrainTransform
 from blip_core.data.webdataset_io import (
+    ANSWER_LIST_NAME,
     IMAGE_EXTS,
     OVERSIZE_KEY,
     ShardReadError,
@@ -51,10 +59,11 @@ from blip_core.data.webdataset_io import (
     iter_shard,
     join_uri,
     read_manifest,
+    read_uri_bytes,
     s3_filesystem,
 )
 from blip_core.errors import UserError
-from blip_core.tokenizer import BlipTokenizer, pre_caption
+from blip_core.tokenizer import BlipTokenizer, pre_caption, pre_question
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +75,7 @@ class ShardRef:
     uri: str
     samples: int
     captions: int
+    questions: int = 0  # VQA questions (0 in a caption data set)
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,7 @@ def open_datasets(data_uris: Sequence[str], *, allow_partial: bool = False,
                                           for s in manifest.shards)
         bad = {s.path: problem for s, problem in check_shards(uri, manifest, fs, sha256=need_hash)}
         for s in manifest.shards:
-            ref = ShardRef(join_uri(uri, s.path), s.samples, s.captions)
+            ref = ShardRef(join_uri(uri, s.path), s.samples, s.captions, s.questions or 0)
             if s.path not in bad:
                 if need_hash and s.sha256:
                     _VERIFIED.add((ref.uri, s.sha256))
@@ -159,6 +169,60 @@ def sample_captions(sample: dict[str, Any]) -> tuple[list[str], str]:
     return caps, str(meta.get("image_id") or sample["__key__"])
 
 
+VG_ANSWER_WEIGHT = 0.2  # weight of each Visual Genome answer (question ``dataset: "vg"``), as the official code
+
+
+def sample_questions(sample: dict[str, Any]) -> tuple[list[dict], str]:
+    """``(questions, image_id)`` of a stored VQA sample: ``json["questions"]`` (each a dict with
+    ``question_id``, ``question``, ``answers`` and optionally ``kind``) and its image id."""
+    meta = decode_json(sample.get("json"))
+    qs = meta.get("questions")
+    if not isinstance(qs, list) or not all(isinstance(q, dict) and isinstance(q.get("question"), str)
+                                           and isinstance(q.get("answers", []), list) for q in qs):
+        raise ValueError("sample has no questions")
+    return qs, str(meta.get("image_id") or sample["__key__"])
+
+
+def sample_texts(sample: dict[str, Any], max_words: int = 30) -> list[str]:
+    """Every cleaned text of a stored sample, to build a vocabulary: its captions (``pre_caption``), or for a
+    VQA sample its questions (``pre_question``) and their answers. Raises ``ValueError`` for a sample with
+    neither."""
+    meta = decode_json(sample.get("json"))
+    if isinstance(meta.get("questions"), list) and not meta.get("captions"):
+        qs, _ = sample_questions(sample)
+        texts = [pre_question(q["question"]) for q in qs]
+        texts += [a for q in qs for a in q.get("answers", []) if isinstance(a, str)]
+    else:
+        texts = [pre_caption(c, max_words) for c in sample_captions(sample)[0]]
+    return [t for t in texts if t]
+
+
+def answer_weights(question: dict) -> tuple[list[str], list[float]]:
+    """The unique answers of a question (first-seen order) and their training weights: count / number of
+    answers (VQAv2), or :data:`VG_ANSWER_WEIGHT` each for a Visual Genome question (``dataset: "vg"``)."""
+    answers = [t for t in (" ".join(a.split()) for a in question.get("answers", []) if isinstance(a, str)) if t]
+    counts: dict[str, int] = {}
+    for a in answers:
+        counts[a] = counts.get(a, 0) + 1
+    if question.get("dataset") == "vg":
+        return list(counts), [VG_ANSWER_WEIGHT] * len(counts)
+    return list(counts), [c / len(answers) for c in counts.values()]
+
+
+def read_answer_list(dataset_uri: str) -> list[str]:
+    """``answer_list.json`` of a VQA data set (its distinct answers, most frequent first)."""
+    uri = join_uri(dataset_uri, ANSWER_LIST_NAME)
+    try:
+        answers = json.loads(read_uri_bytes(uri, s3_filesystem() if is_s3(uri) else None))
+    except FileNotFoundError:
+        raise UserError(f"{dataset_uri}: no {ANSWER_LIST_NAME}: not a VQA data set") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{uri}: unreadable answer list ({e})") from None
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise UserError(f"{uri}: not a JSON list of answers")
+    return answers
+
+
 def _image_bytes(sample: dict[str, Any]) -> bytes:
     for ext in IMAGE_EXTS:
         if ext in sample:
@@ -167,7 +231,13 @@ def _image_bytes(sample: dict[str, Any]) -> bytes:
 
 
 class PairStream(IterableDataset):
-    """The batches of one rank, split evenly over its DataLoader workers (see the module docstring)."""
+    """The batches of one rank, split evenly over its DataLoader workers (see the module docstring).
+
+    The items of a sample are its pairs; :class:`VQAStream` overrides :meth:`_shard_items`,
+    :meth:`_sample_items` and :meth:`_collate` to read questions instead.
+    """
+
+    ITEMS = "image-text pairs"
 
     def __init__(self, shards: Sequence[ShardRef], tokenizer: BlipTokenizer, *, image_size: int,
                  batch_size: int, train: bool, min_scale: float, randaugment: bool, max_words: int,
@@ -192,15 +262,24 @@ class PairStream(IterableDataset):
         self.expand = expand_captions
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.allow_partial = allow_partial
-        self.total_pairs = sum(s.captions if expand_captions else s.samples for s in self.shards)
+        self.total_pairs = sum(self._shard_items(s) for s in self.shards)
         self.streams = world_size * self.workers
         self.quota = self.total_pairs // self.streams
         self.steps = self.quota // batch_size
         if self.steps == 0:
-            raise UserError(f"{self.total_pairs} image-text pairs cannot fill one batch of {batch_size} on each of "
+            raise UserError(f"{self.total_pairs} {self.ITEMS} cannot fill one batch of {batch_size} on each of "
                             f"{self.streams} (rank, worker) streams; lower the batch size, world size or workers")
 
     # ------------------------------------------------------------------ reading
+    def _shard_items(self, shard: ShardRef) -> int:
+        """How many items (global indices) a shard holds."""
+        return shard.captions if self.expand else shard.samples
+
+    def _sample_items(self, sample: dict[str, Any]) -> tuple[list[Any], str]:
+        """``(items, image_id)`` of a sample (raises ``ValueError`` for an unreadable one); an item ``None``
+        holds an index but is skipped and counted."""
+        return sample_captions(sample)
+
     def _shard_order(self) -> list[ShardRef]:
         order = list(self.shards)
         if self.train:
@@ -212,7 +291,7 @@ class PairStream(IterableDataset):
         fs = s3_filesystem(fresh=True) if any(is_s3(s.uri) for s in self.shards) else None
         offset = 0
         for shard in self._shard_order():
-            n = shard.captions if self.expand else shard.samples
+            n = self._shard_items(shard)
             if offset + n <= start:
                 offset += n
                 continue
@@ -228,7 +307,7 @@ class PairStream(IterableDataset):
                     try:
                         if OVERSIZE_KEY in sample:
                             raise ValueError(sample[OVERSIZE_KEY])
-                        caps, image_id = sample_captions(sample)
+                        caps, image_id = self._sample_items(sample)
                     except (ValueError, UnicodeDecodeError):
                         counter[0] += count
                         g += 1
@@ -243,6 +322,9 @@ class PairStream(IterableDataset):
                             counter[0] += count
                         else:
                             for j in range(lo - g, hi - g):
+                                if caps[j] is None:
+                                    counter[0] += count
+                                    continue
                                 yield img, caps[j], image_id
                     g += k
                 else:
@@ -417,6 +499,9 @@ def make_loader(data_uris: Sequence[str], tokenizer: BlipTokenizer, *, image_siz
     if isinstance(data_uris, str):
         data_uris = [data_uris]
     shards, lost = open_datasets(data_uris, allow_partial=allow_partial, verify_sha256=verify_sha256)
+    if shards and all(s.questions and not s.captions for s in shards):
+        raise UserError(f"{', '.join(data_uris)}: a VQA data set (questions, no captions): it trains the VQA "
+                        "model, not image-text pairs")
     stream = PairStream(shards, tokenizer, image_size=image_size, batch_size=batch_size, train=train,
                         min_scale=min_scale, randaugment=randaugment, max_words=max_words,
                         max_length=max_length, prompt=prompt, rank=rank, world_size=world_size,
@@ -480,3 +565,165 @@ def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = 
     if not images:
         raise UserError(f"{', '.join(uris)}: no readable samples")
     return EvalSplit(torch.stack(images), texts, txt2img, img2txt, samples)
+
+
+# --------------------------------------------------------------------------------------------------
+# VQA
+# --------------------------------------------------------------------------------------------------
+
+
+class VQAStream(PairStream):
+    """The VQA batches of one rank: one item per question, split, shuffled and counted as :class:`PairStream`.
+
+    A batch of ``B`` questions is a dict: ``image`` float ``(B, 3, S, S)`` (each question its own augmented
+    copy of its image in training; a horizontal flip swaps ``left`` and ``right`` in the question and its
+    answers), ``question_ids`` / ``question_mask`` ``(B, Lq)`` (``pre_question``, ``[ENC]`` at position 0,
+    padded to the longest), ``answer_ids`` / ``answer_mask`` ``(sum n, La)`` (``[DEC] answer [SEP]``, the unique
+    answers of question 0, then question 1, ...), ``weights`` float ``(sum n,)`` (:func:`answer_weights`: for
+    VQAv2 count / number of answers, so they sum to 1 per question), ``n`` long ``(B,)`` (unique answers per
+    question), and the lists ``question_id``, ``question`` (cleaned), ``kind`` and ``image_id`` with
+    ``image_idx`` long ``(B,)``. A question without answers (a test split) is skipped and counted.
+    """
+
+    ITEMS = "questions"
+
+    def __init__(self, shards: Sequence[ShardRef], tokenizer: BlipTokenizer, *, question_max_length: int,
+                 answer_max_length: int, **kwargs: Any) -> None:
+        self.answer_max_length = answer_max_length
+        super().__init__(shards, tokenizer, max_words=50, max_length=question_max_length, prompt="",
+                         expand_captions=True, **kwargs)
+
+    def _shard_items(self, shard: ShardRef) -> int:
+        return shard.questions
+
+    def _sample_items(self, sample: dict[str, Any]) -> tuple[list[Any], str]:
+        meta = decode_json(sample.get("json"))
+        if "questions" not in meta and meta.get("captions"):  # a caption sample holds no question
+            return [], str(meta.get("image_id") or sample["__key__"])
+        qs, image_id = sample_questions(sample)
+        return [q if answer_weights(q)[0] else None for q in qs], image_id
+
+    def _collate(self, items: list[tuple[Image.Image, dict, str]], rng: random.Random) -> dict[str, Any]:
+        images, questions, answers, weights, counts = [], [], [], [], []
+        for img, q, _ in items:
+            unique, w = answer_weights(q)
+            text = "\n".join([pre_question(q["question"], self.max_words), *unique])
+            tensor, text = self.transform(img, text, rng)  # the flip swaps left/right in all of them
+            question, *unique = text.split("\n")
+            images.append(tensor)
+            questions.append(question)
+            answers += unique
+            weights += w
+            counts.append(len(unique))
+        tok = self.tokenizer
+        question_ids, question_mask = tok(questions, max_length=self.max_length, padding="longest")
+        question_ids[:, 0] = tok.enc_id
+        answer_ids, answer_mask = tok(answers, max_length=self.answer_max_length, padding="longest")
+        answer_ids[:, 0] = tok.dec_id
+        ids = [image_id for _, _, image_id in items]
+        return {
+            "image": torch.stack(images),  # (B, 3, S, S)
+            "question_ids": question_ids,  # (B, Lq)
+            "question_mask": question_mask,  # (B, Lq)
+            "answer_ids": answer_ids,  # (sum n, La)
+            "answer_mask": answer_mask,  # (sum n, La)
+            "weights": torch.tensor(weights, dtype=torch.float32),  # (sum n,)
+            "n": torch.tensor(counts, dtype=torch.long),  # (B,)
+            "question_id": [str(q["question_id"]) for _, q, _ in items],
+            "question": questions,
+            "kind": [str(q.get("kind") or NO_KIND) for _, q, _ in items],
+            "image_id": ids,
+            "image_idx": torch.tensor([image_index(i) for i in ids], dtype=torch.long),  # (B,)
+        }
+
+
+NO_KIND = "unspecified"  # the kind of a question whose data set gives none
+
+
+def make_vqa_loader(data_uris: Sequence[str], tokenizer: BlipTokenizer, *, image_size: int, batch_size: int,
+                    train: bool, rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
+                    epoch: int = 0, shuffle_buffer: int = 1000, question_max_length: int = 35,
+                    answer_max_length: int = 30, pin_memory: bool = False, allow_partial: bool = False,
+                    verify_sha256: bool = False, min_scale: float = 0.5, randaugment: bool = True) -> BlipLoader:
+    """A loader of VQA batches (one item per question, see :class:`VQAStream`) from VQA data sets.
+
+    Everything else is :func:`make_loader`'s: ``train`` (BLIP's train transform with crop scale
+    ``(min_scale, 1)``, flip and RandAugment, shard shuffling and a shuffle buffer; otherwise the eval
+    transform in stored order), ranks, workers, seeding per ``(seed, epoch, stream)``, ``pin_memory``,
+    ``allow_partial`` and ``verify_sha256``. A data set without questions is refused.
+    """
+    if isinstance(data_uris, str):
+        data_uris = [data_uris]
+    shards, lost = open_datasets(data_uris, allow_partial=allow_partial, verify_sha256=verify_sha256)
+    if not any(s.questions for s in shards) and not any(x.samples for x in lost):
+        raise UserError(f"{', '.join(data_uris)}: no VQA questions: not a VQA data set (ingest a VQA source: "
+                        "toyweb://?split=vqa_train or an official VQA annotation file)")
+    stream = VQAStream(shards, tokenizer, image_size=image_size, batch_size=batch_size, train=train,
+                       min_scale=min_scale, randaugment=randaugment, question_max_length=question_max_length,
+                       answer_max_length=answer_max_length, rank=rank, world_size=world_size,
+                       num_workers=num_workers, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
+                       allow_partial=allow_partial)
+    return BlipLoader(stream, num_workers, pin_memory, lost)
+
+
+class VQASplit(NamedTuple):
+    """A VQA split held in memory for evaluation: one entry per question, images stored once."""
+
+    images: torch.Tensor  # (N, 3, S, S)
+    image_index: torch.Tensor  # (Q,) long: the image of each question
+    questions: list[str]  # cleaned with pre_question
+    answers: list[list[str]]  # the annotators' answers (empty where the split has none)
+    kinds: list[str]  # the question kinds (NO_KIND where none is given)
+    question_ids: list[str]
+    image_ids: list[str]  # (N,)
+
+
+def load_vqa_split(uri: str | Sequence[str], image_size: int) -> VQASplit:
+    """Load every question of one or more VQA data sets with the eval transform.
+
+    Samples that cannot be decoded are skipped and counted in a warning; a missing, damaged or unreadable
+    shard raises :class:`ShardLost`; a split without questions is a :class:`UserError`.
+    """
+    transform = EvalTransform(image_size)
+    uris = [uri] if isinstance(uri, str) else list(uri)
+    images: list[torch.Tensor] = []
+    image_ids: list[str] = []
+    index: list[int] = []
+    questions: list[str] = []
+    answers: list[list[str]] = []
+    kinds: list[str] = []
+    qids: list[str] = []
+    skipped = 0
+    fs = s3_filesystem() if any(is_s3(u) for u in uris) else None
+    for shard in dataset_shards(uris):
+        try:
+            seen = 0
+            for sample in iter_shard(shard.uri, fs):
+                seen += 1
+                try:
+                    meta = decode_json(sample.get("json"))
+                    if "questions" not in meta:
+                        continue
+                    qs, image_id = sample_questions(sample)
+                    img = decode_image(_image_bytes(sample))
+                except Exception:  # noqa: BLE001 - skip and count any bad sample
+                    skipped += 1
+                    continue
+                i = len(images)
+                images.append(transform(img)[0])
+                image_ids.append(image_id)
+                for q in qs:
+                    index.append(i)
+                    questions.append(pre_question(q["question"]))
+                    answers.append([a for a in q.get("answers", []) if isinstance(a, str)])
+                    kinds.append(str(q.get("kind") or NO_KIND))
+                    qids.append(str(q.get("question_id")))
+            _check_count(shard, seen)
+        except (ShardReadError, OSError) as e:  # an evaluation on part of the split would not say so
+            raise ShardLost(f"{shard.uri}: unreadable ({e}); re-run the stage that wrote it") from None
+    if skipped:
+        log.warning("load_vqa_split(%s): skipped %d unreadable sample(s)", ", ".join(uris), skipped)
+    if not questions:
+        raise UserError(f"{', '.join(uris)}: no readable VQA questions")
+    return VQASplit(torch.stack(images), torch.tensor(index, dtype=torch.long), questions, answers, kinds, qids,
+                    image_ids)
