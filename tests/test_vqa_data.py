@@ -247,3 +247,12 @@ def test_sample_texts_hold_captions_or_questions_and_answers(vqa_dirs, tokenizer
         human.json["captions"]
     unk = tokenizer.hf.unk_token_id
     assert all(unk not in tokenizer([t])[0][0].tolist() for t in texts)
+
+
+def test_pre_question_follows_the_official_cleaning():
+    from blip_core.tokenizer import pre_question
+
+    assert pre_question("What's the COLOR (of) the #1 shape?!") == "what's the color of the 1 shape?"
+    assert pre_question("  Is it red,  or  blue?\n") == "is it red, or blue?"
+    assert pre_question(" ".join(["word"] * 60) + "?") == " ".join(["word"] * 50)
+    assert pre_question("...") == ""
