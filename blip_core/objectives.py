@@ -5,10 +5,17 @@
 * :class:`FilterObjective`: ITC with positives by image id + ITM with same-image-masked negatives
   (retrieval fine-tuning, used as CapFilt's filter), optionally drawn from every rank's batch.
 
-An objective's ``forward`` computes losses only. The training step calls :meth:`momentum_update` after the
-optimizer step and :meth:`enqueue` with the returned momentum features; the queue is filled with features
-gathered from every rank through ``gather_fn`` (identity in a single process, so no process group is needed).
-Each image's cross-attention keys/values are computed once and reused by its ITM pairs and its LM pass.
+Every objective is an :class:`Objective`, the whole interface the training loop drives: :meth:`Objective.inputs`
+picks the ``forward`` arguments from a batch (its :attr:`~Objective.batch_keys`) and from the step's values
+(``alpha``, ``generator``: :attr:`~Objective.step_keys`); ``forward`` computes losses only and says how many
+samples it saw; :meth:`~Objective.enqueue` runs after each micro-batch's backward, :meth:`~Objective.after_step`
+after each optimizer step (the BLIP objectives clamp the ITC temperature there, the contrastive ones also
+update their momentum encoders); :meth:`~Objective.momentum_state` / :meth:`~Objective.load_momentum_state`
+carry momentum encoders and queues through checkpoints. Objectives without momentum inherit no-op hooks.
+
+The queue is filled with features gathered from every rank through ``gather_fn`` (identity in a single
+process, so no process group is needed). Each image's cross-attention keys/values are computed once and reused
+by its ITM pairs and its LM pass.
 
 Hard negatives for ITM follow the official code of each stage: pre-training weighs them by the student-vs-
 momentum ITC similarities of the local batch; retrieval fine-tuning by student-vs-student similarities, over
@@ -19,11 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from blip_core import losses
+from blip_core.checkpoint_io import has_queues, load_momentum_state, momentum_state_dict
 from blip_core.losses import IGNORE_INDEX
 from blip_core.models.blip import BlipModel
 from blip_core.models.momentum import FeatureQueue, MomentumEncoders
@@ -54,6 +63,7 @@ class ObjectiveOutput:
     """Losses of one forward (``loss`` is their sum) and what the step needs afterwards."""
 
     loss: torch.Tensor
+    samples: int  # samples of the batch (pairs, questions, ...): the loop's throughput count
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # itc / itm / lm
     image_feat_m: torch.Tensor | None = None
     text_feat_m: torch.Tensor | None = None
@@ -79,10 +89,66 @@ def lm_labels(decoder_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_le
     return labels
 
 
-class _ContrastiveBase(nn.Module):
+class Objective(nn.Module):
+    """What the training loop drives: a loss over one batch, and the hooks around the optimizer step.
+
+    ``self.model`` is the module whose weights are trained and saved. ``forward`` takes exactly the keyword
+    arguments :meth:`inputs` returns and gives an :class:`ObjectiveOutput`. The hooks default to nothing, so an
+    objective without momentum encoders, queues or a temperature only writes ``forward``.
+    """
+
+    model: nn.Module
+    batch_keys: ClassVar[tuple[str, ...]] = ()  # the batch entries ``forward`` takes, by name
+    step_keys: ClassVar[tuple[str, ...]] = ()  # of the loop's per-step values "alpha" and "generator"
+    keeps_momentum: ClassVar[bool] = False  # momentum encoders/queues: saved beside the model, taken from an init
+
+    def inputs(self, batch: dict[str, Any], *, alpha: float,
+               generator: torch.Generator | None) -> dict[str, Any]:
+        """The keyword arguments of ``forward`` for ``batch`` at a step with momentum-distillation ``alpha``
+        and the step's ``generator`` for explicit random draws."""
+        missing = [k for k in self.batch_keys if k not in batch]
+        if missing:
+            raise KeyError(f"{type(self).__name__} needs the batch entries {missing}; the batch has {sorted(batch)}")
+        step = {"alpha": alpha, "generator": generator}
+        return {**{k: batch[k] for k in self.batch_keys}, **{k: step[k] for k in self.step_keys}}
+
+    def enqueue(self, out: ObjectiveOutput) -> None:
+        """After each micro-batch's backward (e.g. write momentum features into the queues)."""
+
+    def after_step(self) -> None:
+        """After each optimizer step (e.g. clamp the temperature, update momentum encoders)."""
+
+    def momentum_state(self) -> dict[str, torch.Tensor] | None:
+        """Momentum encoders and queues to save beside the model; ``None`` when the objective keeps none."""
+        return None
+
+    def load_momentum_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the momentum encoders/queues from a checkpoint's ``state`` (only with ``keeps_momentum``)."""
+        raise TypeError(f"{type(self).__name__} keeps no momentum state")
+
+    def log_values(self) -> dict[str, float]:
+        """Values logged with the losses at every logged step (e.g. the ITC temperature)."""
+        return {}
+
+
+class _BlipObjective(Objective):
+    """An objective over a :class:`BlipModel`: the ITC temperature is clamped after every step and logged."""
+
+    model: BlipModel
+
+    def after_step(self) -> None:
+        self.model.clamp_temp()
+
+    def log_values(self) -> dict[str, float]:
+        return {"temp": self.model.temp.item()}
+
+
+class _ContrastiveBase(_BlipObjective):
     """Shared machinery: momentum encoders, queues, ITC with soft targets, ITM with sampled negatives."""
 
     with_ids = False  # whether the queue also stores image ids (positives by image id)
+    step_keys = ("alpha", "generator")
+    keeps_momentum = True
 
     def __init__(self, model: BlipModel, ids: SpecialIds, *, queue_size: int | None = None,
                  momentum: float | None = None, gather_fn: GatherFn | None = None):
@@ -108,6 +174,18 @@ class _ContrastiveBase(nn.Module):
     @torch.no_grad()
     def momentum_update(self) -> None:
         self.momentum_encoders.update(self.model, self.momentum)
+
+    def after_step(self) -> None:
+        super().after_step()
+        self.momentum_update()
+
+    def momentum_state(self) -> dict[str, torch.Tensor]:
+        return momentum_state_dict(self.momentum_encoders, self.queue)
+
+    def load_momentum_state(self, state: dict[str, torch.Tensor]) -> None:
+        """As the official code, training from a checkpoint keeps its momentum encoders and queues (rather
+        than fresh copies of the student and random queues); a state without queues leaves them random."""
+        load_momentum_state(state, self.momentum_encoders, self.queue if has_queues(state) else None)
 
     @torch.no_grad()
     def enqueue(self, out: ObjectiveOutput) -> None:
@@ -145,8 +223,10 @@ class _ContrastiveBase(nn.Module):
 class PretrainObjective(_ContrastiveBase):
     """ITC + ITM + LM, each with weight 1, as BLIP pre-training."""
 
+    batch_keys = ("image", "input_ids", "attention_mask")
+
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                alpha: float, generator: torch.Generator | None = None, **_) -> ObjectiveOutput:
+                alpha: float, generator: torch.Generator | None = None) -> ObjectiveOutput:
         """``image`` (B,3,H,W), ``input_ids``/``attention_mask`` (B,L) from the tokenizer ([CLS] first)."""
         m = self.model
         b = image.shape[0]
@@ -168,7 +248,7 @@ class PretrainObjective(_ContrastiveBase):
         logits, _ = m.decode(dec_ids, attention_mask, cross)
         loss_lm = losses.lm_loss(logits, lm_labels(dec_ids, attention_mask))
 
-        return ObjectiveOutput(loss=loss_itc + loss_itm + loss_lm,
+        return ObjectiveOutput(loss=loss_itc + loss_itm + loss_lm, samples=b,
                                parts={"itc": loss_itc, "itm": loss_itm, "lm": loss_lm},
                                image_feat_m=image_feat_m, text_feat_m=text_feat_m)
 
@@ -182,6 +262,7 @@ class FilterObjective(_ContrastiveBase):
     """
 
     with_ids = True
+    batch_keys = ("image", "input_ids", "attention_mask", "image_idx")
 
     def __init__(self, model: BlipModel, ids: SpecialIds, *, queue_size: int | None = None,
                  momentum: float | None = None, gather_fn: GatherFn | None = None,
@@ -192,8 +273,7 @@ class FilterObjective(_ContrastiveBase):
         self.rank = rank
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                alpha: float, image_idx: torch.Tensor, generator: torch.Generator | None = None,
-                **_) -> ObjectiveOutput:
+                alpha: float, image_idx: torch.Tensor, generator: torch.Generator | None = None) -> ObjectiveOutput:
         m = self.model
         image_embeds, image_feat, text_feat, image_feat_m, text_feat_m = self._encode(image, input_ids, attention_mask)
 
@@ -224,7 +304,7 @@ class FilterObjective(_ContrastiveBase):
             neg_text = losses.sample_hard_negatives(w_i2t, generator)  # a text of the batch for each image
             loss_itm = self._itm(enc_ids, attention_mask, m.cross_kv(image_embeds), neg_image, enc_ids[neg_text],
                                  attention_mask[neg_text])
-        return ObjectiveOutput(loss=loss_itc + loss_itm, parts={"itc": loss_itc, "itm": loss_itm},
+        return ObjectiveOutput(loss=loss_itc + loss_itm, samples=b, parts={"itc": loss_itc, "itm": loss_itm},
                                image_feat_m=image_feat_m, text_feat_m=text_feat_m, image_idx=image_idx,
                                neg_image_idx=world_idx[neg_image], neg_text_idx=world_idx[neg_text])
 
@@ -265,8 +345,11 @@ class FilterObjective(_ContrastiveBase):
         return ids, mask, self.gather_fn(ids), self.gather_fn(mask)
 
 
-class CaptionerObjective(nn.Module):
-    """LM on captions prefixed by a prompt; the first ``prompt_len`` positions are not supervised."""
+class CaptionerObjective(_BlipObjective):
+    """LM on captions prefixed by a prompt; the first ``prompt_len`` positions are not supervised (no momentum
+    encoders in captioner fine-tuning)."""
+
+    batch_keys = ("image", "input_ids", "attention_mask")
 
     def __init__(self, model: BlipModel, ids: SpecialIds, prompt_len: int = 0):
         super().__init__()
@@ -274,20 +357,13 @@ class CaptionerObjective(nn.Module):
         self.ids = ids
         self.prompt_len = prompt_len
 
-    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                **_) -> ObjectiveOutput:
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ObjectiveOutput:
         m = self.model
         cross = m.cross_kv(m.encode_image(image))
         dec_ids = with_first_token(input_ids, self.ids.dec)
         logits, _ = m.decode(dec_ids, attention_mask, cross)
         loss = losses.lm_loss(logits, lm_labels(dec_ids, attention_mask, self.prompt_len))
-        return ObjectiveOutput(loss=loss, parts={"lm": loss})
-
-    def momentum_update(self) -> None:  # no momentum encoders in captioner fine-tuning
-        pass
-
-    def enqueue(self, out: ObjectiveOutput) -> None:
-        pass
+        return ObjectiveOutput(loss=loss, samples=image.shape[0], parts={"lm": loss})
 
 
 def prompt_length(tokenizer, prompt: str) -> int:

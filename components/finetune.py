@@ -2,6 +2,9 @@
 
 ``blip finetune --task captioner|filter --init CKPT --data URI [URI ...] --output URI [--val URI ...]``
 
+``--task`` takes any fine-tuning task of :data:`components.tasks.TASKS`; everything task-specific (its
+config section, objective, loader, trained parameters, validation metric) comes from the task object.
+
 Both start from the pre-trained model (decoupled: each is fine-tuned separately from the same checkpoint,
 as the paper's CapFilt) on clean human-annotated pairs, every caption of an image being its own pair. With
 ``data.image_size`` set (the paper: 384 px from a 224 px pre-training) the model is built at that resolution
@@ -18,92 +21,39 @@ prompt and the ``evaluate`` decoding settings), the filter by ``r_mean``, the me
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from blip_core.config import Config, load_config
-from blip_core.data.loader import load_eval_split
 from blip_core.errors import UserError
-from blip_core.objectives import CaptionerObjective, FilterObjective, SpecialIds, prompt_length
 from blip_core.train import distributed as D
 from components import training
 from components.pretrain import _fmt, add_common_args
-from components.training import TrainStageResult, Validation
-
-TASKS = ("captioner", "filter")
-
-
-def validation_for(cfg: Config, task: str, tokenizer, val: list[str], image_size: int,
-                   prompt: str) -> Validation:
-    """Best-epoch selection for ``task`` on the validation split ``val`` (loaded once, on this rank)."""
-    from components.evaluate import caption_metrics, retrieval_metrics
-
-    split = load_eval_split(val, cfg.data.image_size or image_size, cfg.data.max_words)
-    if task == "captioner":
-        ecfg = dataclasses.replace(cfg.evaluate, prompt=prompt)
-
-        def evaluate(model) -> dict[str, float]:
-            metrics, _ = caption_metrics(model, tokenizer, split, ecfg)
-            return {**metrics, "cider_bleu4": metrics["cider"] + metrics["bleu4"]}
-
-        return Validation(data=",".join(val), metric="cider_bleu4", evaluate=evaluate)
-
-    def evaluate(model) -> dict[str, float]:
-        return retrieval_metrics(model, tokenizer, split, cfg.evaluate)
-
-    return Validation(data=",".join(val), metric="r_mean", evaluate=evaluate)
+from components.tasks import finetune_tasks, get_task
+from components.training import TrainStageResult
 
 
 def run(cfg: Config, task: str, init: str, data: list[str], output: str, *, resume: bool = True,
         parent_run_id: str | None = None, val: list[str] | None = None) -> TrainStageResult:
-    """Fine-tune the checkpoint ``init`` as the captioner or the filter; write the model under ``output``.
+    """Fine-tune the checkpoint ``init`` for ``task`` (a name in :data:`components.tasks.TASKS`: the
+    captioner or the filter); write the model under ``output``.
 
     ``val``: validation dataset directories; when given, the best epoch on them is the stage's model.
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if cfg.finetune_captioner.negative_all_rank and task == "captioner":
-        raise UserError("finetune_captioner.negative_all_rank: only the filter draws ITM negatives "
-                        "(set finetune_filter.negative_all_rank)")
+    spec = get_task(task)
+    if not spec.finetune:
+        raise UserError(f"{task}: not a fine-tuning task; choose one of {', '.join(finetune_tasks())}")
+    spec.check(cfg)
     info = D.init_from_env()
     work = training.prepare_work(output, resume, info)
     model, tokenizer, momentum_state = training.load_init(init, cfg.data.image_size)
     model.set_grad_checkpointing(cfg.model.vision.grad_ckpt_layers)
-    training.freeze_unused(model, task)
-    ids = SpecialIds.from_tokenizer(tokenizer)
-    if task == "captioner":
-        tcfg = cfg.finetune_captioner
-        plen = prompt_length(tokenizer, tcfg.prompt)
-
-        def objective(m):
-            return CaptionerObjective(m, ids, prompt_len=plen)
-
-        loader_kwargs = {"prompt": tcfg.prompt, "max_length": 40}
-        registered = "blip-captioner"
-    else:
-        tcfg = cfg.finetune_filter
-
-        def objective(m):
-            return FilterObjective(m, ids, gather_fn=D.all_gather_cat, gather_grad_fn=D.all_gather_with_grad,
-                                   negative_all_rank=tcfg.negative_all_rank, rank=info.rank)
-
-        loader_kwargs = {"max_length": 35}
-        registered = "blip-filter"
-    validation = None
-    if val and info.is_main:
-        validation = validation_for(cfg, task, tokenizer, val, model.cfg.vision.image_size, tcfg.prompt)
-    elif val:  # the other ranks wait while rank 0 scores; they only need to know that it does
-        validation = Validation(data=",".join(val), metric="", evaluate=lambda m: {})
     return training.run_training(
-        cfg, tcfg, stage=f"finetune_{task}", objective_factory=objective, model=model, tokenizer=tokenizer,
-        data=data, output=output, work=work, info=info, resume=resume, parent_run_id=parent_run_id,
-        momentum_state=momentum_state if task == "filter" else None, registered_name=registered,
-        validation=validation,
-        loader_kwargs={"min_scale": cfg.data.min_scale_finetune, "expand_captions": True, **loader_kwargs})
+        cfg, spec, model=model, tokenizer=tokenizer, data=data, output=output, work=work, info=info,
+        resume=resume, parent_run_id=parent_run_id, momentum_state=momentum_state, val=val)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="blip finetune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--task", choices=finetune_tasks(), required=True)
     p.add_argument("--init", required=True, help="pre-trained checkpoint or pretrain stage output")
     p.add_argument("--data", nargs="+", required=True, help="human-annotated dataset directories")
     p.add_argument("--output", required=True, help="output directory or s3:// prefix")

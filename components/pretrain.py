@@ -17,12 +17,11 @@ import logging
 import torch
 
 from blip_core.config import Config, load_config
-from blip_core.errors import UserError
-from blip_core.objectives import PretrainObjective, SpecialIds
 from blip_core.pretrained import load_bert_weights, load_vit_weights
 from blip_core.train import distributed as D
 from components import storage, training
 from components.cli import add_config_args
+from components.tasks import get_task
 from components.training import TrainStageResult
 
 log = logging.getLogger(__name__)
@@ -32,9 +31,8 @@ def run(cfg: Config, data: list[str], output: str, *, init: str | None = None, v
         bert_init: str | None = None, resume: bool = True, parent_run_id: str | None = None,
         stage: str = "pretrain") -> TrainStageResult:
     """Pre-train BLIP on the dataset directories ``data`` and write the model under ``output``."""
-    if cfg.pretrain.negative_all_rank:
-        raise UserError("pretrain.negative_all_rank: pre-training draws ITM negatives from the local batch, as "
-                        "the official code; the option is for finetune_filter")
+    task = get_task("pretrain")
+    task.check(cfg)
     info = D.init_from_env()
     torch.manual_seed(cfg.pretrain.seed)  # the same initial weights on every rank and every run
     work = training.prepare_work(output, resume, info)
@@ -52,17 +50,9 @@ def run(cfg: Config, data: list[str], output: str, *, init: str | None = None, v
             if bert_path is not None:
                 unused = load_bert_weights(model, bert_path)
                 log.info("text transformer initialised from %s (unused BERT tensors: %s)", bert_init, unused)
-    ids = SpecialIds.from_tokenizer(tokenizer)
-
-    def objective(m):
-        return PretrainObjective(m, ids, gather_fn=D.all_gather_cat)
-
     return training.run_training(
-        cfg, cfg.pretrain, stage=stage, objective_factory=objective, model=model, tokenizer=tokenizer,
-        data=data, output=output, work=work, info=info, resume=resume, parent_run_id=parent_run_id,
-        momentum_state=momentum_state if init else None,
-        loader_kwargs={"min_scale": cfg.data.min_scale_pretrain, "max_length": cfg.model.max_text_len,
-                       "expand_captions": True})
+        cfg, task, model=model, tokenizer=tokenizer, data=data, output=output, work=work, info=info,
+        resume=resume, parent_run_id=parent_run_id, stage=stage, momentum_state=momentum_state)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

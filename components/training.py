@@ -33,19 +33,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from blip_core import build_model
-from blip_core.checkpoint_io import (
-    has_queues,
-    load_checkpoint,
-    load_momentum_state,
-    momentum_state_dict,
-    save_checkpoint,
-)
-from blip_core.config import Config, TrainConfig, to_dict
-from blip_core.data.loader import ShardLost, dataset_shards, make_loader, pin_memory_for, sample_captions
+from blip_core.checkpoint_io import load_checkpoint
+from blip_core.config import Config, to_dict
+from blip_core.data.loader import ShardLost, dataset_shards, sample_captions
 from blip_core.data.webdataset_io import ShardReadError, is_s3, iter_shard, s3_filesystem
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
@@ -56,6 +51,9 @@ from blip_core.train.checkpoint import is_complete
 from blip_core.train.loop import TrainResult, run_identity, train
 from blip_core.train.optim import build_optimizer
 from components import storage
+
+if TYPE_CHECKING:
+    from components.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -258,18 +256,6 @@ def load_init(init: str, image_size: int = 0) -> tuple[BlipModel, BlipTokenizer,
     return ckpt.model, ckpt.tokenizer, ckpt.momentum_state
 
 
-def freeze_unused(model: BlipModel, task: str) -> None:
-    """Turn off gradients of the parts a fine-tuning objective never uses (keeps DDP's reducer happy)."""
-    if task == "captioner":
-        for name, p in model.named_parameters():
-            if not name.startswith(("visual_encoder.", "text_decoder.")):
-                p.requires_grad_(False)
-    elif task == "filter":
-        for name, p in model.text_decoder.named_parameters():
-            if ".attention." in name or name.startswith("cls.predictions.transform") or name == "cls.predictions.bias":
-                p.requires_grad_(False)
-
-
 def data_fingerprint(data_uris: list[str]) -> str:
     """A hash of the input datasets' manifests (shard checksums): resume only onto the same data."""
     h = hashlib.sha256()
@@ -279,79 +265,95 @@ def data_fingerprint(data_uris: list[str]) -> str:
 
 
 def train_config_dict(cfg: Config, section: str) -> dict:
-    """The config written beside checkpoints and logged to MLflow (credentials in URIs redacted)."""
+    """The config logged to MLflow (credentials in URIs redacted)."""
     return redact({"section": section, **to_dict(cfg)})
+
+
+def resume_config(cfg: Config, task: Task, stage: str, fingerprint: str, val: list[str] | None = None) -> dict:
+    """The config written beside checkpoints: a checkpoint is resumed only by a run with the same one.
+
+    It holds the stage name, the sections the task depends on (``model``, ``data`` and its own), the data
+    ``fingerprint`` and, with validation datasets ``val``, those and the sections the validation scores depend
+    on. Editing another stage's settings (e.g. ``capfilt.*``) never makes a pre-empted run start over.
+    """
+    sections = dict(task.config_sections(cfg))
+    extra: dict = {}
+    if val:
+        sections.update({name: getattr(cfg, name) for name in task.validation_sections})
+        extra = {"validation_data": list(val)}
+    return redact({"section": stage, **{k: to_dict(v) for k, v in sections.items()},
+                   "data_fingerprint": fingerprint, **extra})
 
 
 def run_training(
     cfg: Config,
-    tcfg: TrainConfig,
+    task: Task,
     *,
-    stage: str,
-    objective_factory,
     model: BlipModel,
     tokenizer: BlipTokenizer,
     data: list[str],
     output: str,
     work: Path,
     info: D.DistInfo,
-    loader_kwargs: dict,
     resume: bool,
     parent_run_id: str | None,
+    stage: str | None = None,
     momentum_state: dict | None = None,
-    registered_name: str | None = None,
-    validation: Validation | None = None,
+    val: list[str] | None = None,
 ) -> TrainStageResult:
-    """Build loader, objective and optimizer, run the loop under an MLflow stage run, publish the model.
+    """Train ``task`` from ``model`` (loaded or built) under an MLflow stage run and publish the trained model.
 
-    With ``validation`` the model is scored after every epoch and the best one is published (see the module
-    docstring).
+    Everything task-specific comes from ``task``: its settings section, the module it trains, its objective,
+    loader, validation metric and registered model name. ``momentum_state`` (the initial checkpoint's) is
+    taken by an objective that keeps momentum encoders and queues. With ``val`` (validation dataset
+    directories) the model is scored after every epoch and the best one is published (see the module
+    docstring). ``stage`` names the MLflow run and the outputs' ``result.json`` (default: the task's section).
     """
     from components import tracking
 
+    tcfg = task.train_config(cfg)
+    stage = stage or task.section
+    image_size = model.cfg.vision.image_size
+    validation = None
+    if val and info.is_main:
+        validation = task.validation(cfg, tokenizer, val, image_size)
+    elif val:  # the other ranks wait while rank 0 scores; they only need to know that it does
+        validation = Validation(data=",".join(val), metric="", evaluate=lambda m: {})
     torch.manual_seed(tcfg.seed)
+    model = task.prepare_model(model, cfg)
     model.to(info.device)
-    objective = objective_factory(model).to(info.device)
-    if momentum_state and hasattr(objective, "momentum_encoders"):
-        # As the official code, training from a checkpoint keeps its momentum encoders and queues
-        # (rather than fresh copies of the student and random queues).
-        load_momentum_state(momentum_state, objective.momentum_encoders,
-                            objective.queue if has_queues(momentum_state) else None)
-    elif hasattr(objective, "momentum_encoders") and info.is_main:
+    objective = task.objective(model, tokenizer, cfg, info).to(info.device)
+    if objective.keeps_momentum and momentum_state:
+        objective.load_momentum_state(momentum_state)
+    elif objective.keeps_momentum and info.is_main:
         log.info("%s: momentum encoders start as copies of the model and the queues at random (the initial "
                  "checkpoint has no momentum state)", stage)
     if tcfg.compile:
-        model.visual_encoder.compile()
-        model.text_encoder.compile()
-    loader = make_loader(
-        data, tokenizer, image_size=model.cfg.vision.image_size, batch_size=tcfg.batch_size, train=True,
-        randaugment=cfg.data.randaugment, max_words=cfg.data.max_words, rank=info.rank,
-        world_size=info.world_size, num_workers=cfg.data.num_workers, seed=tcfg.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=pin_memory_for(info.device),
-        allow_partial=cfg.data.allow_partial, verify_sha256=cfg.data.verify_sha256, **loader_kwargs)
+        task.compile(model)
+    loader = task.loader(cfg, data, tokenizer, image_size=image_size, info=info)
     if len(loader) == 0:
         raise UserError(f"{stage}: no full batch of {tcfg.batch_size} pairs per rank in {data}; "
                         f"lower {stage}.batch_size or add data")
-    optimizer = build_optimizer(objective, tcfg, no_decay_names=model.no_weight_decay())
+    optimizer = build_optimizer(objective, tcfg, no_decay_names=task.no_weight_decay(model))
     history: list[dict] = []
 
     def log_fn(step: int, metrics: dict) -> None:
         history.append({"step": step, **metrics})
         run.log_metrics(step, metrics)
 
-    config = {**train_config_dict(cfg, stage), "data_fingerprint": data_fingerprint(data)}
+    fingerprint = data_fingerprint(data)
+    logged = {**train_config_dict(cfg, stage), "data_fingerprint": fingerprint}
+    config = resume_config(cfg, task, stage, fingerprint, val)
     if info.is_main and tracking.tracking_enabled():
         tracking.check_tracking()
 
-    def momentum() -> dict | None:
-        return (momentum_state_dict(objective.momentum_encoders, objective.queue)
-                if hasattr(objective, "momentum_encoders") else None)
+    def save(dst: Path) -> None:
+        task.save_model(dst, model, tokenizer, objective.momentum_state())
 
-    with tracking.stage_run(stage, config, parent_run_id=parent_run_id) as run:
+    with tracking.stage_run(stage, logged, parent_run_id=parent_run_id) as run:
         selector = None
         if validation is not None:
-            selector = _BestEpoch(validation, work, output, resume, info, model,
-                                  lambda m: save_checkpoint(m, model, tokenizer, momentum()), run, config)
+            selector = _BestEpoch(validation, work, output, resume, info, model, save, run, config)
         res: TrainResult = train(
             objective, optimizer, tcfg, LoaderSource(loader), checkpoint_dir=work / CHECKPOINT_DIR, info=info,
             alpha=cfg.model.alpha, config_dict=config, resume=resume, log_fn=log_fn,
@@ -372,7 +374,7 @@ def run_training(
             if selector is not None:
                 selector.publish_best(work / MODEL_DIR)
             else:
-                save_checkpoint(work / MODEL_DIR, model, tokenizer, momentum())
+                save(work / MODEL_DIR)
             metrics = {**{f"final_{k}": v for k, v in res.last_losses.items()}, "steps": res.position.step,
                        "pairs_per_second": res.pairs_per_second, "data_time_share": res.data_time_share,
                        "skipped_samples": loader.skipped, "lost_samples": loader.lost_samples,
@@ -385,7 +387,7 @@ def run_training(
             (work / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
             run.log_metrics(res.position.step, {k: v for k, v in metrics.items() if k != "steps"})
             run.log_artifact(work / "train_log.json")
-            run.log_blip_model(work / MODEL_DIR, registered_name=registered_name)
+            run.log_blip_model(work / MODEL_DIR, registered_name=task.registered_name)
             publish(work, output, [MODEL_DIR, "metrics.json", "train_log.json"])
             result.tracking_lost = run.lost
             write_result(output, work, {"stage": stage, **dataclasses.asdict(result)})

@@ -17,6 +17,7 @@ from blip_core.data.loader import load_eval_split
 from blip_core.tokenizer import BlipTokenizer
 from components import evaluate, finetune, training
 from components.cli import main as blip
+from components.tasks import FilterTask
 from components.training import Validation
 
 SETS = TINY + ["evaluate.k_test=4", "evaluate.batch_size=12", "evaluate.max_length=10", "evaluate.min_length=3",
@@ -89,7 +90,7 @@ def test_filter_selection_follows_the_validation_score_and_survives_a_rerun(toy_
     script = iter([10.0, 30.0, 20.0])
     calls = []
 
-    def scripted(cfg, task, tokenizer, val, image_size, prompt):
+    def scripted(self, cfg, tokenizer, val, image_size):
         def score(model):
             assert not model.training
             calls.append(1)
@@ -97,7 +98,7 @@ def test_filter_selection_follows_the_validation_score_and_survives_a_rerun(toy_
 
         return Validation(data=",".join(val), metric="r_mean", evaluate=score)
 
-    monkeypatch.setattr(finetune, "validation_for", scripted)
+    monkeypatch.setattr(FilterTask, "validation", scripted)
     cfg = load_config(None, SETS + ["finetune_filter.epochs=3"])
     out = tmp_path / "fil"
     res = finetune.run(cfg, "filter", init, [toy_data["human"]], str(out), val=[toy_data["test"]])
@@ -132,10 +133,10 @@ def test_filter_selection_follows_the_validation_score_and_survives_a_rerun(toy_
 def test_a_run_stopped_mid_epoch_is_scored_at_its_last_step(toy_data, init, tmp_path, no_tracking, monkeypatch):
     scores = iter([1.0, 2.0])
 
-    def scripted(cfg, task, tokenizer, val, image_size, prompt):
+    def scripted(self, cfg, tokenizer, val, image_size):
         return Validation(data=",".join(val), metric="r_mean", evaluate=lambda m: {"r_mean": next(scores)})
 
-    monkeypatch.setattr(finetune, "validation_for", scripted)
+    monkeypatch.setattr(FilterTask, "validation", scripted)
     cfg = load_config(None, SETS + ["finetune_filter.epochs=2", "finetune_filter.max_steps=20"])
     res = finetune.run(cfg, "filter", init, [toy_data["human"]], str(tmp_path / "o"), val=[toy_data["test"]])
     spe = 120 // 8  # 24 images x 5 captions, batch 8
@@ -159,14 +160,14 @@ def test_s3_output_keeps_the_choice_on_a_fresh_machine(toy_data, init, tmp_path,
     script = iter([5.0, 1.0])
     calls = []
 
-    def scripted(cfg, task, tokenizer, val, image_size, prompt):
+    def scripted(self, cfg, tokenizer, val, image_size):
         def score(model):
             calls.append(1)
             return {"r_mean": next(script)}
 
         return Validation(data=",".join(val), metric="r_mean", evaluate=score)
 
-    monkeypatch.setattr(finetune, "validation_for", scripted)
+    monkeypatch.setattr(FilterTask, "validation", scripted)
     monkeypatch.setenv("BLIP_WORK_DIR", str(tmp_path / "work1"))
     cfg = load_config(None, SETS + ["finetune_filter.epochs=2"])
     out = f"s3://{s3_bucket}/runs/filter"

@@ -212,3 +212,28 @@ def test_captioner_prompt_is_not_supervised():
     torch.testing.assert_close(loss, per_token)
     full = CaptionerObjective(model, IDS, prompt_len=0)(image, ids, mask).loss
     assert not torch.allclose(loss, full)
+
+
+def test_inputs_take_exactly_the_batch_entries_and_step_values_each_objective_uses():
+    image, ids, mask = tiny_batch(batch=2)
+    batch = {"image": image, "input_ids": ids, "attention_mask": mask, "image_idx": torch.tensor([1, 2]),
+             "text": ["a", "b"], "image_id": ["x", "y"]}
+    g = torch.Generator()
+    model = tiny_model()
+    pre = PretrainObjective(model, IDS, queue_size=8).inputs(batch, alpha=0.3, generator=g)
+    assert set(pre) == {"image", "input_ids", "attention_mask", "alpha", "generator"} and pre["alpha"] == 0.3
+    fil = FilterObjective(model, IDS, queue_size=8).inputs(batch, alpha=0.3, generator=g)
+    assert set(fil) == {"image", "input_ids", "attention_mask", "image_idx", "alpha", "generator"}
+    cap = CaptionerObjective(model, IDS)
+    assert set(cap.inputs(batch, alpha=0.3, generator=g)) == {"image", "input_ids", "attention_mask"}
+    with pytest.raises(KeyError, match=r"FilterObjective needs the batch entries \['image_idx'\]"):
+        FilterObjective(model, IDS, queue_size=8).inputs({k: batch[k] for k in pre if k in batch}, alpha=0.3,
+                                                         generator=g)
+    out = cap(**cap.inputs(batch, alpha=0.3, generator=g))
+    assert out.samples == 2 and set(out.parts) == {"lm"}
+    # The captioner keeps no momentum state; its step hook only clamps the temperature.
+    assert not cap.keeps_momentum and cap.momentum_state() is None
+    with torch.no_grad():
+        model.temp.fill_(2.0)
+    cap.after_step()
+    assert float(model.temp) == 0.5 and cap.log_values() == {"temp": 0.5}

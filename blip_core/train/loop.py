@@ -1,9 +1,11 @@
 """The training loop shared by pre-training and both fine-tuning stages.
 
-Per optimizer step: forward/backward over ``grad_accum`` micro-batches (DDP gradient sync only on the last),
-optional gradient clipping, optimizer step, temperature clamp, momentum EMA update; every micro-batch's
-momentum features go into the queues. Learning rate and the momentum-distillation alpha follow
-:mod:`blip_core.train.optim`. Random state (dropout, hard negatives) is seeded from ``(seed, step, rank)`` at
+The loop knows no task: it drives an :class:`~blip_core.objectives.Objective` through its interface only.
+Per optimizer step: forward/backward over ``grad_accum`` micro-batches (DDP gradient sync only on the last;
+each batch becomes the objective's arguments through ``objective.inputs``, and ``objective.enqueue`` runs after
+its backward, e.g. filling the momentum feature queues), optional gradient clipping, optimizer step, then
+``objective.after_step`` (the BLIP objectives clamp the temperature and update their momentum encoders there).
+Learning rate and the momentum-distillation alpha follow :mod:`blip_core.train.optim`. Random state (dropout, hard negatives) is seeded from ``(seed, step, rank)`` at
 every micro-batch, so a run resumed from a checkpoint reproduces an uninterrupted one exactly.
 
 A non-finite loss stops the run with :class:`TrainingDiverged`, naming the step and the last good checkpoint.
@@ -22,10 +24,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from torch import nn
 
 from blip_core.config import TrainConfig
 from blip_core.errors import UserError
+from blip_core.objectives import Objective
 from blip_core.seeding import derive_seed, make_generator
 from blip_core.train import distributed as D
 from blip_core.train.checkpoint import TrainPosition, latest_checkpoint, load_checkpoint_into, save_checkpoint
@@ -70,7 +72,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def train(
-    objective: nn.Module,
+    objective: Objective,
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     data: BatchSource,
@@ -105,7 +107,7 @@ def train(
         else:
             log.warning("not resuming from %s: it was written with another config or other data; starting over",
                         latest)
-    model = inner.model
+    trainable = [p for p in inner.parameters() if p.requires_grad]
     ddp = D.wrap_ddp(inner, info)
 
     per_epoch = data.batches_per_epoch
@@ -154,8 +156,7 @@ def train(
                 ctx = ddp.no_sync() if (info.distributed and not sync) else contextlib.nullcontext()
                 with ctx:
                     with autocast:
-                        out = ddp(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=a,
-                                  image_idx=batch.get("image_idx"), generator=gen)
+                        out = ddp(**inner.inputs(batch, alpha=a, generator=gen))
                     if not torch.isfinite(out.loss):
                         where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                         raise TrainingDiverged(
@@ -166,13 +167,12 @@ def train(
                 for k, v in out.parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
                 position.batch_in_epoch += 1
-                pairs += batch["image"].shape[0]
+                pairs += out.samples
                 compute_time += time.perf_counter() - t1
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             optimizer.step()
-            model.clamp_temp()
-            inner.momentum_update()
+            inner.after_step()
             position.step += 1
             last_losses = {**parts_sum, "loss": sum(parts_sum.values())}
             if bar is not None:
@@ -184,7 +184,7 @@ def train(
                 elapsed = time.perf_counter() - t_start
                 log_fn(position.step, {**{f"loss_{k}": v for k, v in parts_sum.items()},
                                        "loss": last_losses["loss"], "lr": lr, "alpha": a,
-                                       "temp": model.temp.item(), "epoch": float(epoch),
+                                       **inner.log_values(), "epoch": float(epoch),
                                        "pairs_per_second": pairs * info.world_size / max(elapsed, 1e-9),
                                        "data_time_share": data_time / max(data_time + compute_time, 1e-9)})
             if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0 and position.step < total_steps:

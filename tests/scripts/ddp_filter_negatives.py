@@ -14,9 +14,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from blip_testing import IDS, tiny_batch, tiny_model  # noqa: E402
 
+from blip_core.config import Config  # noqa: E402
 from blip_core.objectives import FilterObjective  # noqa: E402
 from blip_core.train import distributed as D  # noqa: E402
-from components.training import freeze_unused  # noqa: E402
+from components.tasks import get_task  # noqa: E402
 
 SEEDS = range(8)
 
@@ -30,7 +31,7 @@ def main(prefix: str) -> None:
     result: dict = {"idx": idx}
     for flag in (False, True):
         model = tiny_model(seed=0)
-        freeze_unused(model, "filter")  # as the stage: DDP reduces only parameters the loss reaches
+        model = get_task("filter").prepare_model(model, Config())  # as the stage: DDP reduces only what the loss reaches
         obj = FilterObjective(model, IDS, queue_size=16, gather_fn=D.all_gather_cat,
                               gather_grad_fn=D.all_gather_with_grad, negative_all_rank=flag, rank=r)
         draws_img, draws_txt = [], []
