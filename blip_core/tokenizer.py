@@ -1,4 +1,4 @@
-"""BERT WordPiece tokenizer with BLIP's special tokens, and BLIP's caption cleaning.
+"""BERT WordPiece tokenizer with BLIP's special tokens, and BLIP's caption and question cleaning.
 
 The tokenizer always emits ``[CLS] ... [SEP]``; callers overwrite position 0 with ``[ENC]`` for the
 image-grounded encoder or ``[DEC]`` for the decoder (see :mod:`blip_core.models.blip`). As in the official
@@ -31,6 +31,16 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
     """Clean a caption as BLIP does: lowercase, drop ``.!"()*#:;~``, collapse spaces, keep ``max_words``."""
     text = _PUNCT.sub(" ", caption.lower())
     text = _SPACES.sub(" ", text).rstrip("\n").strip(" ")
+    words = text.split(" ")
+    if len(words) > max_words:
+        text = " ".join(words[:max_words])
+    return text
+
+
+def pre_question(question: str, max_words: int = 50) -> str:
+    """Clean a VQA question as the official ``pre_question``: lowercase, delete ``.!"()*#:;~`` (no space left
+    in their place), strip trailing spaces, keep the first ``max_words`` space-separated words."""
+    text = _PUNCT.sub("", question.lower()).rstrip(" ")
     words = text.split(" ")
     if len(words) > max_words:
         text = " ".join(words[:max_words])

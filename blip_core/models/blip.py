@@ -33,11 +33,15 @@ class _Predictions(nn.Module):
 
 
 class TextDecoder(nn.Module):
-    """Image-grounded text decoder: the MED stack (``bert``) with a tied LM head (``cls.predictions``)."""
+    """Image-grounded text decoder: the MED stack (``bert``) with a tied LM head (``cls.predictions``).
 
-    def __init__(self, cfg: ModelConfig):
+    ``encoder_width`` is the width of what its cross-attention reads: the image tokens (default, the ViT width)
+    or, in the VQA answer decoder, the question states (the text hidden size).
+    """
+
+    def __init__(self, cfg: ModelConfig, encoder_width: int | None = None):
         super().__init__()
-        self.bert = TextTransformer(cfg.text, cfg.vision.width)
+        self.bert = TextTransformer(cfg.text, cfg.vision.width if encoder_width is None else encoder_width)
         self.cls = _Predictions(LMHead(cfg.text, self.bert.embeddings.word_embeddings))
 
     def forward(self, input_ids, attention_mask, cross: CrossKV | None, past: KVCache | None = None,
