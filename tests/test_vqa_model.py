@@ -426,3 +426,35 @@ def test_training_helpers(tok):
     loss.backward()
     assert m.visual_encoder.pos_embed.grad is not None and m.text_encoder.layers[0].attention.self.query.weight.grad \
         is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# blip convert
+# --------------------------------------------------------------------------------------------------
+
+
+def test_convert_cli_vqa_from_hf_and_official_and_back(tok, hf_pair, tmp_path, capsys):
+    from components.cli import main as cli
+
+    _, _, hf_dir = hf_pair
+    assert cli(["convert", "--from", "hf", str(hf_dir), "--to", str(tmp_path / "blip")]) == 0
+    assert "source: Hugging Face BlipForQuestionAnswering" in capsys.readouterr().out
+    assert isinstance(load_checkpoint(tmp_path / "blip").model, BlipVQA)
+    # --format hf of a VQA model: the task is vqa without --task
+    assert cli(["convert", "--from", "blip", str(tmp_path / "blip"), "--to", str(tmp_path / "hf"), "--format",
+                "hf"]) == 0
+    _, info = BlipForQuestionAnswering.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert cli(["convert", "--from", "blip", str(tmp_path / "blip"), "--to", str(tmp_path / "x"), "--format",
+                "hf", "--task", "caption"]) == 2
+    assert "exports only as --task vqa" in capsys.readouterr().err
+
+    # --format official of a VQA model: the BLIP_VQA layout
+    assert cli(["convert", "--from", "blip", str(tmp_path / "blip"), "--to", str(tmp_path / "v.pth"), "--format",
+                "official"]) == 0
+    state = torch.load(tmp_path / "v.pth", weights_only=True)["model"]
+    assert sorted({k.split(".")[0] for k in state}) == ["text_decoder", "text_encoder", "visual_encoder"]
+    capsys.readouterr()
+    assert cli(["convert", "--from", "blip", str(tmp_path / "blip"), "--to", str(tmp_path / "v2.pth"),
+                "--format", "official", "--task", "pretrain"]) == 2
+    assert "exports only as --task vqa" in capsys.readouterr().err
