@@ -92,25 +92,31 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _check_caption_args(args) -> None:
-    """Refuse option values that cannot decode, before the model is loaded."""
+def _check_decoding_args(args, min_max_length: int = 1) -> None:
+    """Refuse batch and length options that cannot decode, before the model is loaded."""
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     if args.num_beams < 1:
         raise UserError("--num-beams must be >= 1")
-    if args.max_length < 1:
-        raise UserError("--max-length must be >= 1")
+    if args.max_length < min_max_length:
+        raise UserError(f"--max-length must be >= {min_max_length}"
+                        + (" (the [DEC] start token and at least one answer token)" if min_max_length > 1 else ""))
     if not 0 <= args.min_length <= args.max_length:
         raise UserError(f"--min-length must be between 0 and --max-length ({args.max_length}), "
                         f"got {args.min_length}")
+    if args.max_pixels < 1:
+        raise UserError("--max-pixels must be >= 1")
+
+
+def _check_caption_args(args) -> None:
+    """Refuse option values that cannot decode, before the model is loaded."""
+    _check_decoding_args(args)
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.temperature > 0:
         raise UserError(f"--temperature must be > 0, got {args.temperature}")
     if args.repetition_penalty is not None and not args.repetition_penalty > 0:
         raise UserError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
-    if args.max_pixels < 1:
-        raise UserError("--max-pixels must be >= 1")
 
 
 def _open(checkpoint: str, device: torch.device, *, vqa: bool = False) -> Checkpoint:
@@ -151,14 +157,19 @@ def caption_parser() -> argparse.ArgumentParser:
                    help="beam search: score finished captions as today's transformers (current) or as "
                         "transformers 4.15, which the official BLIP numbers used (hf415)")
     p.add_argument("--prompt", default="a picture of ")
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=None, help="seed for nucleus sampling")
+    _add_batch_args(p)
+    return p
+
+
+def _add_batch_args(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that run over images in batches, and one-line usage errors."""
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help=f"refuse images with more pixels, before decoding (default {MAX_PIXELS})")
     one_line_errors(p)
-    return p
 
 
 def main_caption(argv: list[str] | None = None) -> int:
@@ -171,13 +182,7 @@ def main_caption(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         generator = make_generator(device, args.seed)
 
-    results: dict[int, dict] = {}
-    pending: list[tuple[int, torch.Tensor]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        batch = torch.stack([x for _, x in pending]).to(device, non_blocking=True)  # (B, 3, S, S)
+    def run_batch(batch: torch.Tensor) -> list[dict]:
         try:
             captions = generate_captions(
                 ckpt.model, ckpt.tokenizer, batch, decoding=args.decoding, num_beams=args.num_beams,
@@ -187,15 +192,34 @@ def main_caption(argv: list[str] | None = None) -> int:
         except ValueError as e:  # decoding options that do not fit this checkpoint (e.g. the prompt's length)
             raise UserError(f"decoding options: {e} (--max-length and --min-length count the --prompt tokens)") \
                 from None
-        for (i, _), text in zip(pending, captions):
-            results[i] = {"image": args.images[i], "caption": text}
+        return [{"caption": text} for text in captions]
+
+    return _per_image("caption", args, transform, device, run_batch, {},
+                      lambda r: f"{r['image']}\t{r['caption']}")
+
+
+def _per_image(command: str, args, transform, device: torch.device, run_batch, extra: dict, line) -> int:
+    """Run ``run_batch`` (a ``(B, 3, S, S)`` batch -> one result dict per image) over ``args.images`` in batches
+    of ``args.batch_size``; print one line (``line(row)``) or JSON object per image in the given order.
+
+    An image that cannot be read gets a one-line error and the others still run; the exit code is then 2.
+    """
+    results: dict[int, dict] = {}
+    pending: list[tuple[int, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = torch.stack([x for _, x in pending]).to(device, non_blocking=True)  # (B, 3, S, S)
+        for (i, _), row in zip(pending, run_batch(batch)):
+            results[i] = {"image": args.images[i], **extra, **row}
         pending.clear()
 
     for i, path in enumerate(args.images):
         try:
             pending.append((i, load_image(path, transform, args.max_pixels)))
         except UserError as e:
-            results[i] = {"image": path, "error": str(e)}
+            results[i] = {"image": path, **extra, "error": str(e)}
         if len(pending) >= args.batch_size:
             flush()
     flush()
@@ -205,13 +229,11 @@ def main_caption(argv: list[str] | None = None) -> int:
         r = results[i]
         if "error" in r:
             failed += 1
-            _error("caption", r["error"])
-            if args.json:
-                print(json.dumps(r), flush=True)
-        elif args.json:
+            _error(command, r["error"])
+        if args.json:
             print(json.dumps(r), flush=True)
-        else:
-            print(f"{r['image']}\t{r['caption']}", flush=True)
+        elif "error" not in r:
+            print(line(r), flush=True)
     return 2 if failed else 0
 
 
@@ -284,12 +306,7 @@ def vqa_parser() -> argparse.ArgumentParser:
                         "'rank' inference) instead of generating")
     p.add_argument("--k", type=int, default=128,
                    help="with --answers: candidates re-scored after the first-token filter (official k_test 128)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--json", action="store_true", help="print one JSON object per image")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
-                   help=f"refuse images with more pixels, before decoding (default {MAX_PIXELS})")
-    one_line_errors(p)
+    _add_batch_args(p)
     return p
 
 
@@ -326,19 +343,9 @@ def read_answer_list(path: str | Path) -> list[str]:
 def _check_vqa_args(args) -> None:
     if not args.question.strip():
         raise UserError("--question is empty: give the question to ask about the images")
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
-    if args.num_beams < 1:
-        raise UserError("--num-beams must be >= 1")
-    if args.max_length < 2:
-        raise UserError("--max-length must be >= 2 (the [DEC] start token and at least one answer token)")
-    if not 0 <= args.min_length <= args.max_length:
-        raise UserError(f"--min-length must be between 0 and --max-length ({args.max_length}), "
-                        f"got {args.min_length}")
+    _check_decoding_args(args, min_max_length=2)
     if args.k < 1:
         raise UserError("--k must be >= 1")
-    if args.max_pixels < 1:
-        raise UserError("--max-pixels must be >= 1")
 
 
 def main_vqa(argv: list[str] | None = None) -> int:
@@ -353,44 +360,16 @@ def main_vqa(argv: list[str] | None = None) -> int:
         print(f"blip vqa: note: the question has {n_tokens} tokens; the model reads its first "
               f"{QUESTION_MAX_TOKENS} (as the official VQA model)", file=sys.stderr)
 
-    results: dict[int, dict] = {}
-    pending: list[tuple[int, torch.Tensor]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        batch = torch.stack([x for _, x in pending]).to(device, non_blocking=True)  # (B, 3, S, S)
-        questions = [args.question] * len(pending)
+    def run_batch(batch: torch.Tensor) -> list[dict]:
+        questions = [args.question] * batch.shape[0]
         if answer_list is not None:
             ranked = rank_answers(ckpt.model, ckpt.tokenizer, batch, questions, answer_list, k=args.k)
-            rows = [{"answer": a, "score": s} for a, s in ranked]
-        else:
-            answers = generate_answers(ckpt.model, ckpt.tokenizer, batch, questions, decoding=args.decoding,
-                                       num_beams=args.num_beams, max_length=args.max_length,
-                                       min_length=args.min_length)
-            rows = [{"answer": a} for a in answers]
-        for (i, _), row in zip(pending, rows):
-            results[i] = {"image": args.images[i], "question": args.question, **row}
-        pending.clear()
+            return [{"answer": a, "score": s} for a, s in ranked]
+        answers = generate_answers(ckpt.model, ckpt.tokenizer, batch, questions, decoding=args.decoding,
+                                   num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length)
+        return [{"answer": a} for a in answers]
 
-    for i, path in enumerate(args.images):
-        try:
-            pending.append((i, load_image(path, transform, args.max_pixels)))
-        except UserError as e:
-            results[i] = {"image": path, "question": args.question, "error": str(e)}
-        if len(pending) >= args.batch_size:
-            flush()
-    flush()
+    def line(r: dict) -> str:
+        return f"{r['image']}\t{r['answer']}" + (f"\t{r['score']:.4f}" if "score" in r else "")
 
-    failed = 0
-    for i in range(len(args.images)):
-        r = results[i]
-        if "error" in r:
-            failed += 1
-            _error("vqa", r["error"])
-        if args.json:
-            print(json.dumps(r), flush=True)
-        elif "error" not in r:
-            score = f"\t{r['score']:.4f}" if "score" in r else ""
-            print(f"{r['image']}\t{r['answer']}{score}", flush=True)
-    return 2 if failed else 0
+    return _per_image("vqa", args, transform, device, run_batch, {"question": args.question}, line)

@@ -16,15 +16,14 @@ answer's label-smoothed token sum, weighted per answer, summed and divided by th
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import torch
 from torch import nn
 
 from blip_core.config import ModelConfig
 from blip_core.losses import IGNORE_INDEX, LABEL_SMOOTHING, lm_loss
-from blip_core.models.blip import BlipModel, TextDecoder
-from blip_core.models.text import CrossKV, KVCache, TextTransformer, init_bert_weights
+from blip_core.models.blip import BlipModel, TextDecoder, init_text_weights, require_vocab
+from blip_core.models.text import CrossKV, KVCache, TextTransformer
 from blip_core.models.vision import ImageEncoder
 
 log = logging.getLogger(__name__)
@@ -36,15 +35,11 @@ class BlipVQA(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.text.vocab_size <= 0:
-            raise ValueError("model.text.vocab_size must be set (e.g. to len(tokenizer)) before building a model")
-        self.cfg = cfg
+        self.cfg = require_vocab(cfg)
         self.visual_encoder = ImageEncoder(cfg.vision)
-        self.text_encoder = TextTransformer(cfg.text, cfg.vision.width)
-        self.text_decoder = TextDecoder(cfg, encoder_width=cfg.text.hidden_size)
-        init = partial(init_bert_weights, std=cfg.text.init_std)
-        self.text_encoder.apply(init)
-        self.text_decoder.apply(init)
+        self.text_encoder = TextTransformer(cfg.text, cfg.vision.width)  # reads the image tokens
+        self.text_decoder = TextDecoder(cfg, encoder_width=cfg.text.hidden_size)  # reads the question states
+        init_text_weights(cfg, self.text_encoder, self.text_decoder)
         self.init_notes: list[str] = []
 
     @classmethod
