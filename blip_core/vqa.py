@@ -33,7 +33,7 @@ from blip_core.models.vqa import BlipVQA
 from blip_core.tokenizer import pre_question
 
 QUESTION_MAX_TOKENS = 35
-RANK_ROWS = 512  # candidate rows decoded at once when ranking (k candidates per question)
+RANK_ROWS = 256  # candidate rows decoded at once when ranking (k candidates per question)
 
 
 def question_tokens(tokenizer, questions: Sequence[str], max_length: int = QUESTION_MAX_TOKENS,

@@ -339,14 +339,20 @@ def test_rank_answers_inside_and_outside_the_first_token_top_k(tok):
     assert rank_answers(m, tok, image, [question], answers, k=1000)[0][0] == answers[best]
 
 
-def test_rank_answers_batched_equals_one_at_a_time(tok):
+def test_rank_answers_batched_equals_one_at_a_time(tok, monkeypatch):
+    """A padded batch of questions ranks as each question alone, in one block of candidates or one block per
+    question."""
+    import blip_core.vqa
+
     m = _tiny_vqa(tok, seed=1)
     image = _images(3)
     batch = rank_answers(m, tok, image, QUESTIONS, ANSWERS, k=4)
     alone = [rank_answers(m, tok, image[i:i + 1], [q], ANSWERS, k=4)[0] for i, q in enumerate(QUESTIONS)]
-    assert [a for a, _ in batch] == [a for a, _ in alone]
-    for (_, s1), (_, s2) in zip(batch, alone):
-        assert math.isclose(s1, s2, rel_tol=1e-5)
+    monkeypatch.setattr(blip_core.vqa, "RANK_ROWS", 4)  # 4 candidate rows at a time: one question per block
+    blocks = rank_answers(m, tok, image, QUESTIONS, ANSWERS, k=4)
+    assert [a for a, _ in batch] == [a for a, _ in alone] == [a for a, _ in blocks]
+    for (_, s1), (_, s2), (_, s3) in zip(batch, alone, blocks):
+        assert math.isclose(s1, s2, rel_tol=1e-5) and math.isclose(s1, s3, rel_tol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

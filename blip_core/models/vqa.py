@@ -131,7 +131,7 @@ class BlipVQA(nn.Module):
         owner = torch.repeat_interleave(torch.arange(b, device=answer_ids.device), n)  # (A,) question of each
         cross = self.question_cross(states, question_mask).select(owner)
         per_answer = self.answer_losses(answer_ids, answer_mask, cross, label_smoothing=label_smoothing)
-        return (weights.to(per_answer.dtype) * per_answer).sum() / b
+        return (weights.to(per_answer) * per_answer).sum() / b
 
     # ------------------------------------------------------------------ training helpers
     def set_grad_checkpointing(self, last_k: int) -> None:
