@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.caption import _write_vocab
-from benchmarks.common import sync
+from benchmarks.common import fastest_alternating
 
 NUM_BEAMS, MAX_LENGTH, MIN_LENGTH = 3, 10, 1
 WORDS = ["a", "picture", "of", "dog", "cat", "on", "the", "grass", "with", "and"]
@@ -114,16 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
             sides = load_sides(workdir, tok, args.n, image_size, device)
             for run in sides.values():  # warm-up
                 run()
-            best: dict[str, dict] = {}
-            for r in range(args.repeats):
-                for side in (("blip", "hf") if r % 2 == 0 else ("hf", "blip")):
-                    sync(device)
-                    t = time.perf_counter()
-                    answers = sides[side]()
-                    sync(device)
-                    seconds = time.perf_counter() - t
-                    if side not in best or seconds < best[side]["seconds"]:
-                        best[side] = {"seconds": seconds, "answers": answers}
+            best = {side: {"seconds": seconds, "answers": answers}
+                    for side, (seconds, answers) in fastest_alternating(sides, args.repeats, device).items()}
     for res in best.values():
         res["answers_per_s"] = args.n / res["seconds"]
     ours, ref = best["blip"], best["hf"]
