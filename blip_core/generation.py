@@ -25,6 +25,8 @@ Semantics follow the official BLIP captioner, which runs Hugging Face ``generate
 Image keys/values are computed once per image (:meth:`BlipModel.cross_kv`). The ``num_beams`` (or
 ``num_return``) rows of one image are kept consecutive, so the decoder reads each image's K/V in place
 instead of copying image embeddings per beam. The self-attention KV cache is reordered as beams move.
+The same loops decode VQA answers (:mod:`blip_core.vqa`): ``generate_ids(..., cross=...)`` takes a question's
+keys/values instead of an image's.
 """
 
 from __future__ import annotations

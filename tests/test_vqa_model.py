@@ -239,7 +239,7 @@ def test_official_vqa_file_loads_and_round_trips(tok, tmp_path):
 
 
 def test_official_vqa_file_with_a_missing_decoder_key_is_refused(tok, tmp_path):
-    path, sd, _ = _official_vqa_file(tmp_path, tok)
+    """A VQA file is read strictly: no module may be absent (a caption or retrieval file may lack some)."""
     model = BlipVQA(dataclasses.replace(model_preset("tiny"), text=dataclasses.replace(
         model_preset("tiny").text, vocab_size=len(tok))))
     save_official(model, tmp_path / "ok.pth", "vqa")
