@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import peak_rss_mib, reset_peak_rss, rss_mib, sync
+from benchmarks.common import fastest_alternating, peak_rss_mib, reset_peak_rss, rss_mib
 
 PROMPT = "a picture of "
 MAX_LENGTH, MIN_LENGTH = 20, 5
@@ -164,16 +164,8 @@ def timing(task: str, workdir: Path, tok, args, *, image_size: int = 384,
     with torch.inference_mode():
         runs = {side: load_side(side, task, workdir, tok, args.batch, args.texts, image_size=image_size,
                                 device=device) for side in ("blip", "hf")}
-        best: dict[str, dict] = {}
-        for r in range(args.repeats):
-            for side in (("blip", "hf") if r % 2 == 0 else ("hf", "blip")):
-                sync(device)
-                t = time.perf_counter()
-                out = runs[side]()
-                sync(device)
-                seconds = time.perf_counter() - t
-                if side not in best or seconds < best[side]["seconds"]:
-                    best[side] = {**_summary(task, out), "seconds": seconds}
+        best = {side: {**_summary(task, out), "seconds": seconds}
+                for side, (seconds, out) in fastest_alternating(runs, args.repeats, device).items()}
     units = args.texts if task == "itm" else args.batch
     for res in best.values():
         res["rate"] = units / res["seconds"]

@@ -100,3 +100,16 @@ def timed(fn, device: torch.device | str):
     out = fn()
     sync(device)
     return out, time.perf_counter() - t
+
+
+def fastest_alternating(runs: dict, repeats: int, device: torch.device | str) -> dict[str, tuple[float, object]]:
+    """Time two sides' no-argument runs in turn (order swapped every repeat, so load from other processes hits
+    both alike); per side, the fastest ``(seconds, output)`` of ``repeats``."""
+    a, b = runs
+    best: dict[str, tuple[float, object]] = {}
+    for r in range(repeats):
+        for side in ((a, b) if r % 2 == 0 else (b, a)):
+            out, seconds = timed(runs[side], device)
+            if side not in best or seconds < best[side][0]:
+                best[side] = (seconds, out)
+    return best

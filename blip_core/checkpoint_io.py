@@ -2,8 +2,9 @@
 
 Layout of a checkpoint directory::
 
-    config.json            {"format": "blip_core", "version": 1, "model": <ModelConfig as a dict>}
-    model.safetensors      BlipModel weights, each shared tensor stored once under its canonical name
+    config.json            {"format": "blip_core", "version": 1, "model": <ModelConfig as a dict>,
+                            "architecture": "blip_vqa" for a VQA model (absent: the BLIP model)}
+    model.safetensors      BlipModel (or BlipVQA) weights, each shared tensor stored once under its canonical name
     momentum.safetensors   optional: momentum encoders (visual_encoder_m.*, vision_proj_m.*, text_encoder_m.*,
                            text_proj_m.*) and ITC queues (image_queue, text_queue, queue_ptr, idx_queue)
     tokenizer/             optional: Hugging Face tokenizer directory (BlipTokenizer.save)
@@ -43,6 +44,7 @@ from blip_core.config import ConfigError, ModelConfig, config_from_dict, to_dict
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
 from blip_core.models.vision import interpolate_pos_embed
+from blip_core.models.vqa import BlipVQA
 from blip_core.tokenizer import BlipTokenizer
 
 FORMAT = "blip_core"
@@ -56,6 +58,13 @@ MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "
 QUEUE_KEYS = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
 FEATURE_QUEUE_KEYS = ("image_queue", "text_queue")
 POS_EMBED_KEYS = ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed")
+ARCH_BLIP, ARCH_VQA = "blip", "blip_vqa"
+ARCHITECTURES: dict[str, type[nn.Module]] = {ARCH_BLIP: BlipModel, ARCH_VQA: BlipVQA}
+
+
+def architecture_of(model: nn.Module) -> str:
+    """The ``architecture`` a model is stored under: ``blip_vqa`` for :class:`BlipVQA`, else ``blip``."""
+    return ARCH_VQA if isinstance(model, BlipVQA) else ARCH_BLIP
 
 
 @dataclass
@@ -65,7 +74,7 @@ class Checkpoint:
     ``notes`` lists what a conversion did beyond a one-to-one copy (initialised or ignored tensors).
     """
 
-    model: BlipModel
+    model: BlipModel | BlipVQA
     tokenizer: BlipTokenizer | None = None
     momentum_state: dict[str, torch.Tensor] | None = None
     notes: list[str] = field(default_factory=list)
@@ -292,12 +301,17 @@ def model_config_from_dict(d: dict, source: str = "config") -> ModelConfig:
         raise UserError(f"{source}: invalid model config: {e}") from None
 
 
-def save_checkpoint(dst: str | Path, model: BlipModel, tokenizer: BlipTokenizer | None = None,
+def save_checkpoint(dst: str | Path, model: BlipModel | BlipVQA, tokenizer: BlipTokenizer | None = None,
                     momentum_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``model`` (and optionally its tokenizer and momentum/queue state) as a checkpoint directory."""
+    """Write ``model`` (and optionally its tokenizer and momentum/queue state) as a checkpoint directory.
+
+    A :class:`BlipVQA` is recorded as ``"architecture": "blip_vqa"``; a :class:`BlipModel` has no entry.
+    """
     dst = Path(dst)
     with atomic_directory(dst) as tmp:
         header = {"format": FORMAT, "version": VERSION, "model": model_config_to_dict(model.cfg)}
+        if architecture_of(model) != ARCH_BLIP:
+            header["architecture"] = architecture_of(model)
         (tmp / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
         save_file(_contiguous(canonical_state_dict(model)), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if momentum_state:
@@ -332,7 +346,15 @@ def read_header(src: str | Path) -> dict:
                         f"version {VERSION})")
     if "model" not in header:
         raise UserError(f"{path}: no 'model' entry")
+    arch = header.get("architecture", ARCH_BLIP)
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{path}: unknown architecture {arch!r} (this code reads {', '.join(ARCHITECTURES)})")
     return header
+
+
+def checkpoint_architecture(src: str | Path) -> str:
+    """``blip`` or ``blip_vqa``: the architecture recorded in a checkpoint directory's ``config.json``."""
+    return read_header(src).get("architecture", ARCH_BLIP)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -356,7 +378,8 @@ def with_image_size(cfg: ModelConfig, image_size: int | None, source: str = "che
 def load_checkpoint(src: str | Path, *, with_momentum: bool = True, image_size: int | None = None) -> Checkpoint:
     """Load a checkpoint directory written by :func:`save_checkpoint` (or ``BlipModel.save``).
 
-    Returns a :class:`Checkpoint` with the model in eval mode, the tokenizer (None when the directory has
+    Returns a :class:`Checkpoint` with the model (a :class:`BlipModel`, or a :class:`BlipVQA` for a checkpoint
+    recorded as ``blip_vqa``) in eval mode, the tokenizer (None when the directory has
     none) and the momentum/queue state (None when absent or ``with_momentum`` is False). With ``image_size``
     (None or 0: the stored one) the model is built for that resolution and the position embeddings of the
     image encoder and its momentum copy are interpolated bicubically; ``Checkpoint.notes`` says so.
@@ -369,7 +392,7 @@ def load_checkpoint(src: str | Path, *, with_momentum: bool = True, image_size: 
     if not weights.is_file():
         raise UserError(f"{src}: {WEIGHTS_FILE} is missing")
     try:
-        model = BlipModel(cfg)
+        model = ARCHITECTURES[header.get("architecture", ARCH_BLIP)](cfg)
     except ValueError as e:
         raise UserError(f"{src}: cannot build the model: {e}") from None
     notes = load_canonical_file(model, weights, resize_pos_embed=cfg is not stored)

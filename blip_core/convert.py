@@ -1,10 +1,12 @@
 """Conversion between blip_core checkpoints, Hugging Face BLIP directories and official salesforce/BLIP files.
 
-* :func:`load_hf` reads a ``save_pretrained`` directory of ``BlipForConditionalGeneration`` (caption) or
-  ``BlipForImageTextRetrieval`` (retrieval); :func:`save_hf` writes one that ``transformers`` loads with no
+* :func:`load_hf` reads a ``save_pretrained`` directory of ``BlipForConditionalGeneration`` (caption),
+  ``BlipForImageTextRetrieval`` (retrieval) or ``BlipForQuestionAnswering`` (vqa, into a
+  :class:`~blip_core.models.vqa.BlipVQA`); :func:`save_hf` writes one that ``transformers`` loads with no
   missing and no unexpected keys.
 * :func:`load_official` reads a released ``.pth`` (weights under ``'model'``) with ``weights_only=True``,
-  interpolates position embeddings to the target resolution and keeps momentum encoders and queues;
+  interpolates position embeddings to the target resolution and keeps momentum encoders and queues; a VQA file
+  (``visual_encoder``, ``text_encoder`` and ``text_decoder`` only, as ``model_vqa.pth``) becomes a ``BlipVQA``.
   :func:`official_state_dict` / :func:`save_official` write the same layout back.
 
 blip_core parameter names are the official ones, so official <-> blip_core is one-to-one; Hugging Face renames
@@ -19,7 +21,12 @@ Convention differences with Hugging Face, both reproducible through explicit opt
   configs are mapped field by field both ways, never from defaults; :func:`save_hf` writes
   ``label_smoothing`` (0.1 = BLIP training) explicitly.
 * HF's ITM path keeps ``[CLS]`` where official training and evaluation use ``[ENC]``: see
-  ``itm_first_token`` in :func:`blip_core.generation.itm_scores`.
+  ``itm_first_token`` in :func:`blip_core.generation.itm_scores`. Its VQA processor likewise leaves ``[CLS]``
+  first in the question, where the official model (and :func:`blip_core.vqa.question_tokens`) puts ``[ENC]``.
+* HF's VQA answer decoder reads question states through cross-attention keys/values of the *vision* width
+  (``BlipConfig`` sets one ``encoder_hidden_size`` for both text stacks); the official one (and ``BlipVQA``)
+  uses the text width. The two agree only when both widths are equal (``base``), the only VQA models that
+  convert to or from HF.
 """
 
 from __future__ import annotations
@@ -45,12 +52,15 @@ from blip_core.config import MODEL_PRESETS, ModelConfig, TextConfig, VisionConfi
 from blip_core.errors import UserError, load_failure
 from blip_core.models.blip import BlipModel
 from blip_core.models.momentum import FeatureQueue, MomentumEncoders
+from blip_core.models.vqa import BlipVQA
 from blip_core.tokenizer import BlipTokenizer
 
 HF_CAPTION = "BlipForConditionalGeneration"
 HF_RETRIEVAL = "BlipForImageTextRetrieval"
-HF_TASKS = {"caption": HF_CAPTION, "retrieval": HF_RETRIEVAL}
-OFFICIAL_TASKS = ("caption", "retrieval", "pretrain")
+HF_VQA = "BlipForQuestionAnswering"
+HF_TASKS = {"caption": HF_CAPTION, "retrieval": HF_RETRIEVAL, "vqa": HF_VQA}
+OFFICIAL_TASKS = ("caption", "retrieval", "pretrain", "vqa")
+VQA_PREFIXES = ("visual_encoder.", "text_encoder.", "text_decoder.")
 DEFAULT_LABEL_SMOOTHING = 0.1
 
 # --------------------------------------------------------------------------------------------------
@@ -131,12 +141,14 @@ _OPTIONAL_GROUPS = (
 )
 
 
-def _assign_state(model: BlipModel, state: dict[str, torch.Tensor], source: str) -> list[str]:
+def _assign_state(model: BlipModel | BlipVQA, state: dict[str, torch.Tensor], source: str) -> list[str]:
     """Copy ``state`` (any alias names) into ``model``; return notes on whole modules the source lacked.
 
     Raises :class:`UserError` naming every unexpected key, shape mismatch, tied pair with different values,
-    and missing key that is not part of a wholly absent optional module.
+    and missing key that is not part of a wholly absent optional module (a VQA model has none: every key must
+    be there).
     """
+    optional_groups = () if isinstance(model, BlipVQA) else _OPTIONAL_GROUPS
     aliases = tensor_aliases(model)
     targets = model.state_dict()
     unexpected = sorted(k for k in state if k not in aliases)
@@ -158,7 +170,7 @@ def _assign_state(model: BlipModel, state: dict[str, torch.Tensor], source: str)
     missing = sorted(set(aliases.values()) - set(filled))
     notes = []
     still_missing = list(missing)
-    for group, member, text in _OPTIONAL_GROUPS:
+    for group, member, text in optional_groups:
         in_group = [k for k in set(aliases.values()) if member(k)]
         absent = [k for k in in_group if k not in filled]
         if in_group and len(absent) == len(in_group):
@@ -172,7 +184,9 @@ def _assign_state(model: BlipModel, state: dict[str, torch.Tensor], source: str)
         problems.append(f"shape mismatches: {_names(mismatched, 6)}")
     if conflicts:
         problems.append("tied tensors differ (this checkpoint does not share encoder/decoder weights as "
-                        f"BLIP pre-training does; VQA and NLVR2 models are not supported): {_names(conflicts, 6)}")
+                        "BLIP pre-training does; a VQA model is read as one only when it holds nothing but "
+                        "visual_encoder, text_encoder and text_decoder; NLVR2 models are not supported): "
+                        f"{_names(conflicts, 6)}")
     if still_missing:
         problems.append(f"missing keys: {_names(still_missing)}")
     if problems:
@@ -293,20 +307,32 @@ def _hf_task(arch: list[str] | None, keys: set[str], src: Path) -> str:
         return "caption"
     if HF_RETRIEVAL in names:
         return "retrieval"
+    if HF_VQA in names:
+        return "vqa"
     if names:
         raise UserError(f"{src}: architecture {sorted(names)} is not supported (supported: "
-                        f"{HF_CAPTION}, {HF_RETRIEVAL})")
+                        f"{', '.join(HF_TASKS.values())})")
     has_dec = any(k.startswith("text_decoder.") for k in keys)
     has_enc = any(k.startswith("text_encoder.") for k in keys)
     if has_dec and not has_enc:
         return "caption"
     if has_enc and not has_dec:
         return "retrieval"
+    if has_enc and has_dec and not any(k.startswith("itm_head.") for k in keys):
+        return "vqa"
     raise UserError(f"{src}: cannot tell the model class (no 'architectures' in config.json)")
 
 
+def _check_vqa_widths(cfg: ModelConfig, source: str) -> None:
+    if cfg.vision.width != cfg.text.hidden_size:
+        raise UserError(f"{source}: the transformers VQA decoder reads question states through keys/values of the "
+                        f"vision width ({cfg.vision.width}), the official model through the text width "
+                        f"({cfg.text.hidden_size}): only VQA models with equal widths convert between the two")
+
+
 def load_hf(src: str | Path, *, image_size: int | None = None) -> Checkpoint:
-    """Load a Hugging Face ``save_pretrained`` directory of a BLIP caption or retrieval model.
+    """Load a Hugging Face ``save_pretrained`` directory of a BLIP caption, retrieval or VQA model (a VQA
+    model becomes a :class:`~blip_core.models.vqa.BlipVQA`).
 
     The tokenizer is loaded when the directory holds tokenizer files. ``Checkpoint.notes`` lists the modules
     the source lacks and how they were initialised, and any config field that could not be kept. With
@@ -336,7 +362,9 @@ def load_hf(src: str | Path, *, image_size: int | None = None) -> Checkpoint:
         renamed["visual_encoder.pos_embed"], note = fit_pos_embed(
             "visual_encoder.pos_embed", pos, (cfg.vision.image_size // cfg.vision.patch_size) ** 2)
         notes += [note] if note else []
-    model = BlipModel(cfg)
+    if task == "vqa":
+        _check_vqa_widths(cfg, str(src))
+    model = BlipVQA(cfg) if task == "vqa" else BlipModel(cfg)
     notes = [f"source: Hugging Face {HF_TASKS[task]}", *notes,
              *_assign_state(model, renamed, str(src))]
     model.eval()
@@ -356,12 +384,19 @@ def load_hf(src: str | Path, *, image_size: int | None = None) -> Checkpoint:
     return Checkpoint(model=model, tokenizer=tokenizer, momentum_state=None, notes=notes)
 
 
-def hf_state_dict(model: BlipModel, task: str) -> dict[str, torch.Tensor]:
-    """The Hugging Face state dict of ``model`` for ``task`` (caption or retrieval), tied copies omitted."""
-    if task not in HF_TASKS:
-        raise UserError(f"unknown task {task!r}; choose one of {', '.join(HF_TASKS)}")
-    keep = ("text_decoder.",) if task == "caption" else ("text_encoder.", "vision_proj.", "text_proj.",
-                                                         "itm_head.")
+def _check_task(model: BlipModel | BlipVQA, task: str, tasks) -> None:
+    if task not in tasks:
+        raise UserError(f"unknown task {task!r}; choose one of {', '.join(tasks)}")
+    if (task == "vqa") != isinstance(model, BlipVQA):
+        raise UserError("only a VQA model exports as the vqa task" if task == "vqa" else
+                        f"a VQA model exports only as the vqa task, not {task!r}")
+
+
+def hf_state_dict(model: BlipModel | BlipVQA, task: str) -> dict[str, torch.Tensor]:
+    """The Hugging Face state dict of ``model`` for ``task`` (caption, retrieval or vqa), tied copies omitted."""
+    _check_task(model, task, HF_TASKS)
+    keep = {"caption": ("text_decoder.",), "retrieval": ("text_encoder.", "vision_proj.", "text_proj.", "itm_head."),
+            "vqa": ("text_encoder.", "text_decoder.")}[task]
     tied = ("text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias")
     out = {}
     for k, t in model.state_dict().items():
@@ -370,16 +405,20 @@ def hf_state_dict(model: BlipModel, task: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_hf(model: BlipModel, dst: str | Path, task: str, tokenizer: BlipTokenizer | None = None, *,
+def save_hf(model: BlipModel | BlipVQA, dst: str | Path, task: str, tokenizer: BlipTokenizer | None = None, *,
             label_smoothing: float = DEFAULT_LABEL_SMOOTHING) -> Path:
-    """Write ``model`` as a ``transformers`` directory (``caption`` or ``retrieval``), atomically.
+    """Write ``model`` as a ``transformers`` directory (``caption``, ``retrieval`` or ``vqa``), atomically.
 
     The caption export holds the ViT and the decoder; the retrieval export holds the ViT, the text encoder,
-    projections and ITM head (HF has no learnable temperature). ``transformers`` loads either with zero
-    missing and zero unexpected keys.
+    projections and ITM head (HF has no learnable temperature); the vqa export (of a ``BlipVQA`` whose ViT and
+    text widths are equal) holds the ViT, the question encoder and the answer decoder. ``transformers`` loads
+    each with zero missing and zero unexpected keys.
     """
     from safetensors.torch import save_file
 
+    _check_task(model, task, HF_TASKS)
+    if task == "vqa":
+        _check_vqa_widths(model.cfg, "vqa export")
     hf_config = config_to_hf(model.cfg, tokenizer, label_smoothing)
     hf_config.architectures = [HF_TASKS[task]] if task in HF_TASKS else None
     state = hf_state_dict(model, task)
@@ -414,6 +453,10 @@ def _read_official(src: Path) -> dict[str, torch.Tensor]:
 def load_official(src: str | Path, preset: str = "base", *, image_size: int | None = None) -> Checkpoint:
     """Load a released salesforce/BLIP ``.pth`` into a ``preset`` architecture (``base`` or ``large`` for
     released files; any preset of :mod:`blip_core.config` for tests).
+
+    A file holding only ``visual_encoder``, ``text_encoder`` and ``text_decoder`` weights (the official
+    ``BLIP_VQA`` layout of ``model_vqa.pth``) is loaded into a :class:`~blip_core.models.vqa.BlipVQA`; any other
+    into a :class:`BlipModel`.
 
     Position embeddings (``visual_encoder.pos_embed`` and its momentum copy) are interpolated to
     ``image_size`` (default: the checkpoint's own resolution). The vocabulary size follows the checkpoint.
@@ -461,7 +504,10 @@ def load_official(src: str | Path, preset: str = "base", *, image_size: int | No
         notes.append(f"ignored {len(dropped)} position_ids buffers (constant 0..n-1)")
     if "image_queue" in momentum:
         cfg = dataclasses.replace(cfg, queue_size=int(momentum["image_queue"].shape[1]))
-    model = BlipModel(cfg)
+    vqa = is_official_vqa(state)
+    if vqa:
+        notes.append("VQA layout (visual_encoder, text_encoder, text_decoder only): loaded as BlipVQA")
+    model = BlipVQA(cfg) if vqa else BlipModel(cfg)
     notes += _assign_state(model, model_state, str(src))
     model.eval()
     momentum_state = _check_momentum(model, momentum, str(src)) if momentum else None
@@ -470,6 +516,15 @@ def load_official(src: str | Path, preset: str = "base", *, image_size: int | No
                      f"{cfg.queue_size})" if "image_queue" in momentum_state else
                      f"kept momentum encoders ({len(momentum_state)} tensors)")
     return Checkpoint(model=model, tokenizer=None, momentum_state=momentum_state, notes=notes)
+
+
+def is_official_vqa(state: dict[str, torch.Tensor]) -> bool:
+    """Whether an official state dict has the ``BLIP_VQA`` layout: a text encoder and a decoder, and nothing
+    outside ``visual_encoder``, ``text_encoder`` and ``text_decoder`` (no projections, ITM head, temperature,
+    momentum copies or queues, which every pre-trained file has)."""
+    return (all(k.startswith(VQA_PREFIXES) for k in state)
+            and any(k.startswith("text_encoder.") for k in state)
+            and any(k.startswith("text_decoder.") for k in state))
 
 
 def _check_momentum(model: BlipModel, momentum: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -502,16 +557,15 @@ def _check_momentum(model: BlipModel, momentum: dict[str, torch.Tensor], source:
     return {k: v.contiguous() for k, v in momentum.items()}
 
 
-def official_state_dict(model: BlipModel, task: str = "pretrain",
+def official_state_dict(model: BlipModel | BlipVQA, task: str = "pretrain",
                         momentum_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The official ``state_dict`` layout for ``task`` (caption, retrieval or pretrain).
+    """The official ``state_dict`` layout for ``task`` (caption, retrieval, pretrain, or vqa for a ``BlipVQA``).
 
     Includes the tied copies and ``position_ids`` buffers the official modules save. Momentum encoders and
     queues are added for retrieval and pretrain when given (retrieval names the pointer ``ptr_queue``).
     """
-    if task not in OFFICIAL_TASKS:
-        raise UserError(f"unknown task {task!r}; choose one of {', '.join(OFFICIAL_TASKS)}")
-    parts = {"caption": ("visual_encoder.", "text_decoder."),
+    _check_task(model, task, OFFICIAL_TASKS)
+    parts = {"vqa": VQA_PREFIXES, "caption": ("visual_encoder.", "text_decoder."),
              "retrieval": ("visual_encoder.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head.", "temp"),
              "pretrain": ("visual_encoder.", "text_encoder.", "text_decoder.", "vision_proj.", "text_proj.",
                           "itm_head.", "temp")}[task]
@@ -523,14 +577,14 @@ def official_state_dict(model: BlipModel, task: str = "pretrain",
     for prefix in ("text_encoder.", "text_decoder.bert."):
         if any(k.startswith(prefix) for k in out):
             out[f"{prefix}embeddings.position_ids"] = position_ids.clone()
-    if momentum_state and task != "caption":
+    if momentum_state and task not in ("caption", "vqa"):
         for k, t in momentum_state.items():
             name = "ptr_queue" if (k == "queue_ptr" and task == "retrieval") else k
             out[name] = t.detach().clone()
     return out
 
 
-def save_official(model: BlipModel, dst: str | Path, task: str = "pretrain",
+def save_official(model: BlipModel | BlipVQA, dst: str | Path, task: str = "pretrain",
                   momentum_state: dict[str, torch.Tensor] | None = None) -> Path:
     """``torch.save({'model': official_state_dict(...)}, dst)``, written to a temporary name then renamed."""
     import os

@@ -25,6 +25,8 @@ Semantics follow the official BLIP captioner, which runs Hugging Face ``generate
 Image keys/values are computed once per image (:meth:`BlipModel.cross_kv`). The ``num_beams`` (or
 ``num_return``) rows of one image are kept consecutive, so the decoder reads each image's K/V in place
 instead of copying image embeddings per beam. The self-attention KV cache is reordered as beams move.
+The same loops decode VQA answers (:mod:`blip_core.vqa`): ``generate_ids(..., cross=...)`` takes a question's
+keys/values instead of an image's.
 """
 
 from __future__ import annotations
@@ -284,6 +286,7 @@ def generate_ids(
     num_return: int = 1,
     generator: torch.Generator | None = None,
     image_embeds: torch.Tensor | None = None,
+    cross: CrossKV | None = None,
 ) -> torch.Tensor:
     """Generate token ids for a batch of images; returns ``(B * num_return, L)`` including the prompt.
 
@@ -299,6 +302,9 @@ def generate_ids(
         num_return: sequences per image (at most ``num_beams`` for beam search).
         generator: random generator for nucleus sampling.
         image_embeds: precomputed ViT tokens ``(B, 1+N, D)``.
+        cross: precomputed decoder cross-attention keys/values, one row per source (``images`` and
+            ``image_embeds`` are then ignored): an image's (:meth:`BlipModel.cross_kv`) or, for VQA, a
+            question's (:meth:`blip_core.models.vqa.BlipVQA.question_cross`); ``model.text_decoder`` decodes.
 
     Rows ``i * num_return ... (i + 1) * num_return - 1`` belong to image ``i``.
     """
@@ -306,18 +312,20 @@ def generate_ids(
         raise ValueError(f"decoding must be greedy, beam or nucleus, got {decoding!r}")
     if length_norm not in LENGTH_NORMS:
         raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
-    if image_embeds is None:
-        image_embeds = model.encode_image(images)  # (B, 1+N, D)
+    if cross is None:
+        if image_embeds is None:
+            image_embeds = model.encode_image(images)  # (B, 1+N, D)
+        cross = model.cross_kv(image_embeds)  # once per image
+    k0 = cross.kv[0][0]  # (B, heads, N, head_dim)
     prompt = torch.as_tensor(list(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else prompt_ids,
-                             dtype=torch.long, device=image_embeds.device).view(1, -1)
+                             dtype=torch.long, device=k0.device).view(1, -1)
     if prompt.shape[1] >= max_length:
         raise ValueError(f"max_length {max_length} must exceed the prompt length {prompt.shape[1]}")
     if repetition_penalty is None:
         repetition_penalty = 1.1 if decoding == "nucleus" else 1.0
     if num_return < 1:
         raise ValueError("num_return must be >= 1")
-    cross = model.cross_kv(image_embeds)  # once per image
-    n = image_embeds.shape[0]
+    n = k0.shape[0]
     if decoding == "beam":
         if num_return > num_beams:
             raise ValueError(f"num_return {num_return} exceeds num_beams {num_beams}")

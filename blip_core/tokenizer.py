@@ -38,9 +38,13 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
 
 
 def pre_question(question: str, max_words: int = 50) -> str:
-    """Clean a VQA question as BLIP does: lowercase, delete ``.!"()*#:;~`` (``?``, ``,`` and ``'`` stay),
-    collapse spaces, keep ``max_words``."""
-    return " ".join(_PUNCT.sub("", question.lower()).split()[:max_words])
+    """Clean a VQA question as the official ``pre_question``: lowercase, delete ``.!"()*#:;~`` (no space left
+    in their place), strip trailing spaces, keep the first ``max_words`` space-separated words."""
+    text = _PUNCT.sub("", question.lower()).rstrip(" ")
+    words = text.split(" ")
+    if len(words) > max_words:
+        text = " ".join(words[:max_words])
+    return text
 
 
 class BlipTokenizer:

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("components.convert", "convert checkpoints: Hugging Face / official BLIP <-> blip_core"),
     "caption": ("components.infer", "caption images with a checkpoint"),
     "itm": ("components.infer", "score image-text pairs (ITM probability and ITC cosine)"),
+    "vqa": ("components.infer", "answer a question about images with a VQA checkpoint"),
     "pipeline": ("pipelines.cli", "compile, submit or locally run the Kubeflow pipeline"),
 }
 

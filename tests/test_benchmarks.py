@@ -26,3 +26,12 @@ def test_retrieval_benchmark_reports_time_and_memory(capsys, tmp_path):
     assert report["scores"]["seconds"] > 0 and report["scores"]["peak_rss_mib"] > 0
     assert report["unblocked"]["same_metrics"] is True  # the blocked path gives the unblocked metrics
     assert list(tmp_path.glob("*/i2t_*.pt")) and '"metrics"' in capsys.readouterr().out
+
+
+def test_vqa_benchmark_runs_both_sides_at_tiny_size(capsys):
+    from benchmarks import vqa
+
+    report = vqa.main(["--size", "tiny", "--n", "3", "--repeats", "1", "--threads", "1"])
+    assert report["identical"] is True and len(report["answers"]) == 3  # the benchmark's own equality check
+    assert report["blip_answers_per_s"] > 0 and report["hf_answers_per_s"] > 0
+    assert "answers/s" in capsys.readouterr().out

@@ -33,17 +33,34 @@ class _Predictions(nn.Module):
 
 
 class TextDecoder(nn.Module):
-    """Image-grounded text decoder: the MED stack (``bert``) with a tied LM head (``cls.predictions``)."""
+    """Image-grounded text decoder: the MED stack (``bert``) with a tied LM head (``cls.predictions``).
 
-    def __init__(self, cfg: ModelConfig):
+    ``encoder_width`` is the width of what its cross-attention reads: the image tokens (default, the ViT width)
+    or, in the VQA answer decoder, the question states (the text hidden size).
+    """
+
+    def __init__(self, cfg: ModelConfig, encoder_width: int | None = None):
         super().__init__()
-        self.bert = TextTransformer(cfg.text, cfg.vision.width)
+        self.bert = TextTransformer(cfg.text, cfg.vision.width if encoder_width is None else encoder_width)
         self.cls = _Predictions(LMHead(cfg.text, self.bert.embeddings.word_embeddings))
 
     def forward(self, input_ids, attention_mask, cross: CrossKV | None, past: KVCache | None = None,
                 use_cache: bool = False) -> tuple[torch.Tensor, KVCache | None]:
         hidden, cache = self.bert(input_ids, attention_mask, cross, is_causal=True, past=past, use_cache=use_cache)
         return self.cls.predictions(hidden), cache
+
+
+def require_vocab(cfg: ModelConfig) -> ModelConfig:
+    """``cfg``, checked to have its vocabulary size set (it comes from the tokenizer)."""
+    if cfg.text.vocab_size <= 0:
+        raise ValueError("model.text.vocab_size must be set (e.g. to len(tokenizer)) before building a model")
+    return cfg
+
+
+def init_text_weights(cfg: ModelConfig, *modules: nn.Module) -> None:
+    """BERT initialisation (std ``model.text.init_std``) of text modules."""
+    for module in modules:
+        module.apply(partial(init_bert_weights, std=cfg.text.init_std))
 
 
 def tie_encoder_to_decoder(encoder: TextTransformer, decoder: TextTransformer) -> None:
@@ -64,15 +81,11 @@ class BlipModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.text.vocab_size <= 0:
-            raise ValueError("model.text.vocab_size must be set (e.g. to len(tokenizer)) before building a model")
-        self.cfg = cfg
+        self.cfg = require_vocab(cfg)
         self.visual_encoder = ImageEncoder(cfg.vision)
         self.text_decoder = TextDecoder(cfg)
         self.text_encoder = TextTransformer(cfg.text, cfg.vision.width)
-        init = partial(init_bert_weights, std=cfg.text.init_std)
-        self.text_encoder.apply(init)
-        self.text_decoder.apply(init)
+        init_text_weights(cfg, self.text_encoder, self.text_decoder)
         tie_encoder_to_decoder(self.text_encoder, self.text_decoder.bert)
         self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text.hidden_size, cfg.embed_dim)

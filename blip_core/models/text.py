@@ -33,16 +33,27 @@ class CrossKV:
 
     ``index`` (optional, ``(B_text,)`` long) maps each text row to its image row. Without an index, a text
     batch that is ``r`` times the image batch is read as ``r`` consecutive texts per image.
+
+    ``mask`` (optional, ``(B_img, N_img)``, 1 = attend) hides padded source positions; image tokens need none,
+    the question states the VQA answer decoder reads do.
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     index: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> CrossKV:
         """The same keys/values addressed by ``index`` (composed with any existing index)."""
         if self.index is not None:
             index = self.index[index]
-        return CrossKV(self.kv, index)
+        return CrossKV(self.kv, index, self.mask)
+
+    def narrow(self, start: int, length: int) -> CrossKV:
+        """Source rows ``start .. start + length - 1`` (a view; only for a CrossKV without an index)."""
+        if self.index is not None:
+            raise ValueError("narrow needs a CrossKV without an index")
+        kv = [(k.narrow(0, start, length), v.narrow(0, start, length)) for k, v in self.kv]
+        return CrossKV(kv, None, None if self.mask is None else self.mask.narrow(0, start, length))
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -132,29 +143,32 @@ class TextLayer(nn.Module):
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
         return self.attention.output(_merge_heads(ctx), x), (k, v)
 
-    def _cross_attention(self, x, k, v, index):
+    def _cross_attention(self, x, k, v, index, key_mask=None):
         q = _split_heads(self.crossattention.self.query(x), self.heads)  # (B_t, h, L, d_h)
         p = self.attn_dropout if self.training else 0.0
         b_t, b_i = q.shape[0], k.shape[0]
+        mask = None if key_mask is None else key_mask.bool()[:, None, None, :]  # (B_i, 1, 1, N)
         if index is not None:
             k, v = k.index_select(0, index), v.index_select(0, index)
-            ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            mask = None if mask is None else mask.index_select(0, index)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         elif b_t == b_i:
-            ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
             # r texts per image: fold them into the query length so each image's K/V is read once.
             if b_t % b_i:
                 raise ValueError(f"text batch {b_t} is not a multiple of image batch {b_i}; pass an index")
             r, (h, L, dh) = b_t // b_i, q.shape[1:]
             qf = q.view(b_i, r, h, L, dh).transpose(1, 2).reshape(b_i, h, r * L, dh)  # (B_i, h, r*L, d_h)
-            ctx = F.scaled_dot_product_attention(qf, k, v, dropout_p=p)
+            ctx = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=p)
             ctx = ctx.view(b_i, h, r, L, dh).transpose(1, 2).reshape(b_t, h, L, dh)  # (B_t, h, L, d_h)
         return self.crossattention.output(_merge_heads(ctx), x)
 
-    def forward(self, x, mask, cross: tuple[torch.Tensor, torch.Tensor] | None, index, past, is_causal=False):
+    def forward(self, x, mask, cross: tuple[torch.Tensor, torch.Tensor] | None, index, past, is_causal=False,
+                cross_mask=None):
         x, kv = self._self_attention(x, mask, past, is_causal)
         if cross is not None:
-            x = self._cross_attention(x, cross[0], cross[1], index)
+            x = self._cross_attention(x, cross[0], cross[1], index, cross_mask)
         x = self.output(self.intermediate(x), x)
         return x, kv
 
@@ -229,9 +243,12 @@ class TextTransformer(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.encoder.layer
 
-    def cross_kv(self, image_embeds: torch.Tensor) -> CrossKV:
-        """Project image tokens ``(B, N, D_img)`` to every layer's cross-attention keys/values, once."""
-        return CrossKV([layer.image_kv(image_embeds) for layer in self.layers])
+    def cross_kv(self, image_embeds: torch.Tensor, mask: torch.Tensor | None = None) -> CrossKV:
+        """Project source tokens ``(B, N, D_src)`` (image tokens, or question states for the VQA decoder) to every
+        layer's cross-attention keys/values, once. ``mask`` ``(B, N)`` (1 = attend) hides padded positions."""
+        if mask is not None and bool(mask.bool().all()):
+            mask = None  # nothing padded: no mask tensor needed
+        return CrossKV([layer.image_kv(image_embeds) for layer in self.layers], None, mask)
 
     def forward(
         self,
@@ -263,7 +280,7 @@ class TextTransformer(nn.Module):
         recompute = self.cfg.grad_ckpt_layers > 0 and self.training and torch.is_grad_enabled() and not use_cache
         for i, layer in enumerate(self.layers):
             args = (x, mask, cross.kv[i] if cross is not None else None, cross.index if cross is not None else None,
-                    past[i] if past else None, causal_flag)
+                    past[i] if past else None, causal_flag, cross.mask if cross is not None else None)
             if recompute and i >= first_ckpt:  # the RNG state is restored, so dropout masks replay
                 x, kv = checkpoint(layer, *args, use_reentrant=False)
             else:
