@@ -48,7 +48,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -98,6 +98,7 @@ class IngestResult:
     output: str
     manifest: Manifest
     seconds: float
+    part_cpu_seconds: list[float] = field(default_factory=list)  # CPU time of each worker's part (--workers)
 
     @property
     def samples_per_s(self) -> float:

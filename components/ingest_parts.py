@@ -163,8 +163,11 @@ def merge(part_uris: Sequence[str], output: str) -> IngestResult:
     return IngestResult(output, manifest, time.perf_counter() - t0)
 
 
-def _run_part(cfg: Config, source: str, output: str, part: tuple[int, int]) -> None:
+def _run_part(cfg: Config, source: str, output: str, part: tuple[int, int]) -> float:
+    """One part in a worker process; returns the CPU seconds it took."""
+    c0 = time.process_time()
     run(cfg, source, output, progress=False, part=part)
+    return time.process_time() - c0
 
 
 def run_workers(cfg: Config, source: str, output: str, workers: int, *, progress: bool = True) -> IngestResult:
@@ -193,15 +196,14 @@ def run_workers(cfg: Config, source: str, output: str, workers: int, *, progress
             if progress:
                 print(f"ingest: {workers} worker processes", file=sys.stderr)
             try:
-                for f in futures:
-                    f.result()
+                cpu = [f.result() for f in futures]
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise
         res = merge(dirs, output)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return IngestResult(output, res.manifest, time.perf_counter() - t0)
+    return IngestResult(output, res.manifest, time.perf_counter() - t0, cpu)
 
 
 def _merge_parser() -> argparse.ArgumentParser:
