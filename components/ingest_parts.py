@@ -124,7 +124,12 @@ def _put_shard(src: str, output: str, name: str, sink) -> None:
 def merge(part_uris: Sequence[str], output: str) -> IngestResult:
     """Join the ingest parts at ``part_uris`` into one dataset directory at ``output`` (local or ``s3://``)."""
     t0 = time.perf_counter()
-    if any(storage.join(u, "") == storage.join(output, "") for u in part_uris):
+    def same(a: str, b: str) -> bool:
+        if storage.is_s3(a) or storage.is_s3(b):
+            return a.rstrip("/") == b.rstrip("/")
+        return Path(a).resolve() == Path(b).resolve()
+
+    if any(same(u, output) for u in part_uris):
         raise UserError(f"--output {redact(output)} is one of the parts: merge into a new directory")
     parts = _read_parts(part_uris)
     sink = storage.dataset_sink(output)

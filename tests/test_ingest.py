@@ -724,13 +724,16 @@ def test_merge_refuses_incomplete_or_mixed_parts(tmp_path, capsys):
              ([f"{tmp_path}/2-0", f"{tmp_path}/3-1"], "different --parts"),
              ([f"{tmp_path}/2-0", f"{tmp_path}/other-1"], "parts of different sources or settings"),
              ([f"{tmp_path}/whole"], "not an ingest part"),
+             ([f"{tmp_path}/2-0", f"{tmp_path}/2-1/"], "is one of the parts"),
              ([f"{tmp_path}/2-0", f"{tmp_path}/2-1"], "shard-000000.tar missing")]
     (tmp_path / "2-1" / "shard-000000.tar").rename(tmp_path / "2-1" / "moved.tar")  # the last case: damaged part
     for parts, message in cases:
-        assert cli.main(["ingest", "merge", *parts, "--output", str(tmp_path / "out")]) == 2
+        out = str(tmp_path / ("2-1" if message == "is one of the parts" else "out"))
+        assert cli.main(["ingest", "merge", *parts, "--output", out]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
         assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+    assert (tmp_path / "2-1" / MANIFEST_NAME).exists()  # a part named as the output is left alone
     for args, message in ((["--part", "2", "--parts", "2"], "--part must be in 0..1"), (["--part", "0"], "go together"),
                           (["--part", "0", "--parts", "2", "--workers", "2"], "exclude each other"),
                           (["--workers", "0"], "--workers must be in")):
