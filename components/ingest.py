@@ -1,6 +1,8 @@
 """Ingest stage: raw web image-text pairs -> checked, cleaned, de-duplicated WebDataset shards.
 
 ``blip ingest --source URI --output URI [--config params.yaml] [--set ingest.key=value ...]``
+``[--workers N | --part I --parts N]``; ``blip ingest merge PART_URI ... --output URI`` (parallel ingest:
+:mod:`components.ingest_parts`)
 
 Sources:
 
