@@ -8,7 +8,7 @@ Measures, on this machine's CPU:
    JPEGs: decode with DCT scaling, resize to 64 px, re-encode), samples/s;
 4. the training loader (train transform with RandAugment, tokenisation) and the eval loader, pairs/s,
    for each ``--workers`` value;
-5. ingest of the same JPEG shards with ``--ingest-workers`` local processes (``blip ingest --workers``: one
+5. ingest of the same JPEG shards, and of ``toyweb://``, with ``--ingest-workers`` local processes (``blip ingest --workers``: one
    part per process, then the merge), default 1 and 2, and the speed-up of the last over the first: measured
    (wall time) and from CPU times (the busiest worker plus the parent's fork and merge: what an otherwise idle
    machine with a core per worker would take). ``--only-workers`` measures this alone.
@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         r = args.repeats
         if args.only_workers:
             _jpeg_shards(tmp / "raw", args.n)
-            speedup = _ingest_workers(rows, cfg, str(tmp / "raw"), tmp, args.ingest_workers, r)
+            speedups = [_ingest_workers(rows, cfg, src, label, tmp, args.ingest_workers, r)
+                        for src, label in ((str(tmp / "raw"), "JPEG shards"), (spec.uri(), "toyweb://"))]
             _print(rows, args)
-            print(speedup)
+            print("\n".join(speedups))
             return 0
         secs, cpu, count = _best(lambda i: sum(1 for _ in generate(spec)), r)
         rows.append(("toy-web generation (draw + JPEG)", count, secs, cpu, "images"))
@@ -121,21 +122,23 @@ def main(argv: list[str] | None = None) -> int:
                 secs, cpu, pairs = _best(lambda i, loader=loader: sum(len(b["text"]) for b in loader), r)
                 kind = "train: crop+flip+RandAugment" if train else "eval: resize"
                 rows.append((f"loader {kind}, {workers} workers", pairs, secs, cpu, "pairs"))
-        speedup = _ingest_workers(rows, cfg, str(tmp / "raw"), tmp, args.ingest_workers, r)
+        speedups = [_ingest_workers(rows, cfg, src, label, tmp, args.ingest_workers, r)
+                    for src, label in ((str(tmp / "raw"), "JPEG shards"), (spec.uri(), "toyweb://"))]
     _print(rows, args)
-    print(speedup)
+    print("\n".join(speedups))
     return 0
 
 
-def _ingest_workers(rows: list, cfg, src: str, tmp: Path, counts: list[int], repeats: int) -> str:
-    """Rows for ingest with each number of worker processes; returns the speed-up line (last vs first)."""
+def _ingest_workers(rows: list, cfg, src: str, label: str, tmp: Path, counts: list[int], repeats: int) -> str:
+    """Rows for ingest of ``src`` with each number of worker processes; returns the speed-up line (last vs
+    first)."""
     measured: dict[int, tuple[float, float]] = {}
     for w in counts:
         paths: list[float] = []
 
         def once(i: int, w: int = w, paths: list[float] = paths):
             before = os.times()
-            res = ingest_parts.run_workers(cfg, src, str(tmp / f"workers{w}-{i}"), w, progress=False)
+            res = ingest_parts.run_workers(cfg, src, str(tmp / f"workers{w}-{i}-{len(rows)}"), w, progress=False)
             after = os.times()
             own = after.user + after.system - before.user - before.system  # this process: all of it, or fork+merge
             paths.append(own + max(res.part_cpu_seconds, default=0.0))
@@ -143,9 +146,9 @@ def _ingest_workers(rows: list, cfg, src: str, tmp: Path, counts: list[int], rep
 
         secs, cpu, res = _best(once, repeats)
         measured[w] = (secs, min(paths))
-        rows.append((f"ingest JPEG shards, --workers {w}", res.manifest.samples_in, secs, cpu, "samples"))
+        rows.append((f"ingest {label}, --workers {w}", res.manifest.samples_in, secs, cpu, "samples"))
     (w0, (s0, p0)), (w1, (s1, p1)) = list(measured.items())[0], list(measured.items())[-1]
-    return (f"ingest --workers {w1} vs {w0}: {s0 / s1:.2f}x measured (wall), {p0 / p1:.2f}x from CPU times "
+    return (f"ingest {label} --workers {w1} vs {w0}: {s0 / s1:.2f}x measured (wall), {p0 / p1:.2f}x from CPU times "
             f"(busiest worker + fork/merge: {p1:.2f} s vs {p0:.2f} s)")
 
 
