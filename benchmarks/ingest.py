@@ -7,7 +7,11 @@ Measures, on this machine's CPU:
 3. ingest of a directory of WebDataset JPEG shards in the img2dataset layout (384 x 288 photos-sized
    JPEGs: decode with DCT scaling, resize to 64 px, re-encode), samples/s;
 4. the training loader (train transform with RandAugment, tokenisation) and the eval loader, pairs/s,
-   for each ``--workers`` value.
+   for each ``--workers`` value;
+5. ingest of the same JPEG shards, and of ``toyweb://``, with ``--ingest-workers`` local processes (``blip ingest --workers``: one
+   part per process, then the merge), default 1 and 2, and the speed-up of the last over the first: measured
+   (wall time) and from CPU times (the busiest worker plus the parent's fork and merge: what an otherwise idle
+   machine with a core per worker would take). ``--only-workers`` measures this alone.
 
 Each measurement is the fastest of ``--repeats`` runs. Prints a table; the numbers in
 ``docs/benchmarks.md`` come from this script.
@@ -31,7 +35,7 @@ from blip_core.data.loader import make_loader
 from blip_core.data.toyweb import generate, parse_toyweb_uri, render_scene, sample_scene
 from blip_core.data.webdataset_io import tar_bytes
 from blip_core.tokenizer import BlipTokenizer
-from components import ingest
+from components import ingest, ingest_parts
 
 
 def _cpu_seconds() -> float:
@@ -80,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to measure")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest is reported")
+    p.add_argument("--ingest-workers", type=int, nargs="+", default=[1, 2],
+                   help="ingest worker processes to compare (blip ingest --workers)")
+    p.add_argument("--only-workers", action="store_true", help="measure only the ingest worker comparison")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows: list[tuple[str, int, float, float, str]] = []
@@ -88,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(d)
         spec = parse_toyweb_uri(f"toyweb://?split=web&n={args.n}&seed=0")
         r = args.repeats
+        if args.only_workers:
+            _jpeg_shards(tmp / "raw", args.n)
+            speedups = [_ingest_workers(rows, cfg, src, label, tmp, args.ingest_workers, r)
+                        for src, label in ((str(tmp / "raw"), "JPEG shards"), (spec.uri(), "toyweb://"))]
+            _print(rows, args)
+            print("\n".join(speedups))
+            return 0
         secs, cpu, count = _best(lambda i: sum(1 for _ in generate(spec)), r)
         rows.append(("toy-web generation (draw + JPEG)", count, secs, cpu, "images"))
 
@@ -108,13 +122,42 @@ def main(argv: list[str] | None = None) -> int:
                 secs, cpu, pairs = _best(lambda i, loader=loader: sum(len(b["text"]) for b in loader), r)
                 kind = "train: crop+flip+RandAugment" if train else "eval: resize"
                 rows.append((f"loader {kind}, {workers} workers", pairs, secs, cpu, "pairs"))
+        speedups = [_ingest_workers(rows, cfg, src, label, tmp, args.ingest_workers, r)
+                    for src, label in ((str(tmp / "raw"), "JPEG shards"), (spec.uri(), "toyweb://"))]
+    _print(rows, args)
+    print("\n".join(speedups))
+    return 0
 
+
+def _ingest_workers(rows: list, cfg, src: str, label: str, tmp: Path, counts: list[int], repeats: int) -> str:
+    """Rows for ingest of ``src`` with each number of worker processes; returns the speed-up line (last vs
+    first)."""
+    measured: dict[int, tuple[float, float]] = {}
+    for w in counts:
+        paths: list[float] = []
+
+        def once(i: int, w: int = w, paths: list[float] = paths):
+            before = os.times()
+            res = ingest_parts.run_workers(cfg, src, str(tmp / f"workers{w}-{i}-{len(rows)}"), w, progress=False)
+            after = os.times()
+            own = after.user + after.system - before.user - before.system  # this process: all of it, or fork+merge
+            paths.append(own + max(res.part_cpu_seconds, default=0.0))
+            return res
+
+        secs, cpu, res = _best(once, repeats)
+        measured[w] = (secs, min(paths))
+        rows.append((f"ingest {label}, --workers {w}", res.manifest.samples_in, secs, cpu, "samples"))
+    (w0, (s0, p0)), (w1, (s1, p1)) = list(measured.items())[0], list(measured.items())[-1]
+    return (f"ingest {label} --workers {w1} vs {w0}: {s0 / s1:.2f}x measured (wall), {p0 / p1:.2f}x from CPU times "
+            f"(busiest worker + fork/merge: {p1:.2f} s vs {p0:.2f} s)")
+
+
+def _print(rows: list, args: argparse.Namespace) -> None:
     print(f"# ingest and loading throughput ({os.cpu_count()} CPUs {platform.machine()}, torch threads 1, "
           f"python {platform.python_version()}, best of {args.repeats}, load average {os.getloadavg()[0]:.1f})")
     print(f"{'measurement':<48} {'items':>6} {'wall s':>7} {'per wall s':>11} {'per CPU s':>10}")
     for name, count, secs, cpu, unit in rows:
         print(f"{name:<48} {count:>6} {secs:>7.2f} {count / secs:>11.0f} {count / cpu:>10.0f} {unit}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,9 +242,16 @@ class AnnotationSource(Source):
         return raw
 
     def __iter__(self) -> Iterator[RawSample]:
+        for raw, _ in self.select(lambda raw: True):
+            yield raw
+
+    def select(self, want: Callable[[RawSample], bool]) -> Iterator[tuple[RawSample, bool]]:
+        """As :meth:`Source.select`: only the images of wanted samples are read."""
         chunk = 8 * self.threads
         with ThreadPoolExecutor(self.threads) as pool:
             for start in range(0, len(self.items), chunk):
                 items = self.items[start:start + chunk]
-                for item, (data, err) in zip(items, pool.map(lambda it: self._fetch(it.ref), items)):
-                    yield self._raw(item, data, err)
+                mine = [want(self._raw(it, b"", None)) for it in items]
+                fetched = pool.map(lambda it, m: self._fetch(it.ref) if m else (None, None), items, mine)
+                for item, m, (data, err) in zip(items, mine, fetched):
+                    yield (self._raw(item, data, err) if m else self._raw(item, b"", None)), m

@@ -1,6 +1,8 @@
 """Ingest stage: raw web image-text pairs -> checked, cleaned, de-duplicated WebDataset shards.
 
 ``blip ingest --source URI --output URI [--config params.yaml] [--set ingest.key=value ...]``
+``[--workers N | --part I --parts N]``; ``blip ingest merge PART_URI ... --output URI`` (parallel ingest:
+:mod:`components.ingest_parts`)
 
 Sources:
 
@@ -46,9 +48,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -98,6 +100,7 @@ class IngestResult:
     output: str
     manifest: Manifest
     seconds: float
+    part_cpu_seconds: list[float] = field(default_factory=list)  # CPU time of each worker's part (--workers)
 
     @property
     def samples_per_s(self) -> float:
@@ -117,6 +120,15 @@ class Source:
     def __iter__(self) -> Iterator[RawSample]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def select(self, want: Callable[[RawSample], bool]) -> Iterator[tuple[RawSample, bool]]:
+        """Every sample in source order with ``want(sample)``; a sample not wanted may come without its image.
+
+        ``want`` sees only what is known before the image is read (key, origin, caption, json), so a source
+        that reads or fetches images lazily skips the images of the samples it is not asked for.
+        """
+        for raw in self:
+            yield raw, want(raw)
+
 
 class ToyWebSource(Source):
     def __init__(self, uri: str) -> None:
@@ -126,6 +138,16 @@ class ToyWebSource(Source):
     def __iter__(self) -> Iterator[RawSample]:
         for s in toyweb.generate(self.spec):
             yield RawSample(s.key, "toyweb", s.jpg, s.txt, s.json, s.key)
+
+    def select(self, want: Callable[[RawSample], bool]) -> Iterator[tuple[RawSample, bool]]:
+        for i in range(self.spec.n):  # captions first: the image is drawn only for a wanted sample
+            s = toyweb.generate_sample(self.spec, i, render=False)
+            raw = RawSample(s.key, "toyweb", None, s.txt, s.json, s.key)
+            if want(raw):
+                raw.image = toyweb.generate_sample(self.spec, i).jpg
+                yield raw, True
+            else:
+                yield raw, False
 
 
 def _first_image(sample: dict) -> bytes | None:
@@ -370,16 +392,20 @@ class ManifestSource(Source):
         return raw, ref
 
     def __iter__(self) -> Iterator[RawSample]:
+        for raw, _ in self.select(lambda raw: True):
+            yield raw
+
+    def select(self, want: Callable[[RawSample], bool]) -> Iterator[tuple[RawSample, bool]]:
         chunk = 8 * self.threads
         with ThreadPoolExecutor(self.threads) as pool:
             for start in range(0, len(self.rows), chunk):
-                items = [self._raw(*r) for r in self.rows[start:start + chunk]]
-                fetched = pool.map(lambda it: self._fetch(it[1]) if it[1] else (None, None), items)
-                for (raw, _), (data, err) in zip(items, fetched):
-                    if raw.error is None and data is None:
+                items = [(raw, ref, want(raw)) for raw, ref in (self._raw(*r) for r in self.rows[start:start + chunk])]
+                fetched = pool.map(lambda it: self._fetch(it[1]) if it[1] and it[2] else (None, None), items)
+                for (raw, _, mine), (data, err) in zip(items, fetched):
+                    if mine and raw.error is None and data is None:
                         raw.error = err or Rejected("missing_image", "no image")
                     raw.image = data
-                    yield raw
+                    yield raw, mine
 
 
 def open_source(uri: str, cfg: IngestConfig) -> Source:
@@ -430,8 +456,44 @@ def source_fingerprint(uri: str, image_root: str = "") -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+PART_KEY = "part"  # manifest key of a part written with run(part=...): {"index": i, "parts": n}
+
+
+def part_of(raw: RawSample, parts: int, max_words: int) -> int:
+    """The part (``0..parts-1``) a sample belongs to, from what is known before its image is read.
+
+    The part is a hash of the cleaned primary caption, the caption that, with the image bytes, makes the
+    de-duplication digest of :func:`_check`: exact duplicates always fall into the same part, where the
+    first in source order is kept as in a single run. A sample without a usable caption (it will be
+    rejected) is placed by a hash of its origin and key.
+    """
+    if parts == 1:
+        return 0
+    try:
+        others = (raw.meta or {}).get("captions") or []
+        key = clean_captions(raw.txt, others if isinstance(others, list) else [], max_words)[0].encode("utf-8")
+    except Rejected:
+        key = f"\0{raw.origin}\0{raw.key}".encode("utf-8", errors="surrogateescape")
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % parts
+
+
+def _part_samples(reader: Source, part: tuple[int, int] | None,
+                  max_words: int) -> Iterator[tuple[RawSample, bool]]:
+    """``(sample, in this part)`` for every sample of ``reader`` in source order."""
+    if part is None or part[1] == 1:
+        for raw in reader:
+            yield raw, True
+        return
+    index, parts = part
+    yield from reader.select(lambda raw: part_of(raw, parts, max_words) == index)
+
+
 class _Keys:
-    """Output keys: the source key made WebDataset-safe, suffixed when already used."""
+    """Output keys: the source key made WebDataset-safe, suffixed when already used.
+
+    Every input sample takes its key in source order, whether it is kept, rejected or left to another part
+    (:func:`part_of`), so a kept sample's key does not depend on how the source is split into parts.
+    """
 
     def __init__(self) -> None:
         self.used: set[str] = set()
@@ -470,11 +532,19 @@ def _check(raw: RawSample, cfg: IngestConfig, rules: ImageRules) -> tuple[bytes,
     return image.data, image.ext, meta, digest
 
 
-def run(cfg: Config, source: str, output: str, *, progress: bool = True) -> IngestResult:
-    """Ingest ``source`` into the dataset directory ``output`` (local or ``s3://``)."""
+def run(cfg: Config, source: str, output: str, *, progress: bool = True,
+        part: tuple[int, int] | None = None) -> IngestResult:
+    """Ingest ``source`` into the dataset directory ``output`` (local or ``s3://``).
+
+    ``part=(i, n)`` writes part ``i`` of ``n`` only: the samples :func:`part_of` assigns to ``i``, into a
+    dataset directory whose manifest records the part; :func:`components.ingest_parts.merge` joins the ``n``
+    parts into the dataset a single run writes (same samples, keys and rejection counts).
+    """
     ic = cfg.ingest
     rules = ImageRules(resolution=ic.resolution, min_size=ic.min_size, max_pixels=ic.max_pixels,
                        image_format=ic.image_format, jpeg_quality=ic.jpeg_quality)
+    if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
+        raise UserError(f"--part must be in 0..{part[1] - 1} and --parts >= 1, got part {part[0]} of {part[1]}")
     reader = open_source(source, ic)
     writer = DatasetWriter(storage.dataset_sink(output), ic.shard_size)
     keys = _Keys()
@@ -484,7 +554,11 @@ def run(cfg: Config, source: str, output: str, *, progress: bool = True) -> Inge
     bar = tqdm(total=reader.total, unit=" samples", desc="ingest", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=0.5)
     try:
-        for raw in reader:
+        for raw, mine in _part_samples(reader, part, ic.max_words):
+            out_key = keys(raw.key)
+            bar.update()
+            if not mine:
+                continue
             samples_in += 1
             try:
                 image, ext, meta, digest = _check(raw, ic, rules)
@@ -495,15 +569,14 @@ def run(cfg: Config, source: str, output: str, *, progress: bool = True) -> Inge
             except Rejected as r:
                 writer.reject(raw.key, r.reason, r.detail, raw.origin)
             else:
-                out_key = keys(raw.key)
                 if out_key != raw.key:
                     meta["source_key"] = raw.key
                 writer.add(out_key, image, ext, meta)
-            bar.update()
             if samples_in % 256 == 0:
                 bar.set_postfix(rejected=sum(writer.rejected.values()), refresh=False)
         bar.set_postfix(rejected=sum(writer.rejected.values()))
-        manifest = writer.finish(samples_in, redact(source), {"ingest": redact(to_dict(ic))})
+        extra = {PART_KEY: {"index": part[0], "parts": part[1]}} if part is not None else None
+        manifest = writer.finish(samples_in, redact(source), {"ingest": redact(to_dict(ic))}, extra)
     except BaseException:
         writer.close()
         raise
@@ -526,23 +599,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output dataset directory: a local path or s3://bucket/prefix")
     add_config_args(p, tracking=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=1, help="local processes, each ingesting one part, then merged "
+                   "(the same samples and rejection counts as 1; default 1)")
+    p.add_argument("--part", type=int, default=None, metavar="I", help="write only part I of --parts N (for one pod "
+                   "of a parallel ingest; join the parts with 'blip ingest merge')")
+    p.add_argument("--parts", type=int, default=None, metavar="N", help="number of parts (with --part)")
     return p
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    """CLI entry point (``blip ingest``)."""
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    """CLI entry point (``blip ingest``; ``blip ingest merge`` joins parts)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        from components.ingest_parts import main_merge
+
+        return main_merge(argv[1:])
+    args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     source = args.source or cfg.ingest.source
     if args.image_root:
         cfg.ingest.image_root = args.image_root
-    res = run(cfg, source, args.output, progress=not args.no_progress)
+    res = _run_cli(cfg, source, args)
     m = res.manifest
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(m.rejected.items())) or "none"
     texts = f"{m.extra['questions_out']} questions" if m.extra.get("questions_out") else f"{m.captions_out} captions"
     print(f"ingest: {m.samples_in} in, {m.samples_out} out ({texts}) in {len(m.shards)} "
           f"shard(s) at {res.output}; rejected: {rejected}; {res.samples_per_s:.0f} samples/s")
     return 0
+
+
+def _run_cli(cfg: Config, source: str, args: argparse.Namespace) -> IngestResult:
+    """One run, one part (``--part``/``--parts``) or local worker processes (``--workers``)."""
+    if (args.part is None) != (args.parts is None):
+        raise UserError("--part and --parts go together")
+    if args.part is not None:
+        if args.workers != 1:
+            raise UserError("--workers and --part exclude each other: a part is one process")
+        return run(cfg, source, args.output, progress=not args.no_progress, part=(args.part, args.parts))
+    from components.ingest_parts import run_workers
+
+    return run_workers(cfg, source, args.output, args.workers, progress=not args.no_progress)
 

@@ -312,6 +312,14 @@ def download_file(uri: str, local: str | Path) -> Path:
     return dest
 
 
+def copy_object(src: str, dst: str) -> None:
+    """Copy one ``s3://`` object to another inside the object store (multipart above 8 MiB), no download."""
+    src_bucket, src_key = split_s3(src)
+    bucket, key = split_s3(dst)
+    _with_retries("copy", src, lambda: s3_client().copy({"Bucket": src_bucket, "Key": src_key}, bucket, key,
+                                                        Config=_transfer_config()))
+
+
 def exists(uri: str) -> bool:
     """Does the file/object exist (a local directory counts)?"""
     if not is_s3(uri):

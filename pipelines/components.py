@@ -44,6 +44,37 @@ def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_f
 
 
 @component
+def ingest_plan(parts: int) -> list:
+    """The part indices 0..parts-1 of the parallel web ingest."""
+    from pipelines import steps
+
+    with steps.step("ingest plan"):
+        return steps.ingest_plan(parts)
+
+
+@component
+def ingest_part(split: str, source: str, part: int, parts: int, output_root: str, s3_endpoint: str,
+                params_file: str, config_overrides: list, dataset: Output[Dataset]):
+    """Ingest one part of a split: the samples whose cleaned caption hashes into this part."""
+    from pipelines import steps
+
+    with steps.step(f"ingest {split} part {part}"):
+        steps.ingest_part(split, source, part, parts, output_root, s3_endpoint, params_file, config_overrides,
+                          dataset)
+
+
+@component
+def ingest_merge(split: str, source: str, parts: Input[list[Dataset]], output_root: str, s3_endpoint: str,
+                 params_file: str, config_overrides: list, dataset: Output[Dataset], report: Output[Markdown]):
+    """Join the ingested parts of a split into one dataset (one manifest)."""
+    from pipelines import steps
+
+    with steps.step(f"ingest {split} merge"):
+        steps.ingest_merge(split, source, parts, output_root, s3_endpoint, params_file, config_overrides, dataset,
+                           report)
+
+
+@component
 def pretrain(web: Input[Dataset], human: Input[Dataset], ctx: dict, params_file: str, config_overrides: list,
              launcher: str, torchx: dict, model: Output[Model], metrics: Output[Metrics]):
     """Pre-train BLIP (ITC + ITM + LM) on the noisy web pairs and the human pairs."""

@@ -11,7 +11,9 @@
     end_run (exit handler): ends the MLflow parent run FINISHED or FAILED
 
 An optional labelled calibration sample is ingested with the other splits; capfilt chooses its filter
-threshold on it (without one, ``capfilt.threshold``).
+threshold on it (without one, ``capfilt.threshold``). The web source is ingested in ``ingest_parts`` parts, one
+pod each (``ParallelFor`` over the indices a small plan step lists), joined by a merge step into one dataset: the
+same samples and rejection counts whatever the number of parts (see :mod:`components.ingest_parts`).
 
 Task settings (see :func:`make_pipeline`):
 
@@ -81,6 +83,20 @@ def _configure(task, res: Resources, *, name: str, image: str, gpu_type: str, gp
     return task
 
 
+def _parallel_ingest(conf, split: str, source, parts, output_root, s3_endpoint, cfg: dict):
+    """Ingest ``split`` as ``parts`` parts, one pod each (a ParallelFor over the planned part indices), joined by
+    a merge step: the same dataset whatever the number of parts, but for its shard boundaries."""
+    plan = conf(C.ingest_plan(parts=parts), "start", f"plan {split} ingest parts", secret=False, mlflow=False,
+                policy="")
+    with dsl.ParallelFor(plan.output, name=f"ingest-{split}-parts") as part:
+        task = conf(C.ingest_part(split=split, source=source, part=part, parts=parts, output_root=output_root,
+                                  s3_endpoint=s3_endpoint, **cfg), "ingest", f"ingest {split} part", retries=2,
+                    mlflow=False, policy="")
+    return conf(C.ingest_merge(split=split, source=source, parts=dsl.Collected(task.outputs["dataset"]),
+                               output_root=output_root, s3_endpoint=s3_endpoint, **cfg), "ingest",
+                f"ingest {split} merge", retries=2, mlflow=False, policy="")
+
+
 def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_type: str | None = None,
                   gpus: int = 1, gpu_product: str | None = None, retries: bool = True):
     """Build the ``@dsl.pipeline`` function with these compile-time settings (defaults: :mod:`pipelines.settings`).
@@ -121,13 +137,15 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
         torchx: dict = torchx_defaults,
         min_gain: float = 0.0,
         registered_model: str = settings.REGISTERED_MODEL,
+        ingest_parts: int = 1,
     ):
         """Parameters: ``*_source`` ('' = the config's ``sources.*``; the calibration sample is optional: with
         none, CapFilt filters with ``capfilt.threshold``), ``params_file`` (in the image, local or
         s3) and ``config_overrides`` ("key=value" strings), ``output_root`` (s3 prefix for stage outputs, ''
         = KFP artifacts), tracking and S3 endpoints, ``launcher`` (inline | torchx), ``torchx`` (job settings,
         see components.launch), ``min_gain`` (mean R@1 the bootstrapped model must gain over the noisy one to
-        be registered), ``registered_model`` (MLflow registry name)."""
+        be registered), ``registered_model`` (MLflow registry name), ``ingest_parts`` (pods ingesting the web
+        source in parallel, each one part, then merged)."""
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         end = C.end_run(job_id=job_id, mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment)
         conf(end, "end", "end MLflow run", secret=False)
@@ -139,11 +157,12 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
             cfg = {"params_file": params_file, "config_overrides": config_overrides}
             train = {**cfg, "ctx": ctx, "launcher": launcher, "torchx": torchx}
             data = {}
-            for split, source in (("web", web_source), ("human", human_source), ("test", test_source),
+            for split, source in (("human", human_source), ("test", test_source),
                                   ("calibration", calibration_source)):
                 data[split] = conf(C.ingest(split=split, source=source, output_root=output_root,
                                             s3_endpoint=s3_endpoint, **cfg), "ingest", f"ingest {split}",
                                    retries=2, mlflow=False, policy="")
+            data["web"] = _parallel_ingest(conf, "web", web_source, ingest_parts, output_root, s3_endpoint, cfg)
             pre = conf(C.pretrain(web=data["web"].outputs["dataset"], human=data["human"].outputs["dataset"],
                                   **train), "pretrain", "pretrain", retries=2, policy="launch")
             tuned = {}

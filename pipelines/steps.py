@@ -258,7 +258,6 @@ def _complete_dataset(uri: str):
 def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_file: str,
            overrides: Sequence[str], dataset, report) -> None:
     """Ingest ``source`` (default: the config's ``sources.<split>``) into a content-addressed location."""
-    from blip_core.config import to_dict
     from components import ingest as stage
 
     if s3_endpoint:
@@ -273,17 +272,34 @@ def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_f
                                      f"`capfilt.threshold` = {cfg.capfilt.threshold}.\n")
         print("ingest calibration: no source; CapFilt uses capfilt.threshold")
         return
-    # same source content (listing with ETags / sizes and mtimes) and ingest settings -> same location, where a
-    # complete dataset is reused; new data under an unchanged URI gets a new location
-    fingerprint = stage.source_fingerprint(source, cfg.ingest.image_root)
-    key = hashlib.sha256(json.dumps([source, to_dict(cfg.ingest), fingerprint], sort_keys=True).encode()).hexdigest()[:12]
-    root = f"{output_root.rstrip('/')}/datasets" if output_root else ""
-    out = output_location(dataset, root, f"{split}-{key}")
+    root, name = _dataset_name(cfg, split, source, output_root)
+    out = output_location(dataset, root, name)
     m = _complete_dataset(out) if root else None
     if m is not None:
         print(f"ingest {split}: reusing {out} (same source content and settings)")
     else:
         m = stage.run(cfg, source, out, progress=False).manifest
+    _ingest_outputs(split, source, out, m, dataset, report)
+
+
+def _dataset_name(cfg, split: str, source: str, output_root: str) -> tuple[str, str]:
+    """``(root, name)`` of the content-addressed location of an ingested split (root '' without output_root).
+
+    Same source content (listing with ETags / sizes and mtimes) and ingest settings -> same location, where a
+    complete dataset is reused; new data under an unchanged URI gets a new location.
+    """
+    from blip_core.config import to_dict
+    from components import ingest as stage
+
+    fingerprint = stage.source_fingerprint(source, cfg.ingest.image_root)
+    key = hashlib.sha256(json.dumps([source, to_dict(cfg.ingest), fingerprint], sort_keys=True).encode()).hexdigest()[:12]
+    return (f"{output_root.rstrip('/')}/datasets" if output_root else ""), f"{split}-{key}"
+
+
+def _ingest_outputs(split: str, source: str, out: str, m, dataset, report) -> None:
+    """The dataset artifact's metadata and the Markdown report of an ingested split."""
+    from components import ingest as stage
+
     dataset.metadata.update({"split": split, "source": stage.redact(source), "samples": m.samples_out,
                              "captions": m.captions_out, "shards": len(m.shards), "rejected": dict(m.rejected)})
     rejected = "".join(f"| {k} | {v} |\n" for k, v in sorted(m.rejected.items())) or "| (none) | 0 |\n"
@@ -293,6 +309,62 @@ def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_f
         f"| {m.samples_in} | {m.samples_out} | {m.captions_out} | {len(m.shards)} |\n\n"
         f"| rejected because | samples |\n|---|---|\n{rejected}")
     print(f"ingest {split}: {m.samples_in} in, {m.samples_out} out at {out}")
+
+
+def ingest_plan(parts: int) -> list[int]:
+    """The part indices ``0..parts-1`` of a parallel ingest (the items of the pipeline's ParallelFor)."""
+    from components.ingest_parts import MAX_PARTS
+
+    if not 1 <= int(parts) <= MAX_PARTS:
+        raise UserError(f"ingest_parts must be in 1..{MAX_PARTS}, got {parts}")
+    return list(range(int(parts)))
+
+
+def ingest_part(split: str, source: str, part: int, parts: int, output_root: str, s3_endpoint: str,
+                params_file: str, overrides: Sequence[str], dataset) -> None:
+    """Ingest part ``part`` of ``parts`` of a split (one pod of a parallel ingest; :func:`ingest_merge` joins them).
+
+    Nothing is done when the merged dataset of the same source content and settings is already complete, and a
+    complete part from an earlier attempt is reused.
+    """
+    from components import ingest as stage
+
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = s3_endpoint
+    cfg = load_cfg(params_file, overrides)
+    source = source or getattr(cfg.sources, split)
+    part, parts = int(part), int(parts)
+    root, name = _dataset_name(cfg, split, source, output_root)
+    out = output_location(dataset, root, f"{name}-part-{part:04d}-of-{parts:04d}")
+    dataset.metadata.update({"split": split, "part": part, "parts": parts})
+    if root and _complete_dataset(f"{root}/{name}") is not None:
+        print(f"ingest {split} part {part}/{parts}: {root}/{name} is already complete")
+        return
+    m = _complete_dataset(out) if root else None
+    if m is not None:
+        print(f"ingest {split} part {part}/{parts}: reusing {out}")
+    else:
+        m = stage.run(cfg, source, out, progress=False, part=(part, parts)).manifest
+    print(f"ingest {split} part {part}/{parts}: {m.samples_in} in, {m.samples_out} out at {out}")
+
+
+def ingest_merge(split: str, source: str, parts: Sequence, output_root: str, s3_endpoint: str, params_file: str,
+                 overrides: Sequence[str], dataset, report) -> None:
+    """Join the parts of a parallel ingest into the split's dataset (reused when already complete)."""
+    from components import ingest_parts
+
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = s3_endpoint
+    cfg = load_cfg(params_file, overrides)
+    source = source or getattr(cfg.sources, split)
+    root, name = _dataset_name(cfg, split, source, output_root)
+    out = output_location(dataset, root, name)
+    m = _complete_dataset(out) if root else None
+    if m is not None:
+        print(f"ingest {split}: reusing {out} (same source content and settings)")
+    else:
+        m = ingest_parts.merge([input_location(p) for p in parts], out).manifest
+    _ingest_outputs(split, source, out, m, dataset, report)
 
 
 def train(stage: str, ctx: dict, params_file: str, overrides: Sequence[str], launcher: str, torchx: dict,

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -626,3 +627,133 @@ def test_shards_and_rejections_reach_the_disk_before_the_manifest(tmp_path, monk
         assert shard.path in names[:manifest_at], shard.path  # synced while staged, before the manifest
     assert REJECTED_NAME in names[:manifest_at]
     assert str(out) in synced[manifest_at + 1:]  # the directory entry of the renamed manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallel ingest: parts, merge, --workers
+# --------------------------------------------------------------------------------------------------
+
+
+def _parallel_source(root: Path) -> tuple[str, str]:
+    """The fault samples (every rejection reason, duplicates) plus keys repeated across shards, as shards and as
+    a JSONL manifest."""
+    samples, _ = _fault_samples()
+    # keys that become the same output key "same" (suffixed in source order), one of them rejected
+    extra = [{"__key__": k, "jpg": _jpeg(200 + i), "txt": f"a yellow star number {i}".encode()}
+             for i, k in enumerate(["same", "same!", "same~", "same@"])]
+    extra.insert(2, {"__key__": "same%", "jpg": b"", "txt": b"a rejected sample also takes its key"})
+    extra += [{"__key__": f"web{i}", "jpg": _jpeg(300 + i), "txt": f"a purple square {i % 7}".encode()} for i in range(24)]
+    extra.append(dict(extra[-1], __key__="late_duplicate"))
+    shards = root / "shards"
+    shards.mkdir(parents=True)
+    everything = samples + extra
+    for i in range(0, len(everything), 9):
+        (shards / f"part-{i // 9:05d}.tar").write_bytes(tar_bytes(everything[i:i + 9]))
+    (root / "img").mkdir()
+    rows = []
+    for i, s in enumerate(everything):
+        image = s.get("jpg", s.get("png"))
+        if image is not None:
+            (root / "img" / f"{i}.img").write_bytes(image)
+        rows.append({"key": s["__key__"], "image": f"img/{i}.img", "caption": s["txt"].decode("utf-8", "replace")})
+    (root / "list.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(shards), str(root / "list.jsonl")
+
+
+def _dataset_content(out: str) -> tuple[dict, list]:
+    """Samples by key (every member) and the sorted rejected records of a dataset directory."""
+    samples = {}
+    for u in storage.list_uris(out, ".tar"):
+        for s in iter_shard(u):
+            key = s.pop("__key__")
+            s.pop("__url__")
+            assert key not in samples, key
+            samples[key] = s
+    # (a PIL message may name an object's memory address: not part of the comparison)
+    rejected = sorted(re.sub(r" at 0x[0-9a-f]+", "", line)
+                      for line in storage.read_text(storage.join(out, REJECTED_NAME)).splitlines())
+    return samples, rejected
+
+
+@pytest.mark.parametrize("kind", ["shards", "jsonl", "toyweb"])
+def test_parallel_ingest_gives_the_same_samples_and_rejections_for_any_number_of_parts(tmp_path, kind):
+    from blip_core.data.webdataset_io import check_shards
+    from components import ingest_parts
+
+    shards, jsonl = _parallel_source(tmp_path / "src")
+    src = {"shards": shards, "jsonl": jsonl, "toyweb": "toyweb://?split=web&n=60&noise=0.5&seed=4"}[kind]
+    cfg = _cfg(*FAULT_CFG)
+    single = ingest.run(cfg, src, str(tmp_path / "n1"), progress=False).manifest
+    if kind != "toyweb":
+        assert single.rejected["duplicate"] == 3 and len(single.rejected) >= 8
+    expected = _dataset_content(str(tmp_path / "n1"))
+    keys = set(expected[0])
+    if kind != "toyweb":
+        assert {"same", "same_1", "same_3", "same_4"} <= keys and "same_2" not in keys  # the rejected one took "same_2"
+        assert sum('"key": "same%"' in r for r in expected[1]) == 1
+    for n in (2, 3):
+        out = str(tmp_path / f"workers{n}")
+        merged = ingest_parts.run_workers(cfg, src, out, n, progress=False).manifest
+        # the same parts written one by one (as N pods would), merged by the CLI
+        parts = [str(tmp_path / f"n{n}-part{i}") for i in range(n)]
+        counts = [ingest.run(cfg, src, p, progress=False, part=(i, n)).manifest.samples_in for i, p in enumerate(parts)]
+        assert sum(counts) == single.samples_in and sum(c > 0 for c in counts) >= 2  # the parts really split the data
+        assert cli.main(["ingest", "merge", *reversed(parts), "--output", str(tmp_path / f"cli{n}")]) == 0
+        for where, m in ((out, merged), (str(tmp_path / f"cli{n}"), read_manifest(str(tmp_path / f"cli{n}")))):
+            assert (m.samples_in, m.samples_out, m.captions_out, m.rejected) == (
+                single.samples_in, single.samples_out, single.captions_out, single.rejected), (n, where)
+            assert (m.source, m.config, m.extra) == (single.source, single.config, single.extra)
+            assert _dataset_content(where) == expected, (n, where)
+            assert check_shards(where, m, sha256=True) == []
+            assert sorted(p.name for p in Path(where).iterdir()) == [MANIFEST_NAME, REJECTED_NAME] + [
+                s.path for s in m.shards]  # no scratch directory left
+        # a re-run with the same N is byte-identical
+        again = ingest_parts.run_workers(cfg, src, str(tmp_path / f"again{n}"), n, progress=False).manifest
+        assert again.to_json() == merged.to_json()
+
+
+def test_merge_refuses_incomplete_or_mixed_parts(tmp_path, capsys):
+    src = "toyweb://?n=20&seed=5"
+    for n in (2, 3):
+        for i in range(n):
+            ingest.run(_cfg(), src, str(tmp_path / f"{n}-{i}"), progress=False, part=(i, n))
+    ingest.run(_cfg(), src, str(tmp_path / "whole"), progress=False)
+    ingest.run(_cfg("ingest.resolution=32"), src, str(tmp_path / "other-1"), progress=False, part=(1, 2))
+    cases = [([f"{tmp_path}/2-0"], "parts 1 of 2 are missing"),
+             ([f"{tmp_path}/2-0", f"{tmp_path}/2-0"], "part 0 given twice"),
+             ([f"{tmp_path}/2-0", f"{tmp_path}/3-1"], "different --parts"),
+             ([f"{tmp_path}/2-0", f"{tmp_path}/other-1"], "parts of different sources or settings"),
+             ([f"{tmp_path}/whole"], "not an ingest part"),
+             ([f"{tmp_path}/2-0", f"{tmp_path}/2-1/"], "is one of the parts"),
+             ([f"{tmp_path}/2-0", f"{tmp_path}/2-1"], "shard-000000.tar missing")]
+    (tmp_path / "2-1" / "shard-000000.tar").rename(tmp_path / "2-1" / "moved.tar")  # the last case: damaged part
+    for parts, message in cases:
+        out = str(tmp_path / ("2-1" if message == "is one of the parts" else "out"))
+        assert cli.main(["ingest", "merge", *parts, "--output", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+        assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+    assert (tmp_path / "2-1" / MANIFEST_NAME).exists()  # a part named as the output is left alone
+    for args, message in ((["--part", "2", "--parts", "2"], "--part must be in 0..1"), (["--part", "0"], "go together"),
+                          (["--part", "0", "--parts", "2", "--workers", "2"], "exclude each other"),
+                          (["--workers", "0"], "--workers must be in")):
+        assert cli.main(["ingest", "--source", src, "--output", str(tmp_path / "o"), *args]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_parts_on_s3_merge_with_server_side_copies(s3_bucket, tmp_path):
+    src = "toyweb://?n=30&noise=0.5&seed=6"
+    cfg = _cfg("ingest.shard_size=7")
+    ref = ingest.run(cfg, src, str(tmp_path / "ref"), progress=False).manifest
+    parts = [f"s3://{s3_bucket}/parts/{i}" for i in range(2)]
+    for i, p in enumerate(parts):
+        ingest.run(cfg, src, p, progress=False, part=(i, 2))
+    out = f"s3://{s3_bucket}/merged"
+    assert cli.main(["ingest", "merge", *parts, "--output", out]) == 0
+    m = read_manifest(out)
+    assert (m.samples_in, m.samples_out, m.rejected) == (ref.samples_in, ref.samples_out, ref.rejected)
+    assert _dataset_content(out) == _dataset_content(str(tmp_path / "ref"))
+    # --workers with an s3 output: parts in a local scratch directory, uploaded by the merge
+    assert cli.main(["ingest", "--source", src, "--output", f"s3://{s3_bucket}/workers", "--workers", "2",
+                     "--set", "ingest.shard_size=7", "--no-progress"]) == 0
+    assert _dataset_content(f"s3://{s3_bucket}/workers") == _dataset_content(str(tmp_path / "ref"))

@@ -12,8 +12,9 @@ from components.cli import main as blip
 from pipelines import cli, settings
 from pipelines.pipeline import make_pipeline
 
-STAGE_EXECUTORS = ("exec-ingest", "exec-ingest-2", "exec-ingest-3", "exec-ingest-4", "exec-pretrain", "exec-finetune",
-                   "exec-finetune-2", "exec-capfilt", "exec-repretrain", "exec-evaluate", "exec-register")
+INGEST_EXECUTORS = ("exec-ingest", "exec-ingest-2", "exec-ingest-3", "exec-ingest-part", "exec-ingest-merge")
+STAGE_EXECUTORS = (*INGEST_EXECUTORS, "exec-pretrain", "exec-finetune", "exec-finetune-2", "exec-capfilt",
+                   "exec-repretrain", "exec-evaluate", "exec-register")
 GPU_EXECUTORS = ("exec-pretrain", "exec-finetune", "exec-finetune-2", "exec-capfilt", "exec-repretrain",
                  "exec-evaluate")
 TRAIN_EXECUTORS = ("exec-pretrain", "exec-finetune", "exec-finetune-2", "exec-capfilt", "exec-repretrain")
@@ -59,8 +60,8 @@ def test_retries_caching_gate_and_exit_handler(compiled):
     spec, _ = compiled
     tasks = _tasks(spec)
     retried = {n for n, t in tasks.items() if "retryPolicy" in t}
-    assert retried == {"ingest", "ingest-2", "ingest-3", "ingest-4", "pretrain", "finetune", "finetune-2", "capfilt",
-                       "repretrain", "evaluate"}
+    assert retried == {"ingest", "ingest-2", "ingest-3", "ingest-part", "ingest-merge", "pretrain", "finetune",
+                       "finetune-2", "capfilt", "repretrain", "evaluate"}
     assert tasks["evaluate"]["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["pretrain"]["retryPolicy"]["backoffDuration"] == "60s"
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
@@ -68,7 +69,13 @@ def test_retries_caching_gate_and_exit_handler(compiled):
     gate = next(t for t in tasks.values() if t.get("triggerPolicy", {}).get("condition"))
     assert "evaluate" in json.dumps(gate) and "== true" in gate["triggerPolicy"]["condition"]
     assert tasks["end-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
-    assert {t["taskInfo"]["name"] for t in tasks.values()} >= {"ingest web", "finetune captioner", "repretrain"}
+    assert {t["taskInfo"]["name"] for t in tasks.values()} >= {"ingest human", "ingest web part", "ingest web merge",
+                                                               "finetune captioner", "repretrain"}
+    # the web source is ingested in `ingest_parts` parts: a ParallelFor over the planned indices, then the merge
+    loop = next(t for t in tasks.values() if "iteratorPolicy" in t or "parameterIterator" in t)
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("ingest-plan-Output")
+    assert loop["taskInfo"]["name"] == "ingest-web-parts" and len(tasks["ingest-merge"]["dependentTasks"]) == 1
+    assert spec["root"]["inputDefinitions"]["parameters"]["ingest_parts"]["defaultValue"] == 1
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["mlflow_tracking_uri"]["defaultValue"] == settings.MLFLOW_URI
     assert params["s3_endpoint"]["defaultValue"] == settings.S3_ENDPOINT
@@ -91,12 +98,14 @@ def test_secret_and_volumes(compiled):
         assert {(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]} == {
             ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")}
     # MLflow requires a user: every step that talks to it gets the pipeline's account, and only from a secret
-    for name in set(k8s) - {"exec-ingest", "exec-ingest-2", "exec-ingest-3", "exec-ingest-4"}:
+    for name in set(k8s) - {*INGEST_EXECUTORS, "exec-ingest-plan"}:
         secrets = {s["secretName"]: s for s in k8s[name]["secretAsEnv"]}
         assert {(k["secretKey"], k["envVar"]) for k in secrets["blip-mlflow-credentials"]["keyToEnv"]} == {
             ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_USERNAME"),
             ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_PASSWORD")}
-    assert {s["secretName"] for s in k8s["exec-ingest"]["secretAsEnv"]} == {"blip-s3-credentials"}
+    for name in INGEST_EXECUTORS:
+        assert {s["secretName"] for s in k8s[name]["secretAsEnv"]} == {"blip-s3-credentials"}
+    assert "secretAsEnv" not in k8s["exec-ingest-plan"]  # it only counts
     for name in GPU_EXECUTORS:
         (shm,) = k8s[name]["emptyDirMounts"]
         assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory" and shm["sizeLimit"] == "8Gi"
@@ -176,9 +185,12 @@ def test_run_local_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
     root = tmp_path / "kfp"
     # min_gain=-100: the tiny models are near chance, so force the promotion branch to run register
     assert blip(["pipeline", "run-local", "--pipeline-root", str(root), "--param", "min_gain=-100",
-                 "--param", "mlflow_run_name=local-test"]) == 0
+                 "--param", "mlflow_run_name=local-test", "--param", "ingest_parts=2"]) == 0
     run = _run_dir(root)
-    for task, output in (("ingest", "dataset"), ("pretrain", "model"), ("finetune", "model"), ("finetune-2", "model"),
+    assert len(list(run.glob("for-loop-*/ingest-part/dataset/manifest.json"))) == 2  # the web source in 2 parts
+    web = json.loads((run / "ingest-merge" / "dataset" / "manifest.json").read_text())
+    assert web["samples_in"] == 64 and "part" not in web
+    for task, output in (("ingest", "dataset"), ("ingest-merge", "dataset"), ("pretrain", "model"), ("finetune", "model"), ("finetune-2", "model"),
                          ("capfilt", "dataset"), ("repretrain", "model"), ("evaluate", "results")):
         assert (run / task / output).is_dir(), f"{task}/{output}"
     assert (run / "pretrain" / "model" / "model" / "model.safetensors").is_file()
@@ -216,7 +228,7 @@ def test_run_local_failing_stage_is_named(tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("blip pipeline:")]
     assert rc == 2 and len(err) == 1
     assert err[0].startswith("blip pipeline: error: stage 'ingest human' failed:")
-    assert "bogus" in err[0] and "(KFP task 'ingest-2')" in err[0]
+    assert "bogus" in err[0] and "(KFP task 'ingest')" in err[0]
     assert not (_run_dir(root) / "pretrain").exists()  # nothing downstream of the failed stage ran
 
 
@@ -301,3 +313,43 @@ def test_torchx_parameter_cannot_escalate(monkeypatch, torchx, message):
     with pytest.raises(UserError) as e:
         steps._launch("pretrain", args, {"env": {}, "run_id": "r"}, {**settings.TORCHX, "image": launch.IMAGE, **torchx})
     assert message in str(e.value) and str(e.value).startswith("launch policy:")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*non-Python base image")
+def test_parallel_ingest_parts_and_merge_run_with_kfp_local(tmp_path):
+    """The pipeline's parallel ingest (plan -> ParallelFor parts -> merge) with 2 parts gives the dataset of a
+    single ingest of the same source."""
+    from kfp import dsl, local
+
+    from blip_core.config import load_config
+    from blip_core.data.webdataset_io import iter_shard, read_manifest
+    from components import ingest, storage
+    from pipelines.pipeline import _parallel_ingest
+
+    source = "toyweb://?split=web&n=40&noise=0.5&seed=3&size=32"
+    overrides = ["ingest.resolution=32", "ingest.shard_size=8"]
+
+    @dsl.pipeline(name="parallel-ingest")
+    def parallel_ingest(parts: int = 2):
+        _parallel_ingest(lambda task, *a, **kw: task, "web", source, parts, "", "",
+                         {"params_file": "", "config_overrides": overrides})
+
+    local.init(local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"), raise_on_error=True)
+    parallel_ingest(parts=2)
+    (run,) = (tmp_path / "kfp").glob("parallel-ingest-*")
+    parts = sorted(p.name for p in run.glob("for-loop-*"))
+    assert len(parts) == 2
+    for it in parts:  # each part is its own dataset directory, one half of the source
+        m = read_manifest(str(run / it / "ingest-part" / "dataset"))
+        assert m.extra["part"]["parts"] == 2 and 0 < m.samples_in < 40
+    merged = str(run / "ingest-merge" / "dataset")
+    single = ingest.run(load_config(None, overrides), source, str(tmp_path / "single"), progress=False).manifest
+    m = read_manifest(merged)
+    assert (m.samples_in, m.samples_out, m.rejected, m.config) == (40, single.samples_out, single.rejected, single.config)
+
+    def content(out):
+        return {s["__key__"]: (s["jpg"], s["json"]) for u in storage.list_uris(out, ".tar") for s in iter_shard(u)}
+
+    assert content(merged) == content(str(tmp_path / "single"))
+    assert "| 40 |" in (run / "ingest-merge" / "report").read_text()

@@ -623,13 +623,15 @@ class ToySample:
     json: dict
 
 
-def generate_sample(spec: ToyWebSpec, index: int, jpeg_quality: int = 95) -> ToySample:
-    """Sample ``index`` of the split described by ``spec`` (deterministic)."""
+def generate_sample(spec: ToyWebSpec, index: int, jpeg_quality: int = 95, render: bool = True) -> ToySample:
+    """Sample ``index`` of the split described by ``spec`` (deterministic); ``render=False`` leaves ``jpg``
+    empty (the captions and json alone, without the cost of drawing and encoding the image)."""
     srng = random.Random(f"toyweb/scene/{spec.split}/{spec.seed}/{index}")
     scene = sample_scene(srng)
-    img = render_scene(scene, spec.size, texture_seed=srng.getrandbits(32))
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=jpeg_quality)
+    if render:
+        img = render_scene(scene, spec.size, texture_seed=srng.getrandbits(32))
+        img.save(buf, format="JPEG", quality=jpeg_quality)
     key = f"{spec.split}-s{spec.seed}-{index:07d}"
     if spec.split in VQA_SPLITS:
         qrng = random.Random(f"toyweb/questions/{spec.split}/{spec.seed}/{index}")
