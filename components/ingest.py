@@ -462,7 +462,7 @@ PART_KEY = "part"  # manifest key of a part written with run(part=...): {"index"
 def part_of(raw: RawSample, parts: int, max_words: int) -> int:
     """The part (``0..parts-1``) a sample belongs to, from what is known before its image is read.
 
-    The part is a hash of the cleaned primary caption, the caption that, with the image bytes, makes the
+    The part is a hash of the cleaned primary caption (a VQA sample: its cleaned questions), the text that, with the image bytes, makes the
     de-duplication digest of :func:`_check`: exact duplicates always fall into the same part, where the
     first in source order is kept as in a single run. A sample without a usable caption (it will be
     rejected) is placed by a hash of its origin and key.
@@ -470,6 +470,13 @@ def part_of(raw: RawSample, parts: int, max_words: int) -> int:
     if parts == 1:
         return 0
     try:
+        meta = raw.meta or {}
+        if "questions" in meta:  # a VQA sample: its cleaned questions, as the de-duplication digest
+            questions, _ = clean_questions(meta["questions"])
+            if not questions:
+                raise Rejected("empty_question")
+            key = json.dumps([(q["question_id"], q["question"]) for q in questions]).encode("utf-8")
+            return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % parts
         others = (raw.meta or {}).get("captions") or []
         key = clean_captions(raw.txt, others if isinstance(others, list) else [], max_words)[0].encode("utf-8")
     except Rejected:
@@ -547,6 +554,7 @@ def run(cfg: Config, source: str, output: str, *, progress: bool = True,
         raise UserError(f"--part must be in 0..{part[1] - 1} and --parts >= 1, got part {part[0]} of {part[1]}")
     reader = open_source(source, ic)
     writer = DatasetWriter(storage.dataset_sink(output), ic.shard_size)
+    writer.write_answer_counts = part is not None
     keys = _Keys()
     seen: set[bytes] = set()
     samples_in = 0

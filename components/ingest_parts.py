@@ -22,6 +22,7 @@ order), the shard boundaries and the order of ``rejected.jsonl`` differ.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import os
@@ -36,6 +37,8 @@ from pathlib import Path
 
 from blip_core.config import Config
 from blip_core.data.webdataset_io import (
+    ANSWER_COUNTS_NAME,
+    ANSWER_LIST_NAME,
     MANIFEST_NAME,
     REJECTED_NAME,
     SHARD_PREFIX,
@@ -43,6 +46,7 @@ from blip_core.data.webdataset_io import (
     ShardInfo,
     check_shards,
     read_manifest,
+    answer_list,
     shard_name,
 )
 from blip_core.errors import UserError
@@ -134,13 +138,14 @@ def merge(part_uris: Sequence[str], output: str) -> IngestResult:
     parts = _read_parts(part_uris)
     sink = storage.dataset_sink(output)
     sink.delete(MANIFEST_NAME)  # from here until the end the output is incomplete
+    sink.delete(ANSWER_LIST_NAME)
     shards: list[ShardInfo] = []
     rejected: Counter[str] = Counter()
     for uri, m in parts:
         for s in m.shards:
             name = shard_name(len(shards))
             _put_shard(storage.join(uri, s.path), output, name, sink)
-            shards.append(ShardInfo(name, s.samples, s.captions, s.bytes, s.sha256))
+            shards.append(ShardInfo(name, s.samples, s.captions, s.bytes, s.sha256, s.questions))
         rejected.update(m.rejected)
     keep = {s.path for s in shards}
     for name in sink.list_names():
@@ -156,11 +161,24 @@ def merge(part_uris: Sequence[str], output: str) -> IngestResult:
             os.fsync(out.fileno())
         sink.put_file(joined, REJECTED_NAME)
     first = parts[0][1]
+    extra = {k: v for k, v in first.extra.items() if k not in (PART_KEY, "questions_out", "questions_dropped")}
+    questions = sum(int(m.extra.get("questions_out") or 0) for _, m in parts)
+    if questions:  # VQA parts: questions and dropped questions summed, answer_list.json from the summed counts
+        dropped: Counter[str] = Counter()
+        answers: Counter[str] = Counter()
+        for uri, m in parts:
+            dropped.update(m.extra.get("questions_dropped") or {})
+            if m.extra.get("questions_out"):
+                answers.update(json.loads(storage.read_text(storage.join(uri, ANSWER_COUNTS_NAME))))
+        extra["questions_out"] = questions
+        if dropped:
+            extra["questions_dropped"] = dict(sorted(dropped.items()))
+        sink.put_bytes(ANSWER_LIST_NAME, (json.dumps(answer_list(answers), ensure_ascii=False, indent=0)
+                                          + "\n").encode("utf-8"))
     manifest = Manifest(source=first.source, samples_in=sum(m.samples_in for _, m in parts),
                         samples_out=sum(m.samples_out for _, m in parts),
                         captions_out=sum(m.captions_out for _, m in parts), rejected=dict(rejected), shards=shards,
-                        config=first.config, format=first.format,
-                        extra={k: v for k, v in first.extra.items() if k != PART_KEY})
+                        config=first.config, format=first.format, extra=extra)
     manifest.check_counts()
     sink.put_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
     log.info("ingest merge: %d parts -> %s: %d samples in %d shards", len(parts), redact(output),

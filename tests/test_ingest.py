@@ -757,3 +757,25 @@ def test_parts_on_s3_merge_with_server_side_copies(s3_bucket, tmp_path):
     assert cli.main(["ingest", "--source", src, "--output", f"s3://{s3_bucket}/workers", "--workers", "2",
                      "--set", "ingest.shard_size=7", "--no-progress"]) == 0
     assert _dataset_content(f"s3://{s3_bucket}/workers") == _dataset_content(str(tmp_path / "ref"))
+
+
+def test_parallel_ingest_of_vqa_data_keeps_questions_and_the_answer_list(tmp_path):
+    """VQA samples (an image with its questions, no caption) split by their questions: the merged data set has
+    the same samples, question counts and answer_list.json (from the parts' summed answer counts) as one run."""
+    from blip_core.data.webdataset_io import ANSWER_LIST_NAME
+    from components import ingest_parts
+
+    src = "toyweb://?split=vqa_train&n=40&seed=2&size=32"
+    cfg = _cfg("ingest.resolution=32")
+    single = ingest.run(cfg, src, str(tmp_path / "n1"), progress=False).manifest
+    assert single.extra["questions_out"] > single.samples_out > 0
+    expected = _dataset_content(str(tmp_path / "n1"))
+    answers = (tmp_path / "n1" / ANSWER_LIST_NAME).read_text()
+    for n in (2, 3):
+        out = tmp_path / f"w{n}"
+        merged = ingest_parts.run_workers(cfg, src, str(out), n, progress=False).manifest
+        assert (merged.samples_out, merged.rejected, merged.extra) == (single.samples_out, single.rejected,
+                                                                       single.extra)
+        assert sum(s.questions for s in merged.shards) == single.extra["questions_out"]
+        assert _dataset_content(str(out)) == expected
+        assert (out / ANSWER_LIST_NAME).read_text() == answers

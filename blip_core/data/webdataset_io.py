@@ -65,6 +65,7 @@ DATASET_FORMAT = "blip-capfilt/webdataset-v1"
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.jsonl"
 ANSWER_LIST_NAME = "answer_list.json"
+ANSWER_COUNTS_NAME = "answer_counts.json"  # an ingest part's answer counts, summed by the merge
 SHARD_PREFIX = "shard-"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -273,6 +274,7 @@ class DatasetWriter:
         self.sink.delete(ANSWER_LIST_NAME)
         self.shards: list[ShardInfo] = []
         self.questions_out = 0
+        self.write_answer_counts = False  # also answer_counts.json (an ingest part: the merge sums them)
         self.answers: Counter[str] = Counter()  # every annotator answer of the VQA samples
         self.questions_dropped: Counter[str] = Counter()  # reason -> questions dropped from kept samples
         self.rejected: Counter[str] = Counter()
@@ -361,6 +363,9 @@ class DatasetWriter:
                 self.sink.delete(name)
         _sync_close(self._rejected_file)
         self.sink.put_file(self.staging / REJECTED_NAME, REJECTED_NAME)
+        if self.questions_out and self.write_answer_counts:
+            self.sink.put_bytes(ANSWER_COUNTS_NAME, json.dumps(dict(sorted(self.answers.items())),
+                                                               ensure_ascii=False).encode("utf-8"))
         if self.questions_out:
             self.sink.put_bytes(ANSWER_LIST_NAME, (json.dumps(answer_list(self.answers), ensure_ascii=False,
                                                                indent=0) + "\n").encode("utf-8"))
