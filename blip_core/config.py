@@ -179,6 +179,9 @@ class SourcesConfig:
     # optional: a few hundred web pairs labelled by hand (sample json "noise": null when the caption is right,
     # a reason when it is wrong) on which CapFilt chooses its threshold; "" = use capfilt.threshold
     calibration: str = ""
+    # optional VQA data (toyweb://?split=vqa_train|vqa_test, or the official VQA annotation .json): "" = none
+    vqa_train: str = ""
+    vqa_test: str = ""
 
 
 @dataclass(kw_only=True)
@@ -253,6 +256,14 @@ class EvalConfig:
     metric: str = "mean_r1"  # the metric register compares against the champion
     max_text_len: int = 35  # tokens per caption for retrieval (official retrieval uses 35)
     log_samples: int = 4  # test images logged to MLflow with each model's caption
+    # VQA (blip evaluate --vqa): "rank" scores the answer list of the model's training data (the paper's
+    # numbers), "generate" decodes free text (vqa_num_beams > 1: beam search, 1: greedy)
+    vqa_inference: Literal["rank", "generate"] = "rank"
+    vqa_k_test: int = 128  # rank: answers re-scored by their full loss after the first-token top-k
+    vqa_num_beams: int = 3
+    vqa_max_length: int = 10
+    vqa_min_length: int = 1
+    vqa_batch_size: int = 32  # questions per forward
     resume_dir: str = ""  # local directory keeping finished retrieval re-rank blocks; a re-run resumes from it
 
 
@@ -267,6 +278,9 @@ class Config:
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     finetune_captioner: TrainConfig = field(default_factory=lambda: _finetune_defaults("a picture of "))
     finetune_filter: TrainConfig = field(default_factory=lambda: _finetune_defaults(""))
+    # the official VQA recipe (configs/vqa.yaml): 10 epochs, lr 2e-5 cosine to 0, batch 16 per GPU
+    finetune_vqa: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=10, batch_size=16, lr=2e-5, warmup_steps=0, schedule="cosine", min_lr=0.0))
     capfilt: CapFiltConfig = field(default_factory=CapFiltConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
@@ -356,6 +370,8 @@ _RANGES: dict[str, dict[str, str]] = {
                       "min_length": ">=0", "repetition_penalty": ">0", "threshold": "[0, 1]",
                       "target_precision": "(0, 1]", "batch_size": ">=1"},
     "EvalConfig": {"k_test": ">=1", "batch_size": ">=1", "itm_batch_size": ">=1", "num_beams": ">=1",
+                   "vqa_k_test": ">=1", "vqa_num_beams": ">=1", "vqa_max_length": ">=1", "vqa_min_length": ">=0",
+                   "vqa_batch_size": ">=1",
                    "max_length": ">=1", "min_length": ">=0", "max_text_len": ">=2", "log_samples": ">=0"},
 }
 

@@ -372,3 +372,21 @@ def prompt_length(tokenizer, prompt: str) -> int:
         return 0
     ids, _ = tokenizer([prompt], max_length=64)
     return int(ids.shape[1]) - 1
+
+
+class VQAObjective(Objective):
+    """The official VQA answer loss over a :class:`~blip_core.models.vqa.BlipVQA`: each question's answers
+    (``[DEC] answer [SEP]``) decoded from its question states, label-smoothed token sums weighted per answer
+    (VQAv2: count / annotators), summed and divided by the number of questions. No momentum, no temperature."""
+
+    batch_keys = ("image", "question_ids", "question_mask", "answer_ids", "answer_mask", "weights", "n")
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                answer_ids: torch.Tensor, answer_mask: torch.Tensor, weights: torch.Tensor,
+                n: torch.Tensor) -> ObjectiveOutput:
+        loss = self.model.answer_loss(image, question_ids, question_mask, answer_ids, answer_mask, weights, n)
+        return ObjectiveOutput(loss=loss, samples=image.shape[0], parts={"vqa": loss})

@@ -53,7 +53,7 @@ from blip_core.errors import UserError
 from blip_core.generation import generate_captions
 from blip_core.retrieval import recall_at_k, retrieval_scores
 from blip_core.train import distributed as dist
-from components import storage, training
+from components import storage, training, vqa_eval
 from components.cli import add_config_args
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ SOURCES = ("web", "synthetic", "human")
 # (column label, metric key) of the Table-1-style comparison
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("TR@1", "tr_r1"), ("IR@1", "ir_r1"), ("TR@5", "tr_r5"), ("IR@5", "ir_r5"), ("mean R@1", "mean_r1"),
-    ("BLEU-4", "bleu4"), ("CIDEr", "cider"), ("grammar match", "grammar_match"),
+    ("BLEU-4", "bleu4"), ("CIDEr", "cider"), ("grammar match", "grammar_match"), ("VQA acc", "vqa_acc"),
 )
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _PUNCT = re.compile(r"[^\w\s]")
@@ -387,6 +387,9 @@ def _report_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[tupl
                          f"CapFilt `{info['capfilt']}`: a dropped web caption counts as a positive; a noisy one "
                          f"is the truth.{info.get('threshold', '')}",
                          ["web captions", "count", "dropped", "precision", "recall"], frows))
+    vq = metrics.get("vqa") or {}
+    if vq.get("models"):
+        sections.append(vqa_section(vq, info))
     cf = metrics.get("capfilt") or {}
     if cf.get("texts_in"):
         crows = [[src, str(cf["texts_in"][src]), str(cf["texts_kept"][src]), _fmt(cf["kept_share"][src], 3)]
@@ -395,6 +398,20 @@ def _report_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[tupl
         sections.append(("CapFilt output", f"Caption diversity: {div or '–'}.",
                          ["source", "texts in", "kept", "kept share"], crows))
     return sections
+
+
+def vqa_section(vq: dict[str, Any], info: dict[str, Any]) -> tuple[str, str, list[str], list[list[str]]]:
+    """The VQA table: accuracy overall and per question kind, the majority-answer baseline first."""
+    cols = ([("majority baseline", vq["baseline"])] if vq.get("baseline") else []) + list(vq["models"].items())
+    kinds = sorted({k for _, m in cols for k in m.get("per_kind", {})})
+    rows = [["all", *(_fmt(m.get("accuracy")) for _, m in cols)]]
+    rows += [[k, *(_fmt(m.get("per_kind", {}).get(k, {}).get("accuracy")) for _, m in cols)] for k in kinds]
+    t = vq.get("test", {})
+    base = f" The baseline always answers \"{vq['baseline']['answer']}\"." if vq.get("baseline") else ""
+    note = (f"VQA test split `{info.get('vqa_test')}`: {t.get('questions')} questions on {t.get('images')} images; "
+            f"answers by {t.get('inference')}; VQAv2 accuracy in % (min(matches/3, 1) over the 10 leave-one-out "
+            f"subsets of the annotators' answers).{base}")
+    return ("VQA", note, ["question kind", *(name for name, _ in cols)], rows)
 
 
 def render_markdown(metrics: dict[str, Any], info: dict[str, Any]) -> str:
@@ -444,8 +461,13 @@ def _device() -> torch.device:
 
 
 def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt: str | None = None,
+        vqa: dict[str, str] | None = None, vqa_test: str | None = None,
         parent_run_id: str | None = None) -> EvalResult:
-    """Evaluate ``models`` (name -> checkpoint or stage output) on ``test``; write reports under ``output``."""
+    """Evaluate ``models`` (name -> checkpoint or stage output) on ``test``; write reports under ``output``.
+
+    ``vqa`` (name -> VQA model) are scored on the VQA test split ``vqa_test``; a VQA model named as one of
+    ``models`` (the VQA model fine-tuned from it) fills that model's "VQA acc" column.
+    """
     from components import tracking
 
     if not models:
@@ -453,6 +475,13 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
     for name in models:
         if not _NAME.match(name):
             raise UserError(f"evaluate: model name {name!r} may hold only letters, digits, '_', '-' and '.'")
+    if bool(vqa) != bool(vqa_test):
+        raise UserError("evaluate: --vqa and --vqa-test go together")
+    for name in vqa or {}:
+        if not _NAME.match(name):
+            raise UserError(f"evaluate: VQA model name {name!r} may hold only letters, digits, '_', '-' and '.'")
+    if vqa:
+        vqa_eval.check_vqa_models(vqa)
     ecfg = cfg.evaluate
     records = read_provenance(capfilt) if capfilt else None
     capfilt_summary = read_capfilt_summary(capfilt) if capfilt else {}
@@ -480,18 +509,26 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
             timings[name] = {k: model_metrics[name].pop(k) for k in ("retrieval_seconds", "captioning_seconds")}
             del model, ckpt
         assert split is not None
+        vqa_metrics, vqa_answers, vqa_split = ({}, {}, None)
+        if vqa:
+            vqa_metrics, vqa_answers, vqa_split = vqa_eval.evaluate_vqa(cfg, vqa, vqa_test, device)
+            for name, m in vqa_metrics["models"].items():
+                if name in model_metrics:
+                    model_metrics[name]["vqa_acc"] = m["accuracy"]
         metrics: dict[str, Any] = {
             "models": model_metrics,
             "filter": filter_metrics(records) if records is not None else {},
             "capfilt": capfilt_metrics(records) if records is not None else {},
             "test": {"images": len(split.samples), "texts": len(split.texts), "k_test": ecfg.k_test},
         }
+        if vqa_metrics:
+            metrics["vqa"] = vqa_metrics
         if metrics["filter"] and "threshold" in capfilt_summary:
             metrics["filter"]["threshold"] = capfilt_summary["threshold"]
         info = {"test": test, "capfilt": capfilt, "images": len(split.samples), "texts": len(split.texts),
                 "k_test": ecfg.k_test, "num_beams": ecfg.num_beams, "min_length": ecfg.min_length,
                 "max_length": ecfg.max_length, "prompt": ecfg.prompt, "threshold": threshold_note(capfilt_summary),
-                "decoding_note": decoding_note(ecfg)}
+                "decoding_note": decoding_note(ecfg), "vqa_test": vqa_test}
         table = comparison_table(model_metrics)
         keys = [s.get("__key__") for s in split.samples]
         files = {
@@ -508,6 +545,7 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
         flat = {f"{name}/{k}": v for name, m in model_metrics.items() for k, v in {**m, **timings[name]}.items()}
         flat.update(_flatten(metrics["filter"], "filter/"))
         flat.update(_flatten(metrics["capfilt"], "capfilt/"))
+        flat.update(_flatten(vqa_metrics.get("models", {}), "vqa/"))
         run_.log_metrics(0, flat)
         run_.set_tags({"blip.models": ",".join(models), "blip.output": output})
         run_.log_table(table, "comparison.json")
@@ -519,6 +557,10 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
             refs = [split.texts[split.img2txt[i][0]] for i in range(n)]
             for name, caps in captions.items():
                 run_.log_image_captions(images, caps[:n], step=0, key=f"captions_{name}", references=refs)
+        if vqa_split is not None and run_.enabled:
+            rows = vqa_eval.examples(vqa_split, vqa_answers, ecfg.log_samples * 4)
+            pics = _pil_images(vqa_split.images[vqa_split.image_index[:len(rows)]])
+            run_.log_table([{"image": p, **r} for p, r in zip(pics, rows, strict=True)], "vqa_examples.json")
         run_id = run_.run_id
     return EvalResult(output=output, metrics=metrics, table=table, report=files[REPORT_MD], run_id=run_id)
 
@@ -530,10 +572,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", required=True, help="the clean test split (dataset directory, local or s3)")
     p.add_argument("--output", required=True, help="output directory or s3:// prefix")
     p.add_argument("--capfilt", default=None, help="CapFilt output (with provenance.jsonl) to score the filter")
+    p.add_argument("--vqa", action="append", default=None, metavar="NAME=URI",
+                   help="a VQA model (blip finetune --task vqa output) to score on --vqa-test (repeatable); "
+                        "named as a --model, it fills that model's VQA column")
+    p.add_argument("--vqa-test", default=None, help="the VQA test split (dataset directory, local or s3)")
     add_config_args(p)
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     res = run(cfg, parse_models(args.model), args.test, args.output, capfilt=args.capfilt,
+              vqa=parse_models(args.vqa) if args.vqa else None, vqa_test=args.vqa_test,
               parent_run_id=args.parent_run_id)
     print(res.report)
     print(f"evaluate: wrote {METRICS_FILE}, {REPORT_MD}, {REPORT_HTML} to {res.output}")

@@ -13,6 +13,7 @@ Adding a task (e.g. VQA) is one subclass here, registered in :data:`TASKS`, and 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -21,15 +22,25 @@ from torch import nn
 
 from blip_core.checkpoint_io import save_checkpoint
 from blip_core.config import Config, TrainConfig
-from blip_core.data.loader import load_eval_split, make_loader, pin_memory_for
+from blip_core.data.loader import (
+    ANSWER_LIST_NAME,
+    load_eval_split,
+    load_vqa_split,
+    make_loader,
+    make_vqa_loader,
+    pin_memory_for,
+    read_answer_list,
+)
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
+from blip_core.models.vqa import BlipVQA, is_vqa
 from blip_core.objectives import (
     CaptionerObjective,
     FilterObjective,
     Objective,
     PretrainObjective,
     SpecialIds,
+    VQAObjective,
     prompt_length,
 )
 from blip_core.tokenizer import BlipTokenizer
@@ -107,6 +118,11 @@ class Task:
                    momentum_state: dict | None) -> None:
         """Write the trained ``model`` (and the objective's momentum state) as the checkpoint directory ``dst``."""
         save_checkpoint(dst, model, tokenizer, momentum_state)
+
+    def model_files(self, data: Sequence[str]) -> dict[str, str]:
+        """Files (name -> text) written into the model directory beside the checkpoint, from the training data
+        ``data`` (e.g. the answer list a VQA model ranks)."""
+        return {}
 
 
 class _PairTask(Task):
@@ -227,7 +243,60 @@ class FilterTask(_PairTask):
         return Validation(data=",".join(val), metric="r_mean", evaluate=evaluate)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (PretrainTask(), CaptionerTask(), FilterTask())}
+class VQATask(Task):
+    """VQA: the pre-trained model becomes a :class:`~blip_core.models.vqa.BlipVQA` (question encoder + answer
+    decoder, untied, as the official ``BLIP_VQA``) trained on the weighted answer loss; everything trains.
+
+    The model directory also gets ``answer_list.json``, the training data's answers (rank-mode inference).
+    Validation: VQAv2 accuracy of generated answers (``evaluate.vqa_num_beams``/lengths), ``vqa_acc``.
+    """
+
+    name = "vqa"
+    section = "finetune_vqa"
+    registered_name = "blip-vqa"
+    question_max_len = 35  # tokens per question, as the official VQA fine-tuning
+
+    def check(self, cfg: Config) -> None:
+        if self.train_config(cfg).negative_all_rank:
+            raise UserError(f"{self.section}.negative_all_rank: only the filter draws ITM negatives")
+
+    def prepare_model(self, model: nn.Module, cfg: Config) -> nn.Module:
+        return model if is_vqa(model) else BlipVQA.from_blip(model)
+
+    def objective(self, model: nn.Module, tokenizer: BlipTokenizer, cfg: Config, info: D.DistInfo) -> Objective:
+        return VQAObjective(model)
+
+    def loader(self, cfg: Config, data: Sequence[str], tokenizer: BlipTokenizer, *, image_size: int,
+               info: D.DistInfo) -> TrainLoader:
+        tcfg = self.train_config(cfg)
+        return make_vqa_loader(
+            data, tokenizer, image_size=image_size, batch_size=tcfg.batch_size, train=True,
+            randaugment=cfg.data.randaugment, rank=info.rank, world_size=info.world_size,
+            num_workers=cfg.data.num_workers, seed=tcfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+            question_max_length=self.question_max_len, pin_memory=pin_memory_for(info.device),
+            allow_partial=cfg.data.allow_partial, verify_sha256=cfg.data.verify_sha256,
+            min_scale=cfg.data.min_scale_finetune)
+
+    def validation(self, cfg: Config, tokenizer: BlipTokenizer, val: list[str], image_size: int) -> Validation:
+        from components.vqa_eval import vqa_metrics
+
+        split = load_vqa_split(val, cfg.data.image_size or image_size)
+        ecfg = dataclasses.replace(cfg.evaluate, vqa_inference="generate")
+
+        def evaluate(model) -> dict[str, float]:
+            metrics, _ = vqa_metrics(model, tokenizer, split, ecfg, None)
+            return {"vqa_acc": metrics["accuracy"]}
+
+        return Validation(data=",".join(val), metric="vqa_acc", evaluate=evaluate)
+
+    def model_files(self, data: Sequence[str]) -> dict[str, str]:
+        answers: dict[str, None] = {}  # every data set's answers, most frequent first, data sets in order
+        for uri in data:
+            answers.update(dict.fromkeys(read_answer_list(uri)))
+        return {ANSWER_LIST_NAME: json.dumps(list(answers), indent=0) + "\n"}
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (PretrainTask(), CaptionerTask(), FilterTask(), VQATask())}
 
 
 def get_task(name: str) -> Task:

@@ -40,12 +40,12 @@ import torch
 from blip_core import build_model
 from blip_core.checkpoint_io import load_checkpoint
 from blip_core.config import Config, to_dict
-from blip_core.data.loader import ShardLost, dataset_shards, sample_captions
+from blip_core.data.loader import ShardLost, dataset_shards, sample_texts
 from blip_core.data.webdataset_io import ShardReadError, is_s3, iter_shard, s3_filesystem
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
 from blip_core.redact import redact
-from blip_core.tokenizer import BlipTokenizer, pre_caption
+from blip_core.tokenizer import BlipTokenizer
 from blip_core.train import distributed as D
 from blip_core.train.checkpoint import is_complete
 from blip_core.train.loop import TrainResult, run_identity, train
@@ -203,7 +203,8 @@ def resolve_model_dir(uri: str) -> str:
 
 def corpus_captions(data_uris: list[str], max_words: int, allow_partial: bool = False,
                     verify_sha256: bool = False) -> Iterator[str]:
-    """Every cleaned caption of the given dataset directories (to build a WordPiece vocabulary).
+    """Every cleaned text (captions; VQA questions and answers) of the given dataset directories (to build a
+    WordPiece vocabulary).
 
     Missing or damaged shards raise :class:`~blip_core.data.loader.ShardLost` unless ``allow_partial`` (then
     they are left out; the loader counts them).
@@ -213,12 +214,10 @@ def corpus_captions(data_uris: list[str], max_words: int, allow_partial: bool = 
         try:
             for sample in iter_shard(shard.uri, fs):
                 try:
-                    caps, _ = sample_captions(sample)
+                    texts = sample_texts(sample, max_words)
                 except Exception:  # noqa: BLE001 - unreadable samples are counted by the loader, not here
                     continue
-                for c in caps:
-                    if text := pre_caption(c, max_words):
-                        yield text
+                yield from texts
         except (ShardReadError, OSError) as e:
             if not allow_partial:
                 raise ShardLost(f"{shard.uri}: unreadable ({e}); re-run the stage that wrote it, or set "
@@ -347,8 +346,12 @@ def run_training(
     if info.is_main and tracking.tracking_enabled():
         tracking.check_tracking()
 
+    extra_files = task.model_files(data) if info.is_main else {}
+
     def save(dst: Path) -> None:
         task.save_model(dst, model, tokenizer, objective.momentum_state())
+        for name, text in extra_files.items():
+            storage.write_text(str(dst / name), text)
 
     with tracking.stage_run(stage, logged, parent_run_id=parent_run_id) as run:
         selector = None
