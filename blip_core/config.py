@@ -179,9 +179,9 @@ class SourcesConfig:
     # optional: a few hundred web pairs labelled by hand (sample json "noise": null when the caption is right,
     # a reason when it is wrong) on which CapFilt chooses its threshold; "" = use capfilt.threshold
     calibration: str = ""
-    # optional VQA data (toyweb://?split=vqa_train|vqa_test, or the official VQA annotation .json): "" = none
-    vqa_train: str = ""
-    vqa_test: str = ""
+    # VQA data: questions about images with annotator answers (toy-web, or the official VQA annotation .json)
+    vqa_train: str = "toyweb://?split=vqa_train&n=500&seed=0"
+    vqa_test: str = "toyweb://?split=vqa_test&n=200&seed=0"
 
 
 @dataclass(kw_only=True)

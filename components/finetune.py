@@ -32,11 +32,12 @@ from components.training import TrainStageResult
 
 
 def run(cfg: Config, task: str, init: str, data: list[str], output: str, *, resume: bool = True,
-        parent_run_id: str | None = None, val: list[str] | None = None) -> TrainStageResult:
+        parent_run_id: str | None = None, val: list[str] | None = None, stage: str | None = None) -> TrainStageResult:
     """Fine-tune the checkpoint ``init`` for ``task`` (a name in :data:`components.tasks.TASKS`: the
-    captioner or the filter); write the model under ``output``.
+    captioner, the filter or VQA); write the model under ``output``.
 
     ``val``: validation dataset directories; when given, the best epoch on them is the stage's model.
+    ``stage`` names the MLflow run (default: the task's config section, e.g. ``finetune_vqa``).
     """
     spec = get_task(task)
     if not spec.finetune:
@@ -48,22 +49,25 @@ def run(cfg: Config, task: str, init: str, data: list[str], output: str, *, resu
     model.set_grad_checkpointing(cfg.model.vision.grad_ckpt_layers)
     return training.run_training(
         cfg, spec, model=model, tokenizer=tokenizer, data=data, output=output, work=work, info=info,
-        resume=resume, parent_run_id=parent_run_id, momentum_state=momentum_state, val=val)
+        resume=resume, parent_run_id=parent_run_id, momentum_state=momentum_state, val=val, stage=stage,
+        init_fingerprint=training.model_fingerprint(model))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="blip finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=finetune_tasks(), required=True)
     p.add_argument("--init", required=True, help="pre-trained checkpoint or pretrain stage output")
-    p.add_argument("--data", nargs="+", required=True, help="human-annotated dataset directories")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="training dataset directories (human-annotated pairs; VQA data for --task vqa)")
     p.add_argument("--output", required=True, help="output directory or s3:// prefix")
     p.add_argument("--val", nargs="+", default=None, metavar="URI",
                    help="validation dataset directories: score every epoch and keep the best one as model/")
+    p.add_argument("--stage-name", default=None, help="name of the MLflow stage run (default: the task's section)")
     add_common_args(p)
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     res = run(cfg, args.task, args.init, args.data, args.output, resume=not args.no_resume,
-              parent_run_id=args.parent_run_id, val=args.val)
+              parent_run_id=args.parent_run_id, val=args.val, stage=args.stage_name)
     if D.rank() == 0:
         print(f"finetune {args.task}: {res.steps} steps, losses {_fmt(res.losses)}, model at {res.model_uri}")
         if res.validation:

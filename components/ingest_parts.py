@@ -44,9 +44,9 @@ from blip_core.data.webdataset_io import (
     SHARD_PREFIX,
     Manifest,
     ShardInfo,
+    answer_list,
     check_shards,
     read_manifest,
-    answer_list,
     shard_name,
 )
 from blip_core.errors import UserError

@@ -108,7 +108,7 @@ STAGES: dict[str, str] = {
 
 # stage options whose values are local paths or URIs (made absolute for local_cwd)
 PATH_OPTIONS = frozenset({"--data", "--output", "--init", "--vit-init", "--bert-init", "--config", "--captioner",
-                          "--filter", "--web", "--human"})
+                          "--filter", "--web", "--human", "--vocab-data"})
 
 # settings of this process passed on to the job's processes (credentials come from the secret instead)
 FORWARD_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "BLIP_PARENT_RUN_ID", "BLIP_TRACKING",

@@ -29,8 +29,12 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config, data: list[str], output: str, *, init: str | None = None, vit_init: str | None = None,
         bert_init: str | None = None, resume: bool = True, parent_run_id: str | None = None,
-        stage: str = "pretrain") -> TrainStageResult:
-    """Pre-train BLIP on the dataset directories ``data`` and write the model under ``output``."""
+        stage: str = "pretrain", vocab_data: list[str] | None = None) -> TrainStageResult:
+    """Pre-train BLIP on the dataset directories ``data`` and write the model under ``output``.
+
+    ``vocab_data``: more dataset directories whose texts (captions, VQA questions and answers) the corpus-built
+    vocabulary (``model.tokenizer: corpus``) also covers, e.g. the VQA data the model is fine-tuned on later.
+    """
     task = get_task("pretrain")
     task.check(cfg)
     info = D.init_from_env()
@@ -40,7 +44,7 @@ def run(cfg: Config, data: list[str], output: str, *, init: str | None = None, v
     if init:
         model, tokenizer, momentum_state = training.load_init(init)
     else:
-        tokenizer = training.make_tokenizer(cfg, data, work, info)
+        tokenizer = training.make_tokenizer(cfg, [*data, *(vocab_data or [])], work, info)
         model = training.new_model(cfg, tokenizer)
         with storage.local_copy(vit_init) if vit_init else contextlib.nullcontext() as vit_path:
             if vit_path is not None:
@@ -52,7 +56,8 @@ def run(cfg: Config, data: list[str], output: str, *, init: str | None = None, v
                 log.info("text transformer initialised from %s (unused BERT tensors: %s)", bert_init, unused)
     return training.run_training(
         cfg, task, model=model, tokenizer=tokenizer, data=data, output=output, work=work, info=info,
-        resume=resume, parent_run_id=parent_run_id, stage=stage, momentum_state=momentum_state)
+        resume=resume, parent_run_id=parent_run_id, stage=stage, momentum_state=momentum_state,
+        init_fingerprint=training.model_fingerprint(model) if init else None)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -68,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vit-init", default=None, help="timm ViT state dict file (.pth/.safetensors)")
     p.add_argument("--bert-init", default=None, help="Hugging Face BERT directory (save_pretrained)")
     p.add_argument("--stage-name", default="pretrain", help="name of the MLflow stage run (e.g. repretrain)")
+    p.add_argument("--vocab-data", nargs="+", default=None, metavar="URI",
+                   help="more dataset directories whose texts the corpus-built vocabulary covers (e.g. VQA data)")
     add_common_args(p)
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     res = run(cfg, args.data, args.output, init=args.init, vit_init=args.vit_init, bert_init=args.bert_init,
-              resume=not args.no_resume, parent_run_id=args.parent_run_id, stage=args.stage_name)
+              resume=not args.no_resume, parent_run_id=args.parent_run_id, stage=args.stage_name,
+              vocab_data=args.vocab_data)
     if D.rank() == 0:
         print(f"{args.stage_name}: {res.steps} steps, losses {_fmt(res.losses)}, model at {res.model_uri}")
     D.destroy()

@@ -268,18 +268,33 @@ def train_config_dict(cfg: Config, section: str) -> dict:
     return redact({"section": section, **to_dict(cfg)})
 
 
-def resume_config(cfg: Config, task: Task, stage: str, fingerprint: str, val: list[str] | None = None) -> dict:
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of a model's weights (names, shapes, values): a fine-tuning resumes only from the same initial
+    model, so a changed pre-trained model is never continued from checkpoints trained from the old one."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def resume_config(cfg: Config, task: Task, stage: str, fingerprint: str, val: list[str] | None = None,
+                  init: str | None = None) -> dict:
     """The config written beside checkpoints: a checkpoint is resumed only by a run with the same one.
 
     It holds the stage name, the sections the task depends on (``model``, ``data`` and its own), the data
     ``fingerprint`` and, with validation datasets ``val``, those and the sections the validation scores depend
-    on. Editing another stage's settings (e.g. ``capfilt.*``) never makes a pre-empted run start over.
+    on. Editing another stage's settings (e.g. ``capfilt.*``) never makes a pre-empted run start over. ``init``:
+    the initial model's :func:`model_fingerprint`, for a run that starts from a trained checkpoint.
     """
     sections = dict(task.config_sections(cfg))
     extra: dict = {}
     if val:
         sections.update({name: getattr(cfg, name) for name in task.validation_sections})
         extra = {"validation_data": list(val)}
+    if init:
+        extra["init_fingerprint"] = init
     return redact({"section": stage, **{k: to_dict(v) for k, v in sections.items()},
                    "data_fingerprint": fingerprint, **extra})
 
@@ -299,6 +314,7 @@ def run_training(
     stage: str | None = None,
     momentum_state: dict | None = None,
     val: list[str] | None = None,
+    init_fingerprint: str | None = None,
 ) -> TrainStageResult:
     """Train ``task`` from ``model`` (loaded or built) under an MLflow stage run and publish the trained model.
 
@@ -342,7 +358,7 @@ def run_training(
 
     fingerprint = data_fingerprint(data)
     logged = {**train_config_dict(cfg, stage), "data_fingerprint": fingerprint}
-    config = resume_config(cfg, task, stage, fingerprint, val)
+    config = resume_config(cfg, task, stage, fingerprint, val, init_fingerprint)
     if info.is_main and tracking.tracking_enabled():
         tracking.check_tracking()
 

@@ -42,6 +42,7 @@ LOCAL_OVERRIDES = [
     "pretrain.epochs=1", "pretrain.batch_size=8", "pretrain.warmup_steps=2",
     "finetune_captioner.epochs=1", "finetune_captioner.batch_size=8",
     "finetune_filter.epochs=1", "finetune_filter.batch_size=8",
+    "finetune_vqa.epochs=1", "finetune_vqa.batch_size=8", "evaluate.vqa_k_test=8",
     "capfilt.batch_size=16", "evaluate.batch_size=16", "evaluate.num_beams=2",
 ]
 LOCAL_SOURCES = {
@@ -49,6 +50,8 @@ LOCAL_SOURCES = {
     "human_source": "toyweb://?split=human&n=24&seed=1&size=32",
     "test_source": "toyweb://?split=test&n=12&seed=1&size=32",
     "calibration_source": "toyweb://?split=web&n=24&noise=0.5&seed=2&size=32",
+    "vqa_train_source": "toyweb://?split=vqa_train&n=16&seed=1&size=32",
+    "vqa_test_source": "toyweb://?split=vqa_test&n=6&seed=1&size=32",
 }
 
 

@@ -75,25 +75,28 @@ def ingest_merge(split: str, source: str, parts: Input[list[Dataset]], output_ro
 
 
 @component
-def pretrain(web: Input[Dataset], human: Input[Dataset], ctx: dict, params_file: str, config_overrides: list,
-             launcher: str, torchx: dict, model: Output[Model], metrics: Output[Metrics]):
-    """Pre-train BLIP (ITC + ITM + LM) on the noisy web pairs and the human pairs."""
+def pretrain(web: Input[Dataset], human: Input[Dataset], vocab: Input[Dataset], ctx: dict, params_file: str,
+             config_overrides: list, launcher: str, torchx: dict, model: Output[Model], metrics: Output[Metrics]):
+    """Pre-train BLIP (ITC + ITM + LM) on the noisy web pairs and the human pairs (the vocabulary also covers
+    ``vocab``, the VQA training data)."""
     from pipelines import steps
 
     with steps.step("pretrain"):
         data = [steps.input_location(web), steps.input_location(human)]
-        steps.train("pretrain", ctx, params_file, config_overrides, launcher, torchx, data, model, metrics)
+        steps.train("pretrain", ctx, params_file, config_overrides, launcher, torchx, data, model, metrics,
+                    vocab_data=[steps.input_location(vocab)])
 
 
 @component
-def finetune(task: str, pretrained: Input[Model], human: Input[Dataset], ctx: dict, params_file: str,
+def finetune(task: str, stage: str, pretrained: Input[Model], data: Input[Dataset], ctx: dict, params_file: str,
              config_overrides: list, launcher: str, torchx: dict, model: Output[Model], metrics: Output[Metrics]):
-    """Fine-tune the pre-trained model as the captioner (LM) or the filter (ITC + ITM) on the human pairs."""
+    """Fine-tune the pre-trained model for ``task``: the captioner (LM) or the filter (ITC + ITM) on the human
+    pairs, or VQA on the VQA training data; ``stage`` names the MLflow run and the output."""
     from pipelines import steps
 
-    with steps.step(f"finetune_{task}"):
-        steps.train(f"finetune_{task}", ctx, params_file, config_overrides, launcher, torchx,
-                    [steps.input_location(human)], model, metrics, init=steps.input_location(pretrained), task=task)
+    with steps.step(stage):
+        steps.train(stage, ctx, params_file, config_overrides, launcher, torchx,
+                    [steps.input_location(data)], model, metrics, init=steps.input_location(pretrained), task=task)
 
 
 @component
@@ -111,28 +114,33 @@ def capfilt(captioner: Input[Model], filter_model: Input[Model], web: Input[Data
 
 
 @component
-def repretrain(data: Input[Dataset], ctx: dict, params_file: str, config_overrides: list, launcher: str,
-               torchx: dict, model: Output[Model], metrics: Output[Metrics]):
+def repretrain(data: Input[Dataset], vocab: Input[Dataset], ctx: dict, params_file: str, config_overrides: list,
+               launcher: str, torchx: dict, model: Output[Model], metrics: Output[Metrics]):
     """Pre-train a new model from scratch on the bootstrapped dataset."""
     from pipelines import steps
 
     with steps.step("repretrain"):
         steps.train("repretrain", ctx, params_file, config_overrides, launcher, torchx,
-                    [steps.input_location(data)], model, metrics)
+                    [steps.input_location(data)], model, metrics, vocab_data=[steps.input_location(vocab)])
 
 
 @component
 def evaluate(noisy: Input[Model], bootstrapped: Input[Model], test: Input[Dataset], capfilt_data: Input[Dataset],
+             vqa_noisy: Input[Model], vqa_bootstrapped: Input[Model], vqa_test: Input[Dataset],
              ctx: dict, params_file: str, config_overrides: list, min_gain: float, results: Output[Artifact],
              metrics: Output[Metrics], report: Output[Markdown], report_html: Output[HTML]) -> bool:
-    """Compare both pre-trained models on the test split; True when the bootstrapped one should be promoted."""
+    """Compare both pre-trained models (and the VQA models fine-tuned from them) on the test splits; True when
+    the bootstrapped one should be promoted."""
     from pipelines import settings, steps
 
     with steps.step("evaluate"):
         models = {settings.BASELINE: steps.input_location(noisy), settings.CANDIDATE: steps.input_location(bootstrapped)}
+        vqa = {settings.BASELINE: steps.input_location(vqa_noisy),
+               settings.CANDIDATE: steps.input_location(vqa_bootstrapped)}
         return steps.evaluate(ctx, params_file, config_overrides, models, steps.input_location(test),
                               steps.input_location(capfilt_data), min_gain, settings.BASELINE, settings.CANDIDATE,
-                              results, metrics, report, report_html)
+                              results, metrics, report, report_html, vqa=vqa,
+                              vqa_test=steps.input_location(vqa_test))
 
 
 @component

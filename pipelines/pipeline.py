@@ -120,12 +120,14 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
 
     @dsl.pipeline(name=settings.PIPELINE_NAME,
                   description="BLIP pre-training with CapFilt bootstrapping: ingest, pretrain, finetune captioner "
-                              "and filter, capfilt, repretrain, evaluate, register (MLflow-tracked).")
+                              "and filter, capfilt, repretrain, VQA fine-tuning of both pre-trained models, evaluate, register (MLflow-tracked).")
     def blip_capfilt(
         web_source: str = "",
         human_source: str = "",
         test_source: str = "",
         calibration_source: str = "",
+        vqa_train_source: str = "",
+        vqa_test_source: str = "",
         params_file: str = settings.PARAMS_FILE,
         config_overrides: list = [],  # noqa: B006 - a KFP parameter default, never mutated
         output_root: str = settings.OUTPUT_ROOT,
@@ -139,7 +141,8 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
         registered_model: str = settings.REGISTERED_MODEL,
         ingest_parts: int = 1,
     ):
-        """Parameters: ``*_source`` ('' = the config's ``sources.*``; the calibration sample is optional: with
+        """Parameters: ``*_source`` ('' = the config's ``sources.*``; ``vqa_*``: the VQA data the pre-trained
+        models are fine-tuned and scored on; the calibration sample is optional: with
         none, CapFilt filters with ``capfilt.threshold``), ``params_file`` (in the image, local or
         s3) and ``config_overrides`` ("key=value" strings), ``output_root`` (s3 prefix for stage outputs, ''
         = KFP artifacts), tracking and S3 endpoints, ``launcher`` (inline | torchx), ``torchx`` (job settings,
@@ -158,28 +161,36 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
             train = {**cfg, "ctx": ctx, "launcher": launcher, "torchx": torchx}
             data = {}
             for split, source in (("human", human_source), ("test", test_source),
-                                  ("calibration", calibration_source)):
+                                  ("calibration", calibration_source), ("vqa_train", vqa_train_source),
+                                  ("vqa_test", vqa_test_source)):
                 data[split] = conf(C.ingest(split=split, source=source, output_root=output_root,
                                             s3_endpoint=s3_endpoint, **cfg), "ingest", f"ingest {split}",
                                    retries=2, mlflow=False, policy="")
             data["web"] = _parallel_ingest(conf, "web", web_source, ingest_parts, output_root, s3_endpoint, cfg)
+            vocab = data["vqa_train"].outputs["dataset"]
             pre = conf(C.pretrain(web=data["web"].outputs["dataset"], human=data["human"].outputs["dataset"],
-                                  **train), "pretrain", "pretrain", retries=2, policy="launch")
+                                  vocab=vocab, **train), "pretrain", "pretrain", retries=2, policy="launch")
             tuned = {}
             for task in ("captioner", "filter"):
-                tuned[task] = conf(C.finetune(task=task, pretrained=pre.outputs["model"],
-                                              human=data["human"].outputs["dataset"], **train),
+                tuned[task] = conf(C.finetune(task=task, stage=f"finetune_{task}", pretrained=pre.outputs["model"],
+                                              data=data["human"].outputs["dataset"], **train),
                                    "finetune", f"finetune {task}", retries=2, policy="launch")
             cf = conf(C.capfilt(captioner=tuned["captioner"].outputs["model"],
                                 filter_model=tuned["filter"].outputs["model"], web=data["web"].outputs["dataset"],
                                 human=data["human"].outputs["dataset"],
                                 calibration=data["calibration"].outputs["dataset"], **train),
                       "capfilt", "capfilt", retries=2, policy="launch")
-            re = conf(C.repretrain(data=cf.outputs["dataset"], **train), "pretrain", "repretrain", retries=2,
-                      policy="launch")
+            re = conf(C.repretrain(data=cf.outputs["dataset"], vocab=vocab, **train), "pretrain", "repretrain",
+                      retries=2, policy="launch")
+            vqa = {}
+            for name, base in (("noisy", pre), ("capfilt", re)):
+                vqa[name] = conf(C.finetune(task="vqa", stage=f"finetune_vqa_{name}", pretrained=base.outputs["model"],
+                                            data=data["vqa_train"].outputs["dataset"], **train),
+                                 "finetune", f"finetune vqa {name}", retries=2, policy="launch")
             ev = conf(C.evaluate(noisy=pre.outputs["model"], bootstrapped=re.outputs["model"],
                                  test=data["test"].outputs["dataset"], capfilt_data=cf.outputs["dataset"],
-                                 ctx=ctx, min_gain=min_gain, **cfg), "evaluate", "evaluate", retries=2)
+                                 vqa_noisy=vqa["noisy"].outputs["model"], vqa_bootstrapped=vqa["capfilt"].outputs["model"],
+                                 vqa_test=data["vqa_test"].outputs["dataset"], ctx=ctx, min_gain=min_gain, **cfg), "evaluate", "evaluate", retries=2)
             # The gate reads the step's single return value ("Output"): the local runner resolves a named
             # NamedTuple field inside an exit handler's sub-DAG wrongly.
             with dsl.If(ev.outputs["Output"] == True, name="promote"):  # noqa: E712 - a KFP condition

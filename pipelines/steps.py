@@ -368,8 +368,10 @@ def ingest_merge(split: str, source: str, parts: Sequence, output_root: str, s3_
 
 
 def train(stage: str, ctx: dict, params_file: str, overrides: Sequence[str], launcher: str, torchx: dict,
-          data: Sequence[str], model, metrics, *, init: str | None = None, task: str | None = None) -> None:
-    """Run a training stage (``pretrain``, ``repretrain``, ``finetune_captioner``, ``finetune_filter``)."""
+          data: Sequence[str], model, metrics, *, init: str | None = None, task: str | None = None,
+          vocab_data: Sequence[str] = ()) -> None:
+    """Run a training stage (``pretrain``, ``repretrain``, ``finetune_captioner``, ``finetune_filter``,
+    ``finetune_vqa_<model>``)."""
     from components import finetune, pretrain
 
     apply_context(ctx)
@@ -378,15 +380,17 @@ def train(stage: str, ctx: dict, params_file: str, overrides: Sequence[str], lau
     parent = ctx.get("parent_run_id") or None
     if launcher == "inline":
         if task:
-            finetune.run(cfg, task, init, list(data), out, parent_run_id=parent)
+            finetune.run(cfg, task, init, list(data), out, parent_run_id=parent, stage=stage)
         else:
-            pretrain.run(cfg, list(data), out, init=init, parent_run_id=parent, stage=stage)
+            pretrain.run(cfg, list(data), out, init=init, parent_run_id=parent, stage=stage,
+                         vocab_data=list(vocab_data) or None)
     elif launcher == "torchx":
         args = ["--data", *data, "--output", out]
         if task:
-            args = ["--task", task, "--init", str(init), *args]
+            args = ["--task", task, "--init", str(init), "--stage-name", stage, *args]
         else:
             args += ["--stage-name", stage] + (["--init", init] if init else [])
+            args += ["--vocab-data", *vocab_data] if vocab_data else []
         if parent:
             args += ["--parent-run-id", parent]
         _launch("finetune" if task else "pretrain", args + _config_args(params_file, overrides), ctx, torchx)
@@ -441,7 +445,7 @@ def capfilt(ctx: dict, params_file: str, overrides: Sequence[str], launcher: str
 
 def evaluate(ctx: dict, params_file: str, overrides: Sequence[str], models: dict[str, str], test: str,
              capfilt_data: str, min_gain: float, baseline: str, candidate: str, results, metrics, report,
-             html) -> bool:
+             html, *, vqa: dict[str, str] | None = None, vqa_test: str | None = None) -> bool:
     """Evaluate the models on the test split; return whether ``candidate`` beats ``baseline`` by ``min_gain``."""
     from components import evaluate as stage
     from components import storage
@@ -449,8 +453,8 @@ def evaluate(ctx: dict, params_file: str, overrides: Sequence[str], models: dict
     apply_context(ctx)
     cfg = load_cfg(params_file, overrides)
     out = output_location(results, ctx.get("run_root", ""), "evaluate")
-    res = stage.run(cfg, dict(models), test, out, capfilt=capfilt_data or None,
-                    parent_run_id=ctx.get("parent_run_id") or None)
+    res = stage.run(cfg, dict(models), test, out, capfilt=capfilt_data or None, vqa=dict(vqa or {}) or None,
+                    vqa_test=vqa_test if vqa else None, parent_run_id=ctx.get("parent_run_id") or None)
     key = cfg.evaluate.metric
     per_model: dict[str, dict[str, Any]] = res.metrics.get("models") or {}
     for name, values in per_model.items():

@@ -12,8 +12,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ["ingest@web", "ingest@human", "ingest@test", "ingest@calibration", "pretrain", "finetune_captioner", "finetune_filter",
-          "capfilt", "repretrain", "evaluate", "register"]
+STAGES = ["ingest@web", "ingest@human", "ingest@test", "ingest@calibration", "ingest@vqa_train", "ingest@vqa_test",
+          "pretrain", "finetune_captioner", "finetune_filter", "capfilt", "repretrain", "finetune_vqa@noisy",
+          "finetune_vqa@capfilt", "evaluate", "register"]
 
 
 def _run(args, cwd, env, timeout=900):
@@ -52,6 +53,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     assert sorted(_ran(first)) == sorted(STAGES)
     metrics = yaml.safe_load((d / "outputs" / "evaluate" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"noisy", "capfilt"}
+    assert set(metrics["vqa"]["models"]) == {"noisy", "capfilt"} and "vqa_acc" in metrics["models"]["capfilt"]
     assert (d / "outputs" / "evaluate" / "report.md").is_file()
     assert (d / "data" / "capfilt" / "manifest.json").is_file()
     assert (d / "dvc.lock").is_file()
@@ -68,7 +70,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     # Only the filter and what depends on it run again (DVC skips a downstream stage whose inputs came out
     # byte-identical); nothing upstream or on the captioner's branch does.
     assert {"finetune_filter", "capfilt"} <= set(third)
-    assert set(third) <= {"finetune_filter", "capfilt", "repretrain", "evaluate", "register"}
+    assert set(third) <= {"finetune_filter", "capfilt", "repretrain", "finetune_vqa@capfilt", "evaluate", "register"}
 
 
 @pytest.mark.slow

@@ -12,12 +12,14 @@ from components.cli import main as blip
 from pipelines import cli, settings
 from pipelines.pipeline import make_pipeline
 
-INGEST_EXECUTORS = ("exec-ingest", "exec-ingest-2", "exec-ingest-3", "exec-ingest-part", "exec-ingest-merge")
-STAGE_EXECUTORS = (*INGEST_EXECUTORS, "exec-pretrain", "exec-finetune", "exec-finetune-2", "exec-capfilt",
+INGEST_EXECUTORS = ("exec-ingest", "exec-ingest-2", "exec-ingest-3", "exec-ingest-4", "exec-ingest-5",
+                    "exec-ingest-part", "exec-ingest-merge")
+# finetune, -2: the captioner and the filter; -3, -4: VQA from the noisy and the CapFilt pre-trained model
+FINETUNE_EXECUTORS = ("exec-finetune", "exec-finetune-2", "exec-finetune-3", "exec-finetune-4")
+STAGE_EXECUTORS = (*INGEST_EXECUTORS, "exec-pretrain", *FINETUNE_EXECUTORS, "exec-capfilt",
                    "exec-repretrain", "exec-evaluate", "exec-register")
-GPU_EXECUTORS = ("exec-pretrain", "exec-finetune", "exec-finetune-2", "exec-capfilt", "exec-repretrain",
-                 "exec-evaluate")
-TRAIN_EXECUTORS = ("exec-pretrain", "exec-finetune", "exec-finetune-2", "exec-capfilt", "exec-repretrain")
+GPU_EXECUTORS = ("exec-pretrain", *FINETUNE_EXECUTORS, "exec-capfilt", "exec-repretrain", "exec-evaluate")
+TRAIN_EXECUTORS = ("exec-pretrain", *FINETUNE_EXECUTORS, "exec-capfilt", "exec-repretrain")
 
 
 def _compile(tmp_path, name="p.yaml", **kw):
@@ -60,8 +62,9 @@ def test_retries_caching_gate_and_exit_handler(compiled):
     spec, _ = compiled
     tasks = _tasks(spec)
     retried = {n for n, t in tasks.items() if "retryPolicy" in t}
-    assert retried == {"ingest", "ingest-2", "ingest-3", "ingest-part", "ingest-merge", "pretrain", "finetune",
-                       "finetune-2", "capfilt", "repretrain", "evaluate"}
+    assert retried == {"ingest", "ingest-2", "ingest-3", "ingest-4", "ingest-5", "ingest-part", "ingest-merge",
+                       "pretrain", "finetune", "finetune-2", "finetune-3", "finetune-4", "capfilt", "repretrain",
+                       "evaluate"}
     assert tasks["evaluate"]["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["pretrain"]["retryPolicy"]["backoffDuration"] == "60s"
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
@@ -70,7 +73,8 @@ def test_retries_caching_gate_and_exit_handler(compiled):
     assert "evaluate" in json.dumps(gate) and "== true" in gate["triggerPolicy"]["condition"]
     assert tasks["end-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     assert {t["taskInfo"]["name"] for t in tasks.values()} >= {"ingest human", "ingest web part", "ingest web merge",
-                                                               "finetune captioner", "repretrain"}
+                                                               "finetune captioner", "repretrain",
+                                                               "finetune vqa noisy", "finetune vqa capfilt"}
     # the web source is ingested in `ingest_parts` parts: a ParallelFor over the planned indices, then the merge
     loop = next(t for t in tasks.values() if "iteratorPolicy" in t or "parameterIterator" in t)
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("ingest-plan-Output")

@@ -151,9 +151,9 @@ def test_a_task_defined_outside_the_library_trains_through_the_stage(toy_data, i
 def test_the_registry(capsys):
     assert set(tasks.TASKS) >= {"pretrain", "captioner", "filter"}
     assert tasks.get_task("filter").section == "finetune_filter"
-    assert tasks.finetune_tasks() == ["captioner", "filter"]
-    with pytest.raises(UserError, match=r"unknown task 'vqa'; choose one of pretrain, captioner, filter"):
-        tasks.get_task("vqa")
+    assert tasks.finetune_tasks() == ["captioner", "filter", "vqa"]
+    with pytest.raises(UserError, match=r"unknown task 'nlvr'; choose one of pretrain, captioner, filter, vqa"):
+        tasks.get_task("nlvr")
     with pytest.raises(SystemExit) as e:
         blip(["finetune", "--task", "pretrain", "--init", "x", "--data", "y", "--output", "z"])
     assert e.value.code == 2 and "invalid choice: 'pretrain'" in capsys.readouterr().err
@@ -185,3 +185,22 @@ def test_resume_depends_only_on_the_stages_own_sections(toy_data, tmp_path, no_t
     assert res.resumed_from is None and res.steps == steps
     log = json.loads((out / "train_log.json").read_text())
     assert [r["step"] for r in log] == list(range(1, steps + 1))
+
+
+def test_a_finetuning_resumes_only_from_the_same_initial_model(toy_data, init, tmp_path, no_tracking):
+    """Checkpoints of a fine-tuning are continued by a re-run from the same pre-trained model only: after the
+    pre-trained model changed (a re-run upstream stage), the fine-tuning starts over from the new one."""
+    from components import finetune
+
+    other = tmp_path / "other" / "model"
+    m = training.load_init(init)
+    with torch.no_grad():
+        m[0].itm_head.bias.add_(1.0)
+    m[0].save(other, tokenizer=m[1])
+    cfg = load_config(None, TINY + ["finetune_captioner.epochs=1", "finetune_captioner.checkpoint_every=1"])
+    out = str(tmp_path / "cap")
+    stopped = load_config(None, TINY + ["finetune_captioner.epochs=1", "finetune_captioner.max_steps=1"])
+    assert finetune.run(stopped, "captioner", init, [toy_data["human"]], out).steps == 1
+    assert finetune.run(cfg, "captioner", init, [toy_data["human"]], out).resumed_from is not None
+    assert finetune.run(stopped, "captioner", init, [toy_data["human"]], str(tmp_path / "cap2")).steps == 1
+    assert finetune.run(cfg, "captioner", str(other), [toy_data["human"]], str(tmp_path / "cap2")).resumed_from is None

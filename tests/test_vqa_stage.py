@@ -11,8 +11,8 @@ import pytest
 from blip_core.checkpoint_io import load_checkpoint
 from blip_core.config import load_config
 from blip_core.models.vqa import BlipVQA
-from components import evaluate, finetune, ingest, pretrain
 from components import cli as blip_cli
+from components import evaluate, finetune, ingest, pretrain
 from tests.toy_data import TINY
 
 VQA = TINY + ["finetune_vqa.batch_size=8", "finetune_vqa.epochs=1", "finetune_vqa.max_steps=3",
@@ -39,8 +39,13 @@ def vqa_model(toy_data, vqa_data, tmp_path_factory):
     os.environ["BLIP_TRACKING"] = "0"
     root = tmp_path_factory.mktemp("vqarun")
     cfg = load_config(None, VQA + ["pretrain.max_steps=2"])
-    pre = pretrain.run(cfg, [toy_data["web"], vqa_data["vqa_train"]], str(root / "pre"))
+    pre = pretrain.run(cfg, [toy_data["web"]], str(root / "pre"), vocab_data=[vqa_data["vqa_train"]])
     res = finetune.run(cfg, "vqa", pre.output, [vqa_data["vqa_train"]], str(root / "vqa"))
+    from blip_core.tokenizer import BlipTokenizer
+
+    tok = BlipTokenizer.from_dir(Path(pre.model_uri) / "tokenizer")
+    assert "what" in tok.hf.get_vocab()  # a question word, absent from the captions
+
     return {"pre": pre, "vqa": res, "root": root, "cfg": cfg}
 
 
