@@ -410,7 +410,7 @@ def _unknown_fields(raw, known, path="") -> list[str]:
 def test_built_in_objects_use_only_known_api_fields(target):
     """A misspelt field (readinesProbe, allowPrivilegeEscalatoin) renders fine and is silently dropped by
     the API server; a round trip through the Kubernetes client's typed models finds it."""
-    client = pytest.importorskip("kubernetes.client")
+    client = pytest.importorskip("kubernetes.client", reason="the kubernetes Python client is not installed")
     api = client.ApiClient()
     checked = 0
     for obj in _render(target):
@@ -799,7 +799,7 @@ def _pod_labels(docs, kind: str, name: str) -> Endpoint:
 
 def _training_pod() -> Endpoint:
     """The labels TorchX puts on a training pod, from a real dry run of the launcher."""
-    launch = pytest.importorskip("components.launch")
+    launch = pytest.importorskip("components.launch", reason="torchx is not installed (the workflow extra)")
     job = launch.launch("pretrain", ["--data", "s3://blip/d", "--output", "s3://blip/o"], scheduler="kubernetes",
                         dryrun=True).request
     return JOBS_NAMESPACE, job["spec"]["tasks"][0]["template"]["metadata"]["labels"]
@@ -988,7 +988,7 @@ def _git_ignored(path: Path) -> bool:
 
 def test_secret_env_files_are_git_ignored_and_templates_are_not():
     if shutil.which("git") is None:
-        pytest.skip("git is not installed")
+        pytest.skip("git is not installed: the tracked-files check needs it")
     for template in SECRETS_DIR.glob("*.env.example"):
         assert not _git_ignored(template), template
         assert _git_ignored(template.with_suffix("")), f"{template.with_suffix('')} would be committed"

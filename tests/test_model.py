@@ -93,6 +93,7 @@ def test_text_init_std_follows_config(std):
         pytest.approx(std, rel=0.1)
 
 
+@pytest.mark.slow  # builds the 252M-parameter model
 def test_base_preset_parameter_count_matches_paper():
     m = build_model(model_preset("base"))
     n = count_parameters(m)

@@ -367,6 +367,7 @@ def test_rank_rows_split_evenly_in_whole_units():
         rank_rows(10, 2, 2)
 
 
+@pytest.mark.slow  # two processes
 def test_two_gloo_processes_all_reduce_to_the_unblocked(larger, tmp_path):
     model, images, ids, mask, _, _ = larger
     i2t, t2i = _unblocked(model, images, ids, mask, K)
