@@ -1063,8 +1063,10 @@ def test_project_dockerfile():
     ), "the project is never pip-installed"
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = {re.split(r"[=<>~!\[ ]", d, maxsplit=1)[0]: d for d in project["dependencies"]}
+    image_deps = project["dependencies"] + project["optional-dependencies"]["workflow"]  # what the image installs
+    pins = {re.split(r"[=<>~!\[ ]", d, maxsplit=1)[0]: d for d in image_deps}
     assert "kfp" in pins, "kfp must be in the image for install_kfp_package=False"
+    assert "optional-dependencies']['workflow']" in DOCKERFILE.read_text(), "the image lacks the workflow extra"
     args = dict(rest.partition("=")[::2] for op, rest in instr if op == "ARG")
     assert f"torch=={args['TORCH_VERSION']}" == pins["torch"].replace(" ", "")
     assert f"torchvision=={args['TORCHVISION_VERSION']}" == pins["torchvision"].replace(" ", "")
@@ -1098,7 +1100,7 @@ def test_python_dependencies_are_locked_by_a_constraints_file():
         pins[canonicalize_name(req.name)] = spec.version
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert canonicalize_name(project["name"]) not in pins, "the project itself is pinned"
-    for dependency in project["dependencies"]:
+    for dependency in project["dependencies"] + project["optional-dependencies"]["workflow"]:  # the image's
         req = Requirement(dependency)
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} has no pin in constraints.txt"
