@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -87,9 +88,14 @@ def _link(dist: md.Distribution, site: Path) -> None:
 
 @pytest.mark.slow  # installs the project into a fresh folder and starts a fresh interpreter
 def test_core_install_runs_blip_core_without_the_workflow(tmp_path):
-    site = tmp_path / "site"
+    src, site = tmp_path / "src", tmp_path / "site"  # built from a copy: the build leaves nothing in the tree
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for package in ("blip_core", "components", "pipelines", "benchmarks"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--no-index", "--target", str(site), str(ROOT)],
+                           "--no-index", "--target", str(site), str(src)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600,
                           env={**os.environ, "PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
