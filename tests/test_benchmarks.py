@@ -26,3 +26,23 @@ def test_retrieval_benchmark_reports_time_and_memory(capsys, tmp_path):
     assert report["scores"]["seconds"] > 0 and report["scores"]["peak_rss_mib"] > 0
     assert report["unblocked"]["same_metrics"] is True  # the blocked path gives the unblocked metrics
     assert list(tmp_path.glob("*/i2t_*.pt")) and '"metrics"' in capsys.readouterr().out
+
+
+def test_train_benchmark_prints_absolute_numbers_and_no_ratio_without_the_official_run(capsys):
+    """A ratio against the official step is printed only when both ran in the same invocation."""
+    from benchmarks import train
+
+    assert train.main(["--presets", "tiny", "--steps", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    (row,) = [line for line in out.splitlines() if line.startswith("tiny")]
+    batch, size, s_per_step, pairs_per_s = row.split()[1:5]
+    assert (batch, size) == ("4", "32") and float(s_per_step) > 0 and float(pairs_per_s) > 0
+    assert "official" not in out and "x " not in out
+
+
+def test_train_benchmark_refuses_an_official_dir_that_is_not_blip(tmp_path, capsys):
+    from benchmarks import train
+
+    assert train.main(["--presets", "base", "--official-dir", str(tmp_path), "--threads", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "not a salesforce/BLIP checkout" in captured.err and "official" not in captured.out
