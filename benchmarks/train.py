@@ -2,16 +2,23 @@
 
     python -m benchmarks.train [--presets toy base] [--steps 3] [--threads 2]
                                [--grad-ckpt-layers K] [--text-grad-ckpt-layers K]
+                               [--batch 8] [--image-size 224] [--queue-size 57600] [--official-dir DIR]
 
 Each preset runs in its own subprocess (so peak RSS is that preset's alone) one full pre-training step at a
-time: ITC + ITM + LM forward, backward, AdamW step, momentum update and enqueue, fp32 on CPU.
+time: ITC + ITM + LM forward, backward, AdamW step, momentum update and enqueue, fp32 on CPU. It prints
+absolute numbers for this machine.
 
-- `base`: ViT-B/16 at 224 px, BERT-base text, queue 57600, batch 8, random inputs (the setting of the
-  reference point: the official salesforce/BLIP step takes 17.5-18.0 s with 10.4 GB peak RSS on 2 cores).
+- `base`: ViT-B/16 at 224 px, BERT-base text, queue 57600, batch 8, random inputs (`--batch`, `--image-size`,
+  `--queue-size` change them).
+- `--official-dir DIR`: DIR is a local checkout of salesforce/BLIP (its `models/` and `configs/`). The official
+  pre-training step then runs first, in its own process, at the same batch, image size, queue and threads
+  (`benchmarks.official_blip`, which loads it with the shims today's libraries need), then blip_core's `base`;
+  only then is a ratio printed, since both sides ran one after the other on the same machine.
 - `--grad-ckpt-layers K` / `--text-grad-ckpt-layers K`: gradient checkpointing of the last K ViT blocks / MED
   layers (``model.vision.grad_ckpt_layers``, ``model.text.grad_ckpt_layers``): recomputation time for memory.
 - `toy`: the demo's model (params.yaml) at its batch size, fed by the real loader from a toy-web dataset,
   which also gives the share of time spent waiting for data.
+- `tiny`: the unit tests' model on random 32 px inputs (seconds; a smoke run of the benchmark itself).
 """
 
 from __future__ import annotations
@@ -25,11 +32,11 @@ import sys
 import tempfile
 import time
 
-TARGET_BASE_S, TARGET_BASE_GB = 14.6, 8.3
-REFERENCE_BASE_S, REFERENCE_BASE_GB = 17.75, 10.4
+BASE_BATCH, BASE_IMAGE_SIZE, BASE_QUEUE = 8, 224, 57600
 
 
-def _worker(preset: str, steps: int, threads: int, grad_ckpt_layers: int = 0, text_grad_ckpt: int = 0) -> dict:
+def _worker(preset: str, steps: int, threads: int, grad_ckpt_layers: int = 0, text_grad_ckpt: int = 0,
+            batch: int = BASE_BATCH, image_size: int = BASE_IMAGE_SIZE, queue_size: int = BASE_QUEUE) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -39,12 +46,14 @@ def _worker(preset: str, steps: int, threads: int, grad_ckpt_layers: int = 0, te
     from blip_core.objectives import PretrainObjective, SpecialIds
     from blip_core.train.optim import build_optimizer
 
-    if preset == "base":
-        cfg = load_config(None, ["model.preset=base", f"model.text.grad_ckpt_layers={text_grad_ckpt}"])
-        model = build_model(cfg.model)
-        vocab = cfg.model.text.vocab_size
+    if preset in ("base", "tiny"):
+        sizes = ([f"model.vision.image_size={image_size}", f"model.queue_size={queue_size}"] if preset == "base"
+                 else [])
+        cfg = load_config(None, [f"model.preset={preset}", f"model.text.grad_ckpt_layers={text_grad_ckpt}", *sizes])
+        vocab = cfg.model.text.vocab_size or 30524  # tiny: a BERT-sized vocabulary for the random captions
+        model = build_model(cfg.model, vocab_size=vocab)
         ids = bert_special_ids(vocab)
-        batch_size = 8
+        batch_size = batch if preset == "base" else 4
 
         def batches():
             yield from random_pretrain_batches(batch_size, cfg.model.vision.image_size, vocab)
@@ -84,44 +93,70 @@ def _worker(preset: str, steps: int, threads: int, grad_ckpt_layers: int = 0, te
             data_times.append(t1 - t0)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step = sum(step_times) / len(step_times)
-    return {"preset": preset, "batch": batch_size, "s_per_step": step, "pairs_per_s": batch_size / step,
+    return {"preset": preset, "batch": batch_size, "image_size": cfg.model.vision.image_size,
+            "s_per_step": step, "pairs_per_s": batch_size / step,
             "data_share": sum(data_times) / sum(step_times), "peak_rss_gb": peak_kb / 1024**2,
             "threads": threads, "steps": steps, "grad_ckpt_layers": grad_ckpt_layers,
             "text_grad_ckpt_layers": text_grad_ckpt}
 
 
+def _run(cmd: list[str], env: dict, what: str) -> dict | None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"{what}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _row(name: str, r: dict) -> str:
+    share = f"{100 * r['data_share']:>6.1f}%" if "data_share" in r else f"{'-':>7}"
+    return (f"{name:<9} {r['batch']:>5} {r['image_size']:>5} {r['s_per_step']:>8.2f} {r['pairs_per_s']:>8.2f} "
+            f"{share} {r['peak_rss_gb']:>7.2f} GB")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", nargs="+", default=["toy", "base"], choices=["toy", "base"])
+    p.add_argument("--presets", nargs="+", default=["toy", "base"], choices=["tiny", "toy", "base"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grad-ckpt-layers", type=int, default=0, help="checkpoint the last K ViT blocks")
     p.add_argument("--text-grad-ckpt-layers", type=int, default=0, help="checkpoint the last K MED layers")
+    p.add_argument("--batch", type=int, default=BASE_BATCH, help="base: pairs per step (both sides)")
+    p.add_argument("--image-size", type=int, default=BASE_IMAGE_SIZE, help="base: image size (both sides)")
+    p.add_argument("--queue-size", type=int, default=BASE_QUEUE, help="base: ITC queue (both sides)")
+    p.add_argument("--official-dir", default=None, metavar="DIR",
+                   help="a salesforce/BLIP checkout: time its pre-training step too, then print the ratio")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args.worker, args.steps, args.threads, args.grad_ckpt_layers,
-                                 args.text_grad_ckpt_layers)))
+                                 args.text_grad_ckpt_layers, args.batch, args.image_size, args.queue_size)))
         return 0
-    print(f"{'preset':<6} {'batch':>5} {'s/step':>8} {'pairs/s':>8} {'data %':>7} {'peak RSS':>9}")
+    if args.official_dir and "base" not in args.presets:
+        p.error("--official-dir compares against the base preset: include base in --presets")
     env = {**os.environ, "BLIP_TRACKING": "0", "OMP_NUM_THREADS": str(args.threads)}
-    for preset in args.presets:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.train", "--worker", preset, "--steps",
-                               str(args.steps), "--threads", str(args.threads), "--grad-ckpt-layers",
-                               str(args.grad_ckpt_layers), "--text-grad-ckpt-layers",
-                               str(args.text_grad_ckpt_layers)],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(f"{preset}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+    official = None
+    if args.official_dir:  # first, in its own process; blip_core's base runs after it in the same invocation
+        official = _run([sys.executable, "-m", "benchmarks.official_blip", "--official-dir", args.official_dir,
+                         "--image-size", str(args.image_size), "--batch", str(args.batch), "--queue-size",
+                         str(args.queue_size), "--steps", str(args.steps), "--threads", str(args.threads)],
+                        env, "official BLIP")
+        if official is None:
             return 1
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{preset:<6} {r['batch']:>5} {r['s_per_step']:>8.2f} {r['pairs_per_s']:>8.2f} "
-              f"{100 * r['data_share']:>6.1f}% {r['peak_rss_gb']:>7.2f} GB")
-        if preset == "base":
-            print(f"  base vs the official step ({REFERENCE_BASE_S} s, {REFERENCE_BASE_GB} GB): "
-                  f"{REFERENCE_BASE_S / r['s_per_step']:.2f}x faster, {r['peak_rss_gb'] / REFERENCE_BASE_GB:.2f}x "
-                  f"the memory; targets <= {TARGET_BASE_S} s and <= {TARGET_BASE_GB} GB: "
-                  f"{'met' if r['s_per_step'] <= TARGET_BASE_S and r['peak_rss_gb'] <= TARGET_BASE_GB else 'NOT met'}")
+    print(f"{'preset':<9} {'batch':>5} {'size':>5} {'s/step':>8} {'pairs/s':>8} {'data %':>7} {'peak RSS':>9}")
+    if official is not None:
+        print(_row("official", official))
+    for preset in args.presets:
+        r = _run([sys.executable, "-m", "benchmarks.train", "--worker", preset, "--steps", str(args.steps),
+                  "--threads", str(args.threads), "--grad-ckpt-layers", str(args.grad_ckpt_layers),
+                  "--text-grad-ckpt-layers", str(args.text_grad_ckpt_layers), "--batch", str(args.batch),
+                  "--image-size", str(args.image_size), "--queue-size", str(args.queue_size)], env, preset)
+        if r is None:
+            return 1
+        print(_row(preset, r))
+        if preset == "base" and official is not None:
+            print(f"  base vs official, measured side by side in this run: {official['s_per_step'] / r['s_per_step']:.2f}x "
+                  f"the official step's speed, {r['peak_rss_gb'] / official['peak_rss_gb']:.2f}x its peak RSS")
     return 0
 
 

@@ -418,14 +418,3 @@ def load_checkpoint(src: str | Path, *, with_momentum: bool = True, image_size: 
                 momentum[key], note = fit_pos_embed(key, momentum[key], want[1] - 1)
                 notes += [note] if note else []
     return Checkpoint(model=model, tokenizer=tokenizer, momentum_state=momentum, notes=notes)
-
-
-def is_checkpoint_dir(path: str | Path) -> bool:
-    """True when ``path`` holds a blip_core ``config.json``."""
-    p = Path(path) / CONFIG_FILE
-    if not p.is_file():
-        return False
-    try:
-        return json.loads(p.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False

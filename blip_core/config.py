@@ -498,14 +498,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def to_dict(cfg: Any) -> dict:
     """Plain nested dict of a config dataclass (for JSON, MLflow params and checkpoints)."""
     return dataclasses.asdict(cfg)
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Flatten a nested dict to dotted keys (``{"a": {"b": 1}} -> {"a.b": 1}``)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

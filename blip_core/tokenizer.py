@@ -143,11 +143,3 @@ class BlipTokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.hf.decode(ids, skip_special_tokens=True).strip()
-
-    def batch_decode(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
-        return [self.decode(x) for x in ids]
-
-
-def load_tokenizer(spec: str | Path) -> BlipTokenizer:
-    """Load a tokenizer from a local directory (the only place a tokenizer comes from at run time)."""
-    return BlipTokenizer.from_dir(spec)

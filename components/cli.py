@@ -77,10 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         if e.name and module_name.startswith(e.name):
             print(f"blip: command {name!r} is not available in this installation", file=sys.stderr)
             return 2
-        raise
+        if (missing := workflow_dependency(e)) is None:
+            raise
+        print(f"blip {name}: error: {missing}", file=sys.stderr)
+        return 2
     entry = getattr(module, f"main_{name}", None) or module.main
     try:
         return int(entry(rest) or 0)
+    except ModuleNotFoundError as e:
+        if (missing := workflow_dependency(e)) is None:
+            raise
+        print(f"blip {name}: error: {missing}", file=sys.stderr)
+        return 2
     except UserError as e:
         print(f"blip {name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -98,6 +106,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"blip {name}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+# Top-level modules of the workflow extra (pyproject.toml), which a core-only install (`pip install .`) lacks.
+WORKFLOW_MODULES = frozenset({"boto3", "botocore", "fsspec", "s3fs", "mlflow", "dvc", "dvc_s3", "pycocoevalcap",
+                              "kfp", "torchx", "psutil"})
+
+
+def workflow_dependency(e: ModuleNotFoundError) -> str | None:
+    """The one-line message for a missing module of the workflow extra; None for any other missing module."""
+    top = (e.name or "").split(".")[0]
+    if top not in WORKFLOW_MODULES:
+        return None
+    return f"this command needs {top}, part of the workflow extra: pip install 'blip-capfilt[workflow]'"
 
 
 def _one_line(e: BaseException) -> str:

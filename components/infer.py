@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from blip_core.checkpoint_io import Checkpoint, load_checkpoint
+from blip_core.data.transforms import EvalTransform
 from blip_core.errors import UserError
 from blip_core.generation import LENGTH_NORMS, generate_captions, itm_scores
 from blip_core.images import MAX_PIXELS, ImageTooLarge, open_rgb
@@ -35,31 +35,9 @@ from blip_core.tokenizer import pre_question
 from blip_core.vqa import QUESTION_MAX_TOKENS, generate_answers, rank_answers
 from components.cli import one_line_errors
 
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class _LocalEvalTransform:
-    """``Resize((S, S), bicubic) -> ToTensor -> Normalize(CLIP mean/std)``."""
-
-    def __init__(self, image_size: int) -> None:
-        self.image_size = image_size
-
-    def __call__(self, img: Image.Image, caption: str = "", rng=None) -> tuple[torch.Tensor, str]:
-        img = img.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(self.image_size, self.image_size, 3)
-        x = x.permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
-        mean = torch.tensor(_CLIP_MEAN).view(3, 1, 1)
-        std = torch.tensor(_CLIP_STD).view(3, 1, 1)
-        return (x - mean) / std, caption
-
 
 def eval_transform(image_size: int):
-    """The evaluation transform: the data package's when available, else an equivalent local one."""
-    try:
-        from blip_core.data.transforms import EvalTransform
-    except ImportError:
-        return _LocalEvalTransform(image_size)
+    """The evaluation transform (``blip_core.data.transforms.EvalTransform``)."""
     return EvalTransform(image_size)
 
 

@@ -34,8 +34,6 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 CHECKPOINT_ARTIFACT = "checkpoint"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_PARAMS: dict[str, Any] = {
     "decoding": "beam",
     "num_beams": 3,
@@ -113,27 +111,10 @@ class BlipPyfunc(PythonModel):
         self._transform = self._make_transform()
 
     def _make_transform(self):
-        try:
-            from blip_core.data.transforms import EvalTransform
-        except ImportError:
-            EvalTransform = None  # noqa: N806
-        if EvalTransform is not None:
-            tf = EvalTransform(self.image_size)
-            return lambda img: tf(img)[0]
+        from blip_core.data.transforms import EvalTransform
 
-        import numpy as np
-        import torch
-        from PIL import Image
-
-        mean = np.asarray(CLIP_MEAN, dtype=np.float32)
-        std = np.asarray(CLIP_STD, dtype=np.float32)
-
-        def transform(img):
-            img = img.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-            arr = (np.asarray(img, dtype=np.float32) / 255.0 - mean) / std
-            return torch.from_numpy(arr.transpose(2, 0, 1).copy())
-
-        return transform
+        tf = EvalTransform(self.image_size)
+        return lambda img: tf(img)[0]
 
     def _images(self, values: list[Any], rows: list[int]):
         import torch

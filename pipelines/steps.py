@@ -443,6 +443,17 @@ def capfilt(ctx: dict, params_file: str, overrides: Sequence[str], launcher: str
                              "threshold": info.get("threshold"), "threshold_source": info.get("threshold_source")})
 
 
+def promotion_gate(per_model: dict[str, dict[str, Any]], candidate: str, baseline: str, key: str, min_gain: float,
+                   where: str = "") -> tuple[float, bool]:
+    """``(gain, promote)``: the candidate's ``key`` minus the baseline's, and whether it is strictly above
+    ``min_gain`` (a tie, a loss or a NaN metric does not promote)."""
+    try:
+        gain = float(per_model[candidate][key]) - float(per_model[baseline][key])
+    except KeyError as e:
+        raise UserError(f"evaluate: no {key} for model {e} in {where}") from None
+    return gain, gain > min_gain
+
+
 def evaluate(ctx: dict, params_file: str, overrides: Sequence[str], models: dict[str, str], test: str,
              capfilt_data: str, min_gain: float, baseline: str, candidate: str, results, metrics, report,
              html, *, vqa: dict[str, str] | None = None, vqa_test: str | None = None) -> bool:
@@ -464,11 +475,7 @@ def evaluate(ctx: dict, params_file: str, overrides: Sequence[str], models: dict
     for k, v in (res.metrics.get("filter") or {}).items():
         if isinstance(v, (int, float)):
             metrics.log_metric(f"filter/{k}", float(v))
-    try:
-        gain = float(per_model[candidate][key]) - float(per_model[baseline][key])
-    except KeyError as e:
-        raise UserError(f"evaluate: no {key} for model {e} in {out}") from None
-    promote = gain > min_gain
+    gain, promote = promotion_gate(per_model, candidate, baseline, key, min_gain, out)
     metrics.log_metric("gain", gain)
     results.metadata.update({"metric": key, "gain": gain, "promote": promote, "metrics_uri":
                              storage.join(out, stage.METRICS_FILE)})

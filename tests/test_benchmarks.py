@@ -1,6 +1,9 @@
-"""The vision probe benchmark runs and reports every encoder (a smoke test: the numbers are in docs)."""
+"""Smoke tests of the benchmarks (the numbers are in docs/benchmarks.md)."""
 
+import os
 from pathlib import Path
+
+import pytest
 
 from benchmarks import vision_probe
 
@@ -35,3 +38,37 @@ def test_vqa_benchmark_runs_both_sides_at_tiny_size(capsys):
     assert report["identical"] is True and len(report["answers"]) == 3  # the benchmark's own equality check
     assert report["blip_answers_per_s"] > 0 and report["hf_answers_per_s"] > 0
     assert "answers/s" in capsys.readouterr().out
+
+
+def test_train_benchmark_prints_absolute_numbers_and_no_ratio_without_the_official_run(capsys):
+    """A ratio against the official step is printed only when both ran in the same invocation."""
+    from benchmarks import train
+
+    assert train.main(["--presets", "tiny", "--steps", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    (row,) = [line for line in out.splitlines() if line.startswith("tiny")]
+    batch, size, s_per_step, pairs_per_s = row.split()[1:5]
+    assert (batch, size) == ("4", "32") and float(s_per_step) > 0 and float(pairs_per_s) > 0
+    assert "official" not in out and "x " not in out
+
+
+def test_train_benchmark_refuses_an_official_dir_that_is_not_blip(tmp_path, capsys):
+    from benchmarks import train
+
+    assert train.main(["--presets", "base", "--official-dir", str(tmp_path), "--threads", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "not a salesforce/BLIP checkout" in captured.err and "official" not in captured.out
+
+
+@pytest.mark.slow  # builds the official and the blip_core base models (BERT-base text) at 32 px
+def test_train_benchmark_compares_side_by_side_with_an_official_checkout(capsys):
+    directory = os.environ.get("BLIP_OFFICIAL_DIR")
+    if not directory:
+        pytest.skip("no salesforce/BLIP checkout: set BLIP_OFFICIAL_DIR to one (its models/ and configs/)")
+    from benchmarks import train
+
+    assert train.main(["--presets", "base", "--official-dir", directory, "--image-size", "32", "--batch", "2",
+                       "--queue-size", "64", "--steps", "1", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["official", "2", "32"] and lines[2].split()[:3] == ["base", "2", "32"]
+    assert "measured side by side in this run" in lines[3]

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import torch
 from blip_testing import IDS, tiny_batch, tiny_model, torchrun2
 
@@ -8,6 +9,7 @@ from blip_core.objectives import PretrainObjective
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_pretrain_step.py"
 
 
+@pytest.mark.slow  # two processes
 def test_two_process_gloo_step_matches_single_process_halves(tmp_path):
     out = tmp_path / "ddp.pt"
     torchrun2(SCRIPT, out)
@@ -37,6 +39,7 @@ def test_two_process_gloo_step_matches_single_process_halves(tmp_path):
 FILTER_SCRIPT = Path(__file__).parent / "scripts" / "ddp_filter_negatives.py"
 
 
+@pytest.mark.slow  # two processes
 def test_filter_negatives_from_all_ranks_only_with_negative_all_rank(tmp_path):
     prefix = tmp_path / "neg"
     torchrun2(FILTER_SCRIPT, prefix)

@@ -410,7 +410,7 @@ def _unknown_fields(raw, known, path="") -> list[str]:
 def test_built_in_objects_use_only_known_api_fields(target):
     """A misspelt field (readinesProbe, allowPrivilegeEscalatoin) renders fine and is silently dropped by
     the API server; a round trip through the Kubernetes client's typed models finds it."""
-    client = pytest.importorskip("kubernetes.client")
+    client = pytest.importorskip("kubernetes.client", reason="the kubernetes Python client is not installed")
     api = client.ApiClient()
     checked = 0
     for obj in _render(target):
@@ -799,7 +799,7 @@ def _pod_labels(docs, kind: str, name: str) -> Endpoint:
 
 def _training_pod() -> Endpoint:
     """The labels TorchX puts on a training pod, from a real dry run of the launcher."""
-    launch = pytest.importorskip("components.launch")
+    launch = pytest.importorskip("components.launch", reason="torchx is not installed (the workflow extra)")
     job = launch.launch("pretrain", ["--data", "s3://blip/d", "--output", "s3://blip/o"], scheduler="kubernetes",
                         dryrun=True).request
     return JOBS_NAMESPACE, job["spec"]["tasks"][0]["template"]["metadata"]["labels"]
@@ -988,7 +988,7 @@ def _git_ignored(path: Path) -> bool:
 
 def test_secret_env_files_are_git_ignored_and_templates_are_not():
     if shutil.which("git") is None:
-        pytest.skip("git is not installed")
+        pytest.skip("git is not installed: the tracked-files check needs it")
     for template in SECRETS_DIR.glob("*.env.example"):
         assert not _git_ignored(template), template
         assert _git_ignored(template.with_suffix("")), f"{template.with_suffix('')} would be committed"
@@ -1063,8 +1063,10 @@ def test_project_dockerfile():
     ), "the project is never pip-installed"
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = {re.split(r"[=<>~!\[ ]", d, maxsplit=1)[0]: d for d in project["dependencies"]}
+    image_deps = project["dependencies"] + project["optional-dependencies"]["workflow"]  # what the image installs
+    pins = {re.split(r"[=<>~!\[ ]", d, maxsplit=1)[0]: d for d in image_deps}
     assert "kfp" in pins, "kfp must be in the image for install_kfp_package=False"
+    assert "optional-dependencies']['workflow']" in DOCKERFILE.read_text(), "the image lacks the workflow extra"
     args = dict(rest.partition("=")[::2] for op, rest in instr if op == "ARG")
     assert f"torch=={args['TORCH_VERSION']}" == pins["torch"].replace(" ", "")
     assert f"torchvision=={args['TORCHVISION_VERSION']}" == pins["torchvision"].replace(" ", "")
@@ -1098,7 +1100,7 @@ def test_python_dependencies_are_locked_by_a_constraints_file():
         pins[canonicalize_name(req.name)] = spec.version
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert canonicalize_name(project["name"]) not in pins, "the project itself is pinned"
-    for dependency in project["dependencies"]:
+    for dependency in project["dependencies"] + project["optional-dependencies"]["workflow"]:  # the image's
         req = Requirement(dependency)
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} has no pin in constraints.txt"

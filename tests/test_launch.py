@@ -15,6 +15,7 @@ def _sets(overrides):
     return sum((["--set", s] for s in overrides), [])
 
 
+@pytest.mark.slow  # a 2-process torchrun job
 def test_local_cwd_1x2_pretrain_finishes_with_a_checkpoint(toy_data, tmp_path, no_tracking):
     out = tmp_path / "pre"
     lines: list[str] = []
@@ -32,6 +33,7 @@ def test_local_cwd_1x2_pretrain_finishes_with_a_checkpoint(toy_data, tmp_path, n
     assert (tmp_path / "logs").is_dir()
 
 
+@pytest.mark.slow  # a 2-process torchrun job
 def test_failing_job_surfaces_its_error(tmp_path, no_tracking):
     missing = tmp_path / "no-such-data"
     with pytest.raises(UserError) as e:
@@ -195,6 +197,7 @@ def test_launch_policy_comes_from_the_operator_environment(monkeypatch):
     assert app.roles[0].image == "anything:1"
 
 
+@pytest.mark.slow  # a 2-process torchrun job
 def test_sigterm_cancels_a_local_job(toy_data, tmp_path):
     """The launcher gets SIGTERM while a local_cwd job trains: the job's processes are stopped, and the launcher
     exits with one line (exit code 2), not a traceback."""

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from blip_testing import IDS, tiny_batch, tiny_model
 
+from blip_core import losses
 from blip_core.models import FeatureQueue, MomentumEncoders
 from blip_core.objectives import (
     CaptionerObjective,
@@ -13,6 +14,11 @@ from blip_core.objectives import (
     lm_labels,
     with_first_token,
 )
+
+
+def filter_forward(obj: FilterObjective, image, ids, mask, image_idx, *, alpha: float, seed: int):
+    """One call of the filter objective's forward (the only place these tests call it)."""
+    return obj(image, ids, mask, alpha=alpha, image_idx=image_idx, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("stem", ["patch", "conv"])
@@ -237,3 +243,58 @@ def test_inputs_take_exactly_the_batch_entries_and_step_values_each_objective_us
         model.temp.fill_(2.0)
     cap.after_step()
     assert float(model.temp) == 0.5 and cap.log_values() == {"temp": 0.5}
+
+
+def test_filter_itc_targets_are_uniform_over_every_caption_of_the_image():
+    """With alpha 0 the filter's ITC loss is the cross-entropy against targets spread evenly over every column
+    (batch or queue) showing the anchor's image: recomputed here in float64 from the model's own features."""
+    obj = FilterObjective(tiny_model(), IDS, queue_size=6).eval()  # eval: no dropout
+    image, ids, mask = tiny_batch(batch=4)
+    idx = torch.tensor([7, 7, 8, 9])
+    g = torch.Generator().manual_seed(3)
+    queued = F.normalize(torch.randn(6, 16, generator=g), dim=1)
+    obj.queue.enqueue(queued, queued.flip(0), torch.tensor([7, 8, 1, 2, 8, 3]))  # image 7 once more, 8 twice
+    with torch.no_grad():
+        out = filter_forward(obj, image, ids, mask, idx, alpha=0.0, seed=0)
+        image_feat_m = obj.momentum_encoders.image_features(image).double()
+        text_feat_m = obj.momentum_encoders.text_features(with_first_token(ids, IDS.cls), mask).double()
+        m = obj.model
+        image_feat = m.image_features(m.encode_image(image)).double()
+        text_feat = m.text_features(m.encode_text(with_first_token(ids, IDS.cls), mask)).double()
+    temp = float(m.temp)
+    text_all = torch.cat([text_feat_m, queued.flip(0).double()])  # (B+Q, E)
+    image_all = torch.cat([image_feat_m, queued.double()])
+    cols = [7, 7, 8, 9, 7, 8, 1, 2, 8, 3]  # image id of each column: the batch, then the queue
+    targets = torch.tensor([[float(c == i) for c in cols] for i in idx.tolist()], dtype=torch.float64)
+    targets /= targets.sum(dim=1, keepdim=True)
+    assert targets[0].tolist()[:5] == [1 / 3, 1 / 3, 0, 0, 1 / 3] and targets[2, [2, 5, 8]].tolist() == [1 / 3] * 3
+
+    def ce(sim):
+        return -(torch.log_softmax(sim, dim=1) * targets).sum(dim=1).mean()
+
+    want = (ce(image_feat @ text_all.T / temp) + ce(text_feat @ image_all.T / temp)) / 2
+    assert float(out.parts["itc"]) == pytest.approx(float(want), rel=1e-5)
+    # the same features with one-hot (diagonal) targets give another loss: the test tells the two apart
+    diagonal = torch.eye(4, 10, dtype=torch.float64)
+    other = (-(torch.log_softmax(image_feat @ text_all.T / temp, 1) * diagonal).sum(1).mean()
+             - (torch.log_softmax(text_feat @ image_all.T / temp, 1) * diagonal).sum(1).mean()) / 2
+    assert abs(float(other) - float(want)) > 1e-3
+
+
+def test_filter_itm_negatives_never_show_the_anchor_image():
+    """Most pairs of the batch show image 1: the drawn ITM negatives (image for each text, text for each image)
+    still never show the anchor's own image, from the weights up to the objective's draws."""
+    obj = FilterObjective(tiny_model(), IDS, queue_size=8)
+    image, ids, mask = tiny_batch(batch=8)
+    idx = torch.tensor([1, 1, 1, 1, 1, 1, 2, 3])
+    feats = F.normalize(torch.randn(8, 16), dim=1)
+    w_i2t, w_t2i = obj.negative_weights(feats, feats.roll(1, 0), idx)
+    same = idx[:, None] == idx[None, :]
+    assert torch.all(w_i2t[same] == 0) and torch.all(w_t2i[same] == 0)
+    for seed in range(10):
+        drawn = losses.sample_hard_negatives(w_t2i, torch.Generator().manual_seed(seed))
+        assert torch.all(idx[drawn] != idx)
+        with torch.no_grad():
+            out = filter_forward(obj, image, ids, mask, idx, alpha=0.4, seed=seed)
+        assert torch.all(out.neg_image_idx != idx), seed
+        assert torch.all(out.neg_text_idx != idx), seed

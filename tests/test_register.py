@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import mlflow
@@ -147,3 +148,22 @@ def test_champion_without_a_recorded_metric_needs_force(mlflow_store, stage_outp
     forced = json.loads((tmp_path / "forced.json").read_text())
     assert forced["promoted"] is True and "--force" in forced["reason"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == forced["version"]
+
+
+def test_pipeline_gate_does_not_promote_a_tie_a_loss_or_nan():
+    """The pipeline's gate before register: the candidate must beat the baseline by more than min_gain."""
+    from pipelines.steps import promotion_gate
+
+    def gate(capfilt, noisy, min_gain=0.0):
+        return promotion_gate({"capfilt": {"mean_r1": capfilt}, "noisy": {"mean_r1": noisy}}, "capfilt", "noisy",
+                              "mean_r1", min_gain)
+
+    assert gate(31.0, 30.0) == (1.0, True)
+    assert gate(31.0, 30.0, min_gain=1.0) == (1.0, False)  # exactly min_gain: not promoted
+    assert gate(30.0, 30.0) == (0.0, False)
+    assert gate(29.0, 30.0) == (-1.0, False)
+    assert gate(29.0, 30.0, min_gain=-2.0) == (-1.0, True)
+    gain, promote = gate(float("nan"), 30.0, min_gain=-100.0)  # a failed metric never promotes
+    assert math.isnan(gain) and promote is False
+    with pytest.raises(UserError, match="no mean_r1 for model 'capfilt'"):
+        promotion_gate({"noisy": {"mean_r1": 1.0}}, "capfilt", "noisy", "mean_r1", 0.0)

@@ -193,6 +193,59 @@ def test_k_larger_than_the_split_scores_everything(setup):
     torch.testing.assert_close(scores.i2t, scores.t2i.T, atol=1e-4, rtol=1e-4)
 
 
+def test_retrieval_metrics_equal_a_float64_oracle():
+    """The whole evaluation (ITC top-k, ITM re-rank, recall@K) against an oracle computed independently in
+    float64: every pair's cosine and ITM logit one pair at a time, each row's top k by a full sort, fused
+    scores, and ranks by the official argsort. The split is built so that no float32 rounding can reorder
+    anything (margins checked below), so the oracle's ranking is the true one."""
+    import copy
+
+    n_img, n_txt, k = 8, 20, 4
+    model = tiny_model(seed=11).eval()
+    images, _, _ = tiny_batch(batch=n_img, seed=12)
+    _, ids, mask = tiny_batch(batch=n_txt, length=8, seed=13)
+    img2txt = [list(range(i, n_txt, n_img)) for i in range(n_img)]
+    txt2img = [j % n_img for j in range(n_txt)]
+
+    ref = copy.deepcopy(model).double()
+    with torch.no_grad():
+        emb = ref.encode_image(images.double())
+        cos = (ref.image_features(emb) @ ref.text_features(ref.encode_text(ids, mask)).T).numpy()  # (I, T)
+        itm = np.array([[_pair_logit(ref, emb, ids, mask, i, j) for j in range(n_txt)] for i in range(n_img)])
+    want_i2t = np.full((n_img, n_txt), float(OUTSIDE_TOP_K))
+    want_t2i = np.full((n_txt, n_img), float(OUTSIDE_TOP_K))
+    for i in range(n_img):
+        top = np.argsort(-cos[i])[:k]
+        want_i2t[i, top] = itm[i, top] + cos[i, top]
+    for j in range(n_txt):
+        top = np.argsort(-cos[:, j])[:k]
+        want_t2i[j, top] = itm[top, j] + cos[top, j]
+    got = retrieval_scores(model, images, ids, mask, enc_id=IDS.enc, k=k, batch_size=3, itm_batch_size=8,
+                           block_rows=16, with_sim=True)
+    np.testing.assert_allclose(got.i2t.numpy(), want_i2t, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got.t2i.numpy(), want_t2i, rtol=0, atol=1e-4)
+    # The margins that decide every ranking (k-th against (k+1)-th cosine of each row, any two fused scores of
+    # a row) are 20 times the float32 rounding actually seen, so the float64 order is the one to get.
+    cos_err = np.abs(got.sim.numpy() - cos).max()
+    fused_err = max(np.abs(got.i2t.numpy() - want_i2t).max(), np.abs(got.t2i.numpy() - want_t2i).max())
+    for rows in (cos, cos.T):
+        srt = -np.sort(-rows, axis=1)
+        assert np.min(srt[:, k - 1] - srt[:, k]) > 20 * cos_err
+    for rows in (want_i2t, want_t2i):
+        for row in rows:
+            assert np.min(np.diff(np.sort(row[row != OUTSIDE_TOP_K]))) > 20 * fused_err
+    tr_ref, ir_ref = _official_ranks(want_i2t, want_t2i, img2txt, txt2img)
+    tr, ir = retrieval_ranks(got.i2t, got.t2i, img2txt, txt2img)
+    # ranks inside the top k are exact; outside it every candidate is tied at OUTSIDE_TOP_K (rank >= k)
+    assert np.minimum(tr.numpy(), k).tolist() == np.minimum(tr_ref, k).astype(int).tolist()
+    assert np.minimum(ir.numpy(), k).tolist() == np.minimum(ir_ref, k).astype(int).tolist()
+    assert 0 < np.mean(tr_ref < k) < 1 and 0 < np.mean(ir_ref < k) < 1  # hits and misses on both sides
+    r = recall_at_k(got.i2t, got.t2i, img2txt, txt2img, ks=(1, 2, 4))
+    for K in (1, 2, 4):
+        assert r[f"tr_r{K}"] == pytest.approx(100 * np.mean(tr_ref < K))
+        assert r[f"ir_r{K}"] == pytest.approx(100 * np.mean(ir_ref < K))
+
+
 # --------------------------------------------------------------------------------------------------
 # Blocked, rank-split and resumable retrieval_scores against the unblocked computation
 # --------------------------------------------------------------------------------------------------
@@ -314,6 +367,7 @@ def test_rank_rows_split_evenly_in_whole_units():
         rank_rows(10, 2, 2)
 
 
+@pytest.mark.slow  # two processes
 def test_two_gloo_processes_all_reduce_to_the_unblocked(larger, tmp_path):
     model, images, ids, mask, _, _ = larger
     i2t, t2i = _unblocked(model, images, ids, mask, K)

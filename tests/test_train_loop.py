@@ -1,9 +1,20 @@
 import dataclasses
+import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from blip_testing import IDS, tiny_batch, tiny_model
+from blip_testing import (
+    ACCUM_BATCH,
+    GRAD_ACCUM_CFG,
+    IDS,
+    RowSource,
+    lm_objective,
+    tiny_batch,
+    tiny_model,
+    torchrun2,
+)
 
 from blip_core.config import TrainConfig
 from blip_core.objectives import PretrainObjective
@@ -147,3 +158,131 @@ def test_saving_a_step_again_replaces_it_and_leaves_nothing_behind(tmp_path):
     _run(tmp_path, cfg=dataclasses.replace(CFG, max_steps=2), resume=False)  # rewrites step-00000002
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-00000002"]
     assert is_complete(tmp_path / "step-00000002")
+
+
+# ------------------------------------------------------------------ gradient accumulation, clipping, weight decay
+
+
+def _one_step(cfg, micro_batches, tmp_path):
+    obj = lm_objective()
+    opt = build_optimizer(obj, cfg)
+    train(obj, opt, cfg, RowSource(micro_batches), checkpoint_dir=tmp_path, progress=False)
+    return obj
+
+
+def _grads(obj):
+    return {n: p.grad for n, p in obj.model.named_parameters() if p.grad is not None}
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path):
+    """4 micro-batches of 2 accumulated into one step give the gradient and the step of one batch of 8."""
+    big = _one_step(dataclasses.replace(GRAD_ACCUM_CFG, grad_accum=1, batch_size=ACCUM_BATCH),
+                    [list(range(ACCUM_BATCH))], tmp_path / "big")
+    accum = _one_step(dataclasses.replace(GRAD_ACCUM_CFG, grad_accum=4),
+                      [[0, 1], [2, 3], [4, 5], [6, 7]], tmp_path / "accum")
+    want, got = _grads(big), _grads(accum)
+    assert want.keys() == got.keys() and len(want) > 10
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-7, msg=n)
+    for (n, a), (_, b) in zip(big.model.named_parameters(), accum.model.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.slow  # two processes
+def test_grad_accum_with_ddp_no_sync_equals_one_big_batch(tmp_path):
+    """2 gloo ranks x grad_accum 2 (the first micro-batch under DDP ``no_sync``, the second synchronised): every
+    rank ends the step with the gradient and the weights of one batch of 8 in one process."""
+    torchrun2(Path(__file__).parent / "scripts" / "ddp_grad_accum.py", tmp_path)
+    big = _one_step(dataclasses.replace(GRAD_ACCUM_CFG, grad_accum=1, batch_size=ACCUM_BATCH),
+                    [list(range(ACCUM_BATCH))], tmp_path / "big")
+    want = _grads(big)
+    weights = dict(big.model.named_parameters())
+    for rank in range(2):
+        ddp = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert ddp["grads"].keys() == want.keys()
+        for n, g in ddp["grads"].items():
+            torch.testing.assert_close(g, want[n], rtol=1e-4, atol=1e-7, msg=f"rank {rank}: {n}")
+        for n, w in ddp["weights"].items():
+            torch.testing.assert_close(w, weights[n], rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {n}")
+
+
+def test_grad_clip_bounds_the_global_gradient_norm(tmp_path):
+    def norm(obj):
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in _grads(obj).values()])))
+
+    rows = [[0, 1], [2, 3]]
+    free = norm(_one_step(GRAD_ACCUM_CFG, rows, tmp_path / "free"))
+    clip = free / 10
+    clipped_obj = _one_step(dataclasses.replace(GRAD_ACCUM_CFG, grad_clip=clip), rows, tmp_path / "clipped")
+    assert norm(clipped_obj) == pytest.approx(clip, rel=1e-4)
+    # clipping scales every gradient by the same factor, after accumulation
+    ref = _grads(_one_step(GRAD_ACCUM_CFG, rows, tmp_path / "ref"))
+    for n, g in _grads(clipped_obj).items():
+        torch.testing.assert_close(g, ref[n] * (clip / free), rtol=1e-3, atol=1e-8, msg=n)
+    # a bound above the norm changes nothing
+    loose = _grads(_one_step(dataclasses.replace(GRAD_ACCUM_CFG, grad_clip=free * 2), rows, tmp_path / "loose"))
+    for n, g in loose.items():
+        assert torch.equal(g, ref[n]), n
+
+
+def test_no_decay_groups_exempt_norms_biases_temperature_and_embeddings():
+    """``no_decay_norm_bias``: every 1-d parameter, ``temp`` and the named embeddings get no weight decay, also
+    under a DDP-style ``module.`` prefix; a step with zero gradients then moves only the decayed weights."""
+    obj = PretrainObjective(tiny_model(), IDS, queue_size=8)
+    names = obj.model.no_weight_decay()
+    cfg = dataclasses.replace(CFG, no_decay_norm_bias=True, weight_decay=0.5, lr=0.1)
+    wrapped = torch.nn.Module()
+    wrapped.module = obj  # parameter names as under DistributedDataParallel: module.model.<name>
+    for module in (obj, wrapped):
+        opt = build_optimizer(module, cfg, no_decay_names=names)
+        decay, no_decay = opt.param_groups
+        assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+        by_id = {id(p): n for n, p in obj.model.named_parameters()}
+        exempt = {by_id[id(p)] for p in no_decay["params"]}
+        decayed = {by_id[id(p)] for p in decay["params"]}
+        trainable = {n for n, p in obj.model.named_parameters() if p.requires_grad}
+        assert exempt | decayed == trainable and not exempt & decayed
+        assert exempt == {n for n in trainable if dict(obj.model.named_parameters())[n].ndim <= 1} | names
+        assert {"temp", "visual_encoder.pos_embed", "visual_encoder.cls_token"} <= exempt
+        assert "visual_encoder.patch_embed.proj.weight" in decayed
+    before = {n: p.detach().clone() for n, p in obj.model.named_parameters()}
+    opt = build_optimizer(obj, cfg, no_decay_names=names)
+    for p in obj.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    for n, p in obj.model.named_parameters():
+        if n in exempt:
+            assert torch.equal(p, before[n]), n
+        else:
+            torch.testing.assert_close(p, before[n] * (1 - 0.1 * 0.5), msg=n)
+    # without the option: one group, decay on everything (the official recipe)
+    assert len(build_optimizer(obj, CFG, no_decay_names=names).param_groups) == 1
+
+
+# ------------------------------------------------------------------ resume only onto the same config and data
+
+RUN_CONFIG = {"pretrain": {"lr": 1e-3, "max_steps": 5}, "data_fingerprint": "aaaa"}
+
+
+@pytest.mark.parametrize("change", [{"pretrain": {"lr": 2e-3, "max_steps": 5}},
+                                    {"data_fingerprint": "bbbb"}], ids=["config", "data"])
+def test_refuses_to_resume_after_a_config_or_data_change(tmp_path, caplog, change):
+    """A checkpoint written with another config or other data is not resumed: the run starts over and ends
+    with the weights of a fresh run."""
+    cfg_stop = dataclasses.replace(CFG, max_steps=5)
+    _run(tmp_path / "run", cfg=cfg_stop, config_dict=RUN_CONFIG)
+    changed = {**RUN_CONFIG, **change}
+    with caplog.at_level(logging.WARNING):
+        resumed, _, res = _run(tmp_path / "run", config_dict=changed)
+    assert res.resumed_from is None and res.position.step == 12
+    assert "another config or other data" in caplog.text
+    fresh, _, _ = _run(tmp_path / "fresh", config_dict=changed)
+    for (n, a), (_, b) in zip(fresh.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_resumes_when_only_the_run_length_changes(tmp_path):
+    _run(tmp_path, cfg=dataclasses.replace(CFG, max_steps=5), config_dict=RUN_CONFIG)
+    longer = {**RUN_CONFIG, "pretrain": {"lr": 1e-3, "max_steps": 0}}
+    _, _, res = _run(tmp_path, config_dict=longer)
+    assert res.resumed_from is not None and res.resumed_from.name == "step-00000005"

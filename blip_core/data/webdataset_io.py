@@ -397,9 +397,15 @@ class ShardReadError(Exception):
 def s3_filesystem(fresh: bool = False):
     """An s3fs filesystem for the endpoint in ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` (path-style).
 
-    ``fresh=True`` bypasses fsspec's instance cache (use it in DataLoader workers after a fork).
+    ``fresh=True`` bypasses fsspec's instance cache (use it in DataLoader workers after a fork). s3fs is part of
+    the workflow extra: without it an ``s3://`` dataset is a one-line ``UserError``.
     """
-    import fsspec
+    try:
+        import fsspec
+        import s3fs  # noqa: F401  (fsspec's "s3" protocol)
+    except ImportError as e:
+        raise UserError(f"reading s3:// datasets needs {e.name or 's3fs'}, part of the workflow extra: "
+                        "pip install 'blip-capfilt[workflow]'") from None
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"

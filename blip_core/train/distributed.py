@@ -115,17 +115,6 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
-def all_reduce_mean(value: float | torch.Tensor) -> float:
-    """Mean of a scalar over ranks (for logging)."""
-    t = torch.as_tensor(value, dtype=torch.float64).clone()
-    if is_initialized():
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return float(t)
-
-
 @torch.no_grad()
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Element-wise sum of ``tensor`` over ranks, returned on ``tensor``'s device. Identity alone."""
@@ -158,10 +147,6 @@ def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "module", module)
 
 
 def destroy() -> None:
