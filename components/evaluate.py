@@ -25,7 +25,7 @@ With ``--capfilt`` (a CapFilt output holding ``provenance.jsonl``, or the file i
 The output directory holds ``metrics.json`` (numbers only: ``models.<name>.<metric>``, ``filter.*``,
 ``filter_itc.*``, ``capfilt.*``), ``report.md`` and ``report.html`` (the paper's Table 1 layout), and ``captions.json``
 (each model's caption per test image). Every file is written atomically, ``metrics.json`` last. The MLflow
-stage run ``evaluate`` gets every metric (``<name>/<metric>``, ``filter/...``, ``capfilt/...``), the
+stage run ``evaluate`` gets every metric (``<name>/<metric>``, ``filter/...``, ``filter_itc/...``, ``capfilt/...``), the
 comparison table ``comparison.json``, the report files and sample test images with each model's captions.
 The pipeline's parent run gets the comparison too (``comparison.json``, ``report.html``, ``report.md`` and the
 Table-1 metrics as ``<name>/<metric>``), so it shows the result of the whole run.
