@@ -38,7 +38,8 @@ demo: setup
 	test $$status = FINISHED || { echo "demo failed: see the stage output above"; exit 1; }; \
 	echo; cat outputs/evaluate/report.md; echo; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s"; \
-	echo "Review the runs:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
+	echo "Review the runs:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  then open"; \
+	$(PY) -m components.tracking url
 
 ## remove the demo's data, outputs and local MLflow store
 demo-clean:

@@ -3,16 +3,20 @@
 * :func:`caption_batch`: ``k`` synthetic captions per image from the captioner (nucleus sampling with top-p
   0.9 by default, or beam search for the ablation).
 * :func:`filter_batch`: the ITM match probability of each image's candidate captions (web and synthetic),
-  with each image's cross-attention keys/values computed once and shared by all its candidates.
+  with each image's cross-attention keys/values computed once and shared by all its candidates;
+  :func:`filter_scores` adds each pair's ITC cosine (the CLIP-style score of the usual filtering baseline).
 * :func:`decide`: keep a caption when its match probability reaches the threshold (0.5: the ITM argmax).
 * :func:`choose_threshold`: the threshold that drops the most wrong captions of a labelled calibration
   sample while the dropped ones stay at least ``target_precision`` wrong.
+* :func:`threshold_for_share`: the threshold at which a score keeps a given number of captions (to compare
+  two filters that keep the same share).
 
 No I/O here: :mod:`components.capfilt` reads shards, calls these, and writes outputs and provenance.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,20 +48,46 @@ def caption_batch(model: BlipModel, tokenizer, images: torch.Tensor, cfg: CapFil
 def filter_batch(model: BlipModel, tokenizer, images: torch.Tensor, texts: Sequence[Sequence[str]],
                  max_length: int = 35) -> list[list[float]]:
     """ITM match probability of every text in ``texts[i]`` against image ``i``; same nesting as ``texts``."""
+    return _filter(model, tokenizer, images, texts, max_length, with_itc=False)[0]
+
+
+@torch.no_grad()
+def filter_scores(model: BlipModel, tokenizer, images: torch.Tensor, texts: Sequence[Sequence[str]],
+                  max_length: int = 35) -> tuple[list[list[float]], list[list[float]]]:
+    """``(itm, itc)``: :func:`filter_batch`'s ITM match probabilities and the ITC cosine of the same pairs
+    (unimodal [CLS] text feature against the image's [CLS] feature), both nested as ``texts``."""
+    itm, itc = _filter(model, tokenizer, images, texts, max_length, with_itc=True)
+    assert itc is not None
+    return itm, itc
+
+
+def _filter(model: BlipModel, tokenizer, images: torch.Tensor, texts: Sequence[Sequence[str]], max_length: int,
+            with_itc: bool) -> tuple[list[list[float]], list[list[float]] | None]:
     if len(texts) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(texts)} lists of texts")
     flat = [t for group in texts for t in group]
     if not flat:
-        return [[] for _ in texts]
+        return [[] for _ in texts], ([[] for _ in texts] if with_itc else None)
     rows = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=images.device)
     ids, mask = tokenizer(flat, max_length=max_length)
     ids, mask = ids.to(images.device, non_blocking=True), mask.to(images.device, non_blocking=True)
-    ids[:, 0] = tokenizer.enc_id
-    cross = model.cross_kv(model.encode_image(images)).select(rows)  # each text reads its image's K/V
-    probs = model.itm_logits(ids, mask, cross).float().softmax(dim=-1)[:, 1].tolist()  # fp32 under autocast
+    enc_ids = ids.clone()
+    enc_ids[:, 0] = tokenizer.enc_id
+    image_embeds = model.encode_image(images)
+    cross = model.cross_kv(image_embeds).select(rows)  # each text reads its image's K/V
+    probs = model.itm_logits(enc_ids, mask, cross).float().softmax(dim=-1)[:, 1].tolist()  # fp32 under autocast
+    cosines = None
+    if with_itc:
+        text_feat = model.text_features(model.encode_text(ids, mask)).float()  # [CLS] first, as in ITC
+        image_feat = model.image_features(image_embeds).float()
+        cosines = (text_feat * image_feat[rows]).sum(dim=-1).tolist()
+    return _nest(probs, texts), (_nest(cosines, texts) if cosines is not None else None)
+
+
+def _nest(values: list[float], texts: Sequence[Sequence[str]]) -> list[list[float]]:
     out, pos = [], 0
     for group in texts:
-        out.append(probs[pos:pos + len(group)])
+        out.append(values[pos:pos + len(group)])
         pos += len(group)
     return out
 
@@ -118,3 +148,24 @@ def choose_threshold(scores: Sequence[float], wrong: Sequence[bool], target_prec
         if fallback.precision is None or (precision, recall) > (fallback.precision, fallback.recall):
             fallback = choice
     return best if best is not None else fallback
+
+
+def threshold_for_share(scores: Sequence[float], keep: int) -> float:
+    """The threshold at which :func:`decide` keeps the ``keep`` highest of ``scores``.
+
+    As :func:`choose_threshold`, the threshold lies midway between the lowest kept and the highest dropped
+    score. Equal scores are kept or dropped together: when a tie straddles the ``keep``-th place, all of it is
+    kept (the filter keeps a few more than ``keep``). ``keep`` 0 gives a threshold just above the highest score,
+    ``keep == len(scores)`` the lowest score.
+    """
+    if not scores:
+        raise ValueError("threshold_for_share needs at least one score")
+    if not 0 <= keep <= len(scores):
+        raise ValueError(f"keep must be in [0, {len(scores)}], got {keep}")
+    desc = sorted((float(s) for s in scores), reverse=True)
+    if keep == 0:
+        return math.nextafter(desc[0], math.inf)
+    for j in range(keep, len(desc)):  # the first place at or after keep where the score falls
+        if desc[j] < desc[j - 1]:
+            return (desc[j - 1] + desc[j]) / 2
+    return desc[-1]

@@ -17,7 +17,8 @@ The output (local directory or ``s3://`` prefix) is a dataset directory (see
                          synthetic captions (images left with no caption are dropped and counted)
     human-XXXXXX.tar     the human-annotated shards, copied unchanged
     provenance.jsonl     every caption that entered, one line each: image, source (web/synthetic/human),
-                         caption, ITM score, kept
+                         caption, ITM score, the filter's ITC cosine of the same pair (for the evaluate
+                         stage's comparison with a CLIP-style cosine filter), kept
     summary.json         texts in and out per source, images dropped, the threshold and where it came from
     manifest.json        written last
     parts/               per-shard completion records (resume: finished shards are not redone)
@@ -46,7 +47,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from webdataset.writer import TarWriter
 
-from blip_core.capfilt import caption_batch, choose_threshold, decide, filter_batch
+from blip_core.capfilt import caption_batch, choose_threshold, decide, filter_batch, filter_scores
 from blip_core.config import Config, load_config, to_dict
 from blip_core.data.loader import ShardLost, dataset_shards, decode_image, load_eval_split, sample_captions
 from blip_core.data.transforms import EvalTransform
@@ -173,15 +174,15 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
             fil_images = torch.stack([models.fil_tf(b[4])[0] for b in batch]).to(models.device, non_blocking=True)
             # Every web caption of an image is a candidate of its own, then the synthetic ones.
             candidates = [web + syn for (*_, web), syn in zip(batch, synthetic)]
-            scores = filter_batch(models.filter, models.filter_tokenizer, fil_images, candidates)
-            for (key, ext, img_bytes, meta, img, web), texts, sc in zip(batch, candidates, scores):
+            scores, cosines = filter_scores(models.filter, models.filter_tokenizer, fil_images, candidates)
+            for (key, ext, img_bytes, meta, img, web), texts, sc, cos in zip(batch, candidates, scores, cosines):
                 kept = []
                 record_meta = {"image_id": meta.get("image_id", key), "key": key, "shard": name}
                 # The sample's known-noise labels (toy-web) describe its web captions, never the synthetic ones.
                 web_labels = {"noise": meta.get("noise"),
                               **({"noise_detail": meta["noise_detail"]} if meta.get("noise_detail") else {})}
                 decisions = []
-                for j, (text, s) in enumerate(zip(texts, sc)):
+                for j, (text, s, c_itc) in enumerate(zip(texts, sc, cos)):
                     source = "web" if j < len(web) else "synthetic"
                     ok = decide(s, threshold)
                     counts_in[source] += 1
@@ -191,7 +192,8 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
                     decisions.append({"source": source, "caption": text, "itm_score": round(s, 6), "kept": ok})
                     labels = web_labels if source == "web" else {"noise": None}
                     prov_lines.append(json.dumps({**record_meta, **labels, "source": source, "caption": text,
-                                                  "itm_score": round(s, 6), "kept": ok}))
+                                                  "itm_score": round(s, 6), "itc_cosine": round(c_itc, 6),
+                                                  "kept": ok}))
                 if len(examples) < 16:
                     examples.append((img, decisions))
                 if not kept:

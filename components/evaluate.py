@@ -16,13 +16,19 @@ With ``--capfilt`` (a CapFilt output holding ``provenance.jsonl``, or the file i
 - ``filter``: precision and recall of "dropped" against "noisy" over web captions, overall and per noise kind
   (for a kind, precision counts only clean captions and that kind, as if it were the only noise), and per
   ``noise_detail`` within a kind where the data records one (toy-web: which attribute a wrong caption changed);
+- ``filter_itc``: the field's usual baseline next to it: a filter on the filter model's ITC cosine (the
+  CLIP-style image-text cosine DataComp filters with), its threshold set so that it keeps as many web
+  captions as the ITM filter kept; the same precision and recall, overall and per noise kind (needs the
+  ``itc_cosine`` CapFilt records in its provenance);
 - ``capfilt``: texts in and kept per source, the kept share, and distinct-1/2 of the synthetic captions.
 
 The output directory holds ``metrics.json`` (numbers only: ``models.<name>.<metric>``, ``filter.*``,
-``capfilt.*``), ``report.md`` and ``report.html`` (the paper's Table 1 layout), and ``captions.json``
+``filter_itc.*``, ``capfilt.*``), ``report.md`` and ``report.html`` (the paper's Table 1 layout), and ``captions.json``
 (each model's caption per test image). Every file is written atomically, ``metrics.json`` last. The MLflow
-stage run ``evaluate`` gets every metric (``<name>/<metric>``, ``filter/...``, ``capfilt/...``), the
+stage run ``evaluate`` gets every metric (``<name>/<metric>``, ``filter/...``, ``filter_itc/...``, ``capfilt/...``), the
 comparison table ``comparison.json``, the report files and sample test images with each model's captions.
+The pipeline's parent run gets the comparison too (``comparison.json``, ``report.html``, ``report.md`` and the
+Table-1 metrics as ``<name>/<metric>``), so it shows the result of the whole run.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from typing import Any
 
 import torch
 
+from blip_core.capfilt import decide, threshold_for_share
 from blip_core.checkpoint_io import load_checkpoint
 from blip_core.config import Config, EvalConfig, load_config, to_dict
 from blip_core.data.loader import EvalSplit, load_eval_split
@@ -241,6 +248,25 @@ def _noise_group(noisy: list[dict], clean_dropped: int) -> dict[str, Any]:
     return {"count": len(noisy), "dropped": tp, **_prf(tp, clean_dropped, len(noisy) - tp)}
 
 
+def itc_filter_metrics(records: Iterable[dict]) -> dict[str, Any]:
+    """The ITC-cosine baseline: :func:`filter_metrics` of a filter that keeps the web captions whose ITC cosine
+    is highest, as many as the ITM filter kept (:func:`blip_core.capfilt.threshold_for_share`).
+
+    Adds ``threshold`` (the cosine), ``kept`` (web captions it keeps; more than ``itm_kept`` only when equal
+    cosines straddle the cut) and ``itm_kept``. ``{}`` when the scored web captions lack ``itc_cosine``
+    (provenance written before CapFilt recorded it) or there is none.
+    """
+    web = [r for r in records if r.get("source") == "web" and r.get("caption") is not None
+           and r.get("itm_score") is not None]
+    if not web or any(not isinstance(r.get("itc_cosine"), int | float) for r in web):
+        return {}
+    itm_kept = sum(bool(r["kept"]) for r in web)
+    threshold = threshold_for_share([r["itc_cosine"] for r in web], itm_kept)
+    as_itc = [{**r, "kept": decide(r["itc_cosine"], threshold)} for r in web]
+    return {**filter_metrics(as_itc), "threshold": threshold, "kept": sum(r["kept"] for r in as_itc),
+            "itm_kept": itm_kept}
+
+
 def capfilt_metrics(records: Iterable[dict]) -> dict[str, Any]:
     """Texts in, kept and kept share per source; distinct-1/2 of synthetic (and web) captions."""
     records = [r for r in records if r.get("caption") is not None]
@@ -387,6 +413,9 @@ def _report_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[tupl
                          f"CapFilt `{info['capfilt']}`: a dropped web caption counts as a positive; a noisy one "
                          f"is the truth.{info.get('threshold', '')}",
                          ["web captions", "count", "dropped", "precision", "recall"], frows))
+    itc = _itc_section(metrics, info)
+    if itc:
+        sections.append(itc)
     vq = metrics.get("vqa") or {}
     if vq.get("models"):
         sections.append(vqa_section(vq, info))
@@ -412,6 +441,32 @@ def vqa_section(vq: dict[str, Any], info: dict[str, Any]) -> tuple[str, str, lis
             f"answers by {t.get('inference')}; VQAv2 accuracy in % (min(matches/3, 1) over the 10 leave-one-out "
             f"subsets of the annotators' answers).{base}")
     return ("VQA", note, ["question kind", *(name for name, _ in cols)], rows)
+
+
+def _itc_section(metrics: dict[str, Any], info: dict[str, Any]) -> tuple[str, str, list[str], list[list[str]]] | None:
+    """The ITM filter next to the ITC-cosine filter keeping the same share of web captions (None without it)."""
+    flt, itc = metrics.get("filter") or {}, metrics.get("filter_itc") or {}
+    if not flt or not itc or not flt.get("noisy"):
+        return None
+
+    def groups(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        out = {"all noise": {"count": d["noisy"], **d}}
+        for kind, g in ((k, v) for k, v in d.items() if isinstance(v, dict) and "count" in v):
+            out[kind] = g
+            out.update({f"{kind}: {detail}": dg for detail, dg in g.get("by_detail", {}).items()})
+        return out
+
+    a, b = groups(flt), groups(itc)
+    rows = [[label, str(g["count"]), _fmt(g.get("precision"), 3), _fmt(g.get("recall"), 3),
+             _fmt(b.get(label, {}).get("precision"), 3), _fmt(b.get(label, {}).get("recall"), 3)]
+            for label, g in a.items()]
+    n = flt["web_captions"]
+    note = (f"Both filters keep the same share of the {n} web captions: the ITM filter kept {itc['itm_kept']}; "
+            f"the ITC-cosine filter (the CLIP-style baseline of large-scale data filtering, with the filter "
+            f"model's image-text cosine) keeps the {itc['kept']} with the highest cosine (threshold "
+            f"{itc['threshold']:.4f}). Precision and recall of dropping the noisy captions, as above.")
+    return ("ITM filter against an ITC-cosine filter at the same kept share", note,
+            ["web captions", "count", "ITM precision", "ITM recall", "ITC precision", "ITC recall"], rows)
 
 
 def render_markdown(metrics: dict[str, Any], info: dict[str, Any]) -> str:
@@ -454,6 +509,22 @@ def _flatten(d: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, f
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
+
+
+def log_comparison_to_parent(run_, metrics: dict[str, Any], table: list[dict[str, Any]], reports: Path) -> None:
+    """Put the Table-1 comparison on the pipeline's parent run, where a reviewer lands first: each model's
+    table metrics (``<name>/<metric>``) and the filters' precision/recall as metrics, ``comparison.json`` as a
+    table, and ``report.html`` / ``report.md`` (from the ``reports`` directory) under ``report/``."""
+    if not run_.enabled or not run_.parent_run_id:
+        return
+    parent = run_.parent()
+    values = {f"{name}/{key}": m.get(key) for name, m in metrics["models"].items() for _, key in TABLE_COLUMNS}
+    for section in ("filter", "filter_itc"):
+        values.update({f"{section}/{k}": (metrics.get(section) or {}).get(k) for k in ("precision", "recall")})
+    parent.log_metrics(0, values)
+    parent.log_table(table, "comparison.json")
+    for fname in (REPORT_HTML, REPORT_MD):
+        parent.log_artifact(reports / fname, "report")
 
 
 def _device() -> torch.device:
@@ -518,6 +589,7 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
         metrics: dict[str, Any] = {
             "models": model_metrics,
             "filter": filter_metrics(records) if records is not None else {},
+            "filter_itc": itc_filter_metrics(records) if records is not None else {},
             "capfilt": capfilt_metrics(records) if records is not None else {},
             "test": {"images": len(split.samples), "texts": len(split.texts), "k_test": ecfg.k_test},
         }
@@ -544,6 +616,7 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
 
         flat = {f"{name}/{k}": v for name, m in model_metrics.items() for k, v in {**m, **timings[name]}.items()}
         flat.update(_flatten(metrics["filter"], "filter/"))
+        flat.update(_flatten(metrics["filter_itc"], "filter_itc/"))
         flat.update(_flatten(metrics["capfilt"], "capfilt/"))
         flat.update(_flatten(vqa_metrics.get("models", {}), "vqa/"))
         run_.log_metrics(0, flat)
@@ -551,6 +624,7 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
         run_.log_table(table, "comparison.json")
         for fname in files:
             run_.log_artifact(Path(tmp) / fname, "report")
+        log_comparison_to_parent(run_, metrics, table, Path(tmp))
         n = min(ecfg.log_samples, len(split.samples))
         if n and run_.enabled:
             images = _pil_images(split.images[:n])

@@ -6,7 +6,10 @@ Where runs go:
   working directory (made absolute, so child processes agree). With a sqlite store the artifacts go to
   ``mlruns/<experiment>/`` beside the database file; with an ``http(s)://`` server they go wherever the server
   puts them (proxied artifacts: clients need no S3 credentials);
-- the experiment is the ``experiment`` argument, else ``MLFLOW_EXPERIMENT_NAME``, else ``blip-capfilt``;
+- the experiment is the ``experiment`` argument, else ``MLFLOW_EXPERIMENT_NAME``, else ``blip-capfilt``. It is
+  tagged ``mlflow.experimentKind=custom_model_development`` ("Machine learning"), so an MLflow UI that picks
+  its view from the experiment's kind opens on the training runs, not on the GenAI overview;
+  :func:`experiment_url` gives a link that opens the runs in any MLflow 3 UI;
 - the parent run id is the ``parent_run_id`` argument, else ``BLIP_PARENT_RUN_ID``. When neither is set, the
   first stage creates a parent run and exports its id in ``BLIP_PARENT_RUN_ID``, so later stages in the same
   process (and the processes it starts) nest under the same parent. A parent created that way is ended with
@@ -37,7 +40,7 @@ and on distributed ranks other than 0 (``RANK``), so only rank 0 logs.
 
 Registry: :func:`register_model`, :func:`set_alias`, :func:`get_alias_version`.
 
-Command line: ``python -m components.tracking check|start|end`` (see ``--help``); for example, to group the
+Command line: ``python -m components.tracking check|start|end|url`` (see ``--help``); for example, to group the
 stages of a ``dvc repro`` under one parent run::
 
     export BLIP_PARENT_RUN_ID=$(python -m components.tracking start --name "dvc repro")
@@ -80,6 +83,8 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep stage output reada
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "blip-capfilt"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the MLflow UI's experiment type
+EXPERIMENT_KIND = "custom_model_development"  # shown as "Machine learning": runs, not the GenAI overview
 PARENT_RUN_ENV = "BLIP_PARENT_RUN_ID"
 TRACKING_SWITCH_ENV = "BLIP_TRACKING"
 SYSTEM_METRICS_INTERVAL_S = 5.0
@@ -98,7 +103,7 @@ _OWNED_PARENTS: set[str] = set()
 
 __all__ = [
     "DEFAULT_EXPERIMENT", "DEFAULT_TRACKING_URI", "PARENT_RUN_ENV", "StageRun", "TrackingError",
-    "check_tracking", "end_pipeline_run", "experiment_id", "get_alias_version", "pipeline_run",
+    "check_tracking", "end_pipeline_run", "experiment_id", "experiment_url", "get_alias_version", "pipeline_run",
     "register_model", "resolve_tracking_uri", "set_alias", "stage_run", "start_pipeline_run",
     "tracking_enabled",
 ]
@@ -191,7 +196,11 @@ def _slug(name: str) -> str:
 
 
 def experiment_id(name: str | None = None, uri: str | None = None) -> str:
-    """Id of experiment ``name`` (default: ``MLFLOW_EXPERIMENT_NAME`` or ``blip-capfilt``), created if absent."""
+    """Id of experiment ``name`` (default: ``MLFLOW_EXPERIMENT_NAME`` or ``blip-capfilt``), created if absent.
+
+    The experiment gets the kind tag (:data:`EXPERIMENT_KIND`) when it is created, and when an existing one
+    has no kind yet (a kind someone chose is left alone).
+    """
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     client = _client(uri)
     uri = resolve_tracking_uri(uri)
@@ -201,17 +210,35 @@ def experiment_id(name: str | None = None, uri: str | None = None) -> str:
             if exp.lifecycle_stage == "deleted":
                 raise TrackingError(f"MLflow experiment {name!r} at {redact(uri)} is deleted: restore it "
                                     "(mlflow experiments restore) or choose another name")
+            if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+                try:
+                    client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                except MlflowException as e:  # e.g. a user allowed to log runs but not to edit the experiment
+                    log.debug("cannot tag experiment %s with its kind: %s", name, e)
             return exp.experiment_id
         location = None
         path = _sqlite_path(uri)
         if path is not None:
             location = (path.parent / "mlruns" / _slug(name)).resolve().as_uri()
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as e:  # created concurrently by another stage: look it up again
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
     raise TrackingError(f"cannot create MLflow experiment {name!r} at {redact(uri)}")
+
+
+def experiment_url(ui: str, experiment: str, run_id: str | None = None) -> str:
+    """Link to experiment id ``experiment`` (or one of its runs) in the MLflow UI at ``ui``, on the training view.
+
+    MLflow 3's UI opens an experiment on its GenAI overview unless the browser last chose "Model training"
+    (it keeps that choice per browser) or the link says ``workflowType=machine_learning``, as this one does.
+    """
+    page = f"#/experiments/{urllib.parse.quote(str(experiment))}"
+    if run_id:
+        page += f"/runs/{urllib.parse.quote(run_id)}"
+    return f"{ui.rstrip('/')}/{page}?workflowType=machine_learning"
 
 
 def _resolved_tags(tags: Mapping[str, Any]) -> dict[str, str]:
@@ -398,6 +425,13 @@ class StageRun:
     def enabled(self) -> bool:
         return True
 
+    def parent(self) -> StageRun:
+        """The pipeline's parent run, with the same methods: for what sums up the whole pipeline run (the
+        evaluate stage's comparison). It starts with this run's tracking state (lost or not)."""
+        run = StageRun(self.parent_run_id, "", self.experiment_id, "pipeline", self.tracking_uri)
+        run.lost = self.lost
+        return run
+
     def lose(self, error: BaseException) -> None:
         """Stop tracking for the rest of the stage after ``error`` (the server is gone): one warning, no more
         calls to the server, system-metrics sampling stopped."""
@@ -561,6 +595,9 @@ class NullStageRun(StageRun):
     @property
     def enabled(self) -> bool:
         return False
+
+    def parent(self) -> StageRun:
+        return self
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
@@ -840,6 +877,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default=None)
     s.add_argument("--experiment", default=None, help="default: MLFLOW_EXPERIMENT_NAME or blip-capfilt")
     s.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    u = sub.add_parser("url", help="print the MLflow UI link that opens the experiment (or a run) on its runs")
+    u.add_argument("--ui", default="http://127.0.0.1:5000", help="the UI's address (default: mlflow ui's)")
+    u.add_argument("--experiment", default=None, help="default: MLFLOW_EXPERIMENT_NAME or blip-capfilt")
+    u.add_argument("--run-id", default=None)
     e = sub.add_parser("end", help="end a parent run (default: BLIP_PARENT_RUN_ID)")
     e.add_argument("run_id", nargs="?", default=None)
     e.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
@@ -861,6 +902,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     try:
         if args.cmd == "check":
             print(redact(check_tracking(args.tracking_uri, timeout=args.timeout)))
+        elif args.cmd == "url":
+            name = args.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+            exp = _client(args.tracking_uri).get_experiment_by_name(name)
+            if exp is None:
+                raise TrackingError(f"no MLflow experiment {name!r} at {redact(resolve_tracking_uri(args.tracking_uri))}")
+            print(experiment_url(args.ui, exp.experiment_id, args.run_id))
         elif args.cmd == "start":
             print(start_pipeline_run(args.name, args.experiment, _parse_tags(args.tag), args.tracking_uri))
         else:

@@ -72,3 +72,17 @@ def test_train_benchmark_compares_side_by_side_with_an_official_checkout(capsys)
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:3] == ["official", "2", "32"] and lines[2].split()[:3] == ["base", "2", "32"]
     assert "measured side by side in this run" in lines[3]
+
+def test_capfilt_benchmark_filters_agree_and_prints_the_ratio(capsys, tmp_path):
+    from benchmarks import capfilt
+
+    report = capfilt.main(["--size", "tiny", "--n", "3", "--batch", "2", "--repeats", "1", "--threads", "1",
+                           "--workdir", str(tmp_path)])
+    # Both filters scored blip_core's captions: the web caption + 3 synthetic ones for each of the 3 images.
+    assert report["itm_pairs_compared"] == 3 * 4
+    assert report["itm_equal"] and report["itm_max_abs_diff"] <= 1e-4
+    assert len(report["example_synthetic"]) == 3
+    assert report["ratio"] == pytest.approx(report["images_per_s"]["blip_core"] / report["images_per_s"]["transformers"])
+    out = capsys.readouterr().out
+    assert f"ratio {report['ratio']:.2f}x; ITM equal on 12 shared pairs" in out
+    assert "| hours for 14M images, one process on this device |" in out

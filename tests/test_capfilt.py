@@ -12,11 +12,12 @@ import torch
 from toy_data import TINY
 
 from blip_core import build_model, model_preset
-from blip_core.capfilt import choose_threshold, decide, filter_batch
+from blip_core.capfilt import choose_threshold, decide, filter_batch, filter_scores, threshold_for_share
 from blip_core.config import load_config
 from blip_core.data.loader import load_eval_split, make_loader
 from blip_core.data.webdataset_io import iter_shard, read_manifest
 from blip_core.errors import UserError
+from blip_core.generation import itm_scores
 from blip_core.tokenizer import BlipTokenizer
 from components import capfilt, ingest
 
@@ -276,3 +277,89 @@ def test_web_shard_damaged_after_opening_stops_capfilt_naming_it(tiny_ckpt, tmp_
     cfg = load_config(None, CAPFILT)
     with pytest.raises(ShardLost, match=r"shard-000001\.tar: \d samples read, the manifest says 10"):
         capfilt.run(cfg, tiny_ckpt, tiny_ckpt, [web], [], str(tmp_path / "cf"), progress=False)
+
+
+def test_threshold_for_share_hand_worked():
+    scores = [0.3, 0.9, 0.1, 0.5, 0.7]  # sorted: 0.9 0.7 0.5 0.3 0.1
+    assert threshold_for_share(scores, 2) == pytest.approx(0.6)  # keeps 0.9 and 0.7
+    assert threshold_for_share(scores, 4) == pytest.approx(0.2)
+    assert threshold_for_share(scores, 5) == 0.1  # keeps everything
+    top = threshold_for_share(scores, 0)
+    assert top > 0.9 and not decide(0.9, top)  # drops everything
+    for keep in range(6):
+        assert sum(decide(s, threshold_for_share(scores, keep)) for s in scores) == keep
+    # A tie across the cut is kept whole: asked for 2 of (0.9, 0.5, 0.5, 0.1), the filter keeps 3.
+    tied = [0.5, 0.9, 0.1, 0.5]
+    assert threshold_for_share(tied, 2) == pytest.approx(0.3)
+    assert sum(decide(s, threshold_for_share(tied, 2)) for s in tied) == 3
+    assert threshold_for_share([0.4, 0.4], 1) == 0.4
+    for bad in (-1, 6):
+        with pytest.raises(ValueError):
+            threshold_for_share(scores, bad)
+    with pytest.raises(ValueError):
+        threshold_for_share([], 0)
+
+
+def test_filter_scores_itc_cosine_is_the_retrieval_cosine():
+    """filter_scores' ITC cosine of each pair is what generation.itm_scores computes for it on its own, and its
+    ITM scores are filter_batch's."""
+    torch.manual_seed(0)
+    tok = BlipTokenizer.from_corpus(["a red circle", "two blue squares", "a green triangle"], 100)
+    model = build_model(model_preset("tiny"), vocab_size=len(tok)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    texts = [["a red circle", "two blue squares"], ["a green triangle"]]
+    itm, itc = filter_scores(model, tok, images, texts)
+    assert itm == filter_batch(model, tok, images, texts)
+    for i, group in enumerate(texts):
+        prob, cos = itm_scores(model, tok, images[i], group)
+        assert itc[i] == pytest.approx(cos.tolist(), abs=1e-5)
+        assert itm[i] == pytest.approx(prob.tolist(), abs=1e-5)
+    assert len({round(c, 4) for g in itc for c in g}) == 3  # three different pairs, three cosines
+
+
+def test_evaluate_compares_the_filter_with_an_itc_filter_at_the_same_share(tiny_ckpt, toy_data, web_three_shards,
+                                                                          tmp_path, no_tracking):
+    """A small real CapFilt run (calibrated threshold) records each web caption's ITC cosine; evaluate puts the
+    ITC-cosine filter that keeps as many web captions next to the ITM filter."""
+    from components import evaluate
+
+    out = tmp_path / "cf"
+    capfilt.run(load_config(None, CAPFILT + ["capfilt.target_precision=0.6"]), tiny_ckpt, tiny_ckpt,
+                [toy_data["web"]], [], str(out), calibration=[web_three_shards], progress=False)
+    prov = [json.loads(line) for line in (out / "provenance.jsonl").read_text().splitlines()]
+    web = [p for p in prov if p["source"] == "web"]
+    assert len(web) == 64 and all(isinstance(p["itc_cosine"], float) for p in prov if p["source"] != "human")
+    # The recorded cosine is the filter's ITC cosine of that image and caption.
+    models = capfilt._Models(tiny_ckpt, tiny_ckpt, torch.device("cpu"))
+    split = load_eval_split(toy_data["web"], 32)
+    i = next(n for n, s in enumerate(split.samples) if s["__key__"] == web[0]["key"])
+    _, cos = itm_scores(models.filter, models.filter_tokenizer, split.images[i], [web[0]["caption"]])
+    assert web[0]["itc_cosine"] == pytest.approx(cos.item(), abs=1e-5)
+
+    ev = evaluate.run(load_config(None, ["model.preset=tiny", "evaluate.k_test=4", "evaluate.batch_size=8",
+                                         "evaluate.log_samples=0"]),
+                      {"m": tiny_ckpt}, toy_data["test"], str(tmp_path / "eval"), capfilt=str(out))
+    itm, itc = ev.metrics["filter"], ev.metrics["filter_itc"]
+    kept = sum(p["kept"] for p in web)
+    assert itc["itm_kept"] == kept == itm["web_captions"] - itm["dropped"] and itc["kept"] == kept
+    # By hand: drop all but the `kept` web captions of highest cosine.
+    ranked = sorted(web, key=lambda p: p["itc_cosine"], reverse=True)
+    dropped = ranked[kept:]
+    noisy = [p for p in web if p["noise"]]
+    tp = sum(bool(p["noise"]) for p in dropped)
+    assert itc["dropped"] == len(dropped) and itc["noisy_dropped"] == tp
+    if dropped:
+        assert itc["precision"] == pytest.approx(tp / len(dropped))
+    assert itc["recall"] == pytest.approx(tp / len(noisy))
+    for kind in {p["noise"] for p in noisy}:
+        assert itc[kind]["dropped"] == sum(p["noise"] == kind for p in dropped)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["filter_itc"]["recall"] == pytest.approx(itc["recall"])
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert "## ITM filter against an ITC-cosine filter at the same kept share" in md
+    assert f"the ITM filter kept {kept};" in md
+    row = next(line for line in md.splitlines() if line.startswith("| all noise | ") and "ITC" not in line
+               and line.count("|") == 7)
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1] == str(len(noisy)) and cells[5] == f"{itc['recall']:.3f}"
+    assert (tmp_path / "eval" / "report.html").read_text().count("<table>") == 4

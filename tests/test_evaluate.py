@@ -115,6 +115,47 @@ def test_filter_metrics_without_noise_labels_has_no_precision():
     assert f["noisy"] == 0 and "recall" not in f and "precision" not in f
 
 
+def with_itc(records: list[dict]) -> list[dict]:
+    """provenance() with ITC cosines: ranked high to low, clean 0 (0.9), shape 2 (0.85), clean 1 (0.8), shape 1
+    (0.75), clean 2 (0.7), boilerplate 0 (0.65), clean 3 (0.6) | boilerplate 1 (0.55), clean 4 (0.5), colour
+    (0.45), clean 5 (0.1), unrelated (0.06-0.0), boilerplate 2 (0.03), shape 3 (0.01)."""
+    cos = {"clean caption": [0.9, 0.8, 0.7, 0.6, 0.5, 0.1], "unrelated": [0.0, 0.02, 0.04, 0.06],
+           "IMG_": [0.65, 0.55, 0.03], "wrong": [0.45, 0.75, 0.85, 0.01]}
+    out = []
+    for r in records:
+        prefix = next((k for k in cos if r["source"] == "web" and (r["caption"] or "").startswith(k)), None)
+        out.append({**r, "itc_cosine": cos[prefix][int(r["caption"].split()[-1].removesuffix(".jpg").lstrip("IMG_"))]}
+                   if prefix else r)
+    return out
+
+
+def test_itc_filter_metrics_hand_worked():
+    """The ITM filter keeps 7 of the 17 scored web captions; the ITC filter keeps the 7 of highest cosine."""
+    f = evaluate.itc_filter_metrics(with_itc(provenance()))
+    assert (f["itm_kept"], f["kept"], f["threshold"]) == (7, 7, pytest.approx(0.575))
+    # dropped: clean 4, 5; unrelated x4; boilerplate 1, 2; colour; shape 3
+    assert (f["dropped"], f["noisy_dropped"], f["clean_dropped"]) == (10, 8, 2)
+    assert f["precision"] == pytest.approx(0.8) and f["recall"] == pytest.approx(8 / 11)
+    assert f["unrelated"]["precision"] == pytest.approx(2 / 3) and f["unrelated"]["recall"] == 1.0
+    assert f["boilerplate"]["precision"] == pytest.approx(0.5) and f["boilerplate"]["recall"] == pytest.approx(2 / 3)
+    assert f["wrong_attribute"]["precision"] == pytest.approx(0.5) and f["wrong_attribute"]["recall"] == 0.5
+    by = f["wrong_attribute"]["by_detail"]
+    assert by["color"]["recall"] == 1.0 and by["color"]["precision"] == pytest.approx(1 / 3)
+    assert by["shape"]["recall"] == pytest.approx(1 / 3) and by["shape"]["precision"] == pytest.approx(1 / 3)
+    # The ITM filter's own numbers are unchanged by the cosines.
+    assert evaluate.filter_metrics(with_itc(provenance())) == evaluate.filter_metrics(provenance())
+    # Provenance without cosines (written before CapFilt recorded them): no baseline, and no report section.
+    assert evaluate.itc_filter_metrics(provenance()) == {}
+    info = {"test": "t", "capfilt": "c", "images": 1, "texts": 1, "k_test": 1, "num_beams": 3, "min_length": 5,
+            "max_length": 20, "prompt": "p"}
+    metrics = {"models": {}, "filter": evaluate.filter_metrics(provenance()), "capfilt": {}}
+    md = evaluate.render_markdown({**metrics, "filter_itc": f}, info)
+    assert "the ITM filter kept 7; the ITC-cosine filter" in md and "keeps the 7 with the highest cosine" in md
+    assert "| all noise | 11 | 0.900 | 0.818 | 0.800 | 0.727 |" in md
+    assert "| wrong_attribute: color | 1 | 0.500 | 1.000 | 0.333 | 1.000 |" in md
+    assert "ITC-cosine" not in evaluate.render_markdown({**metrics, "filter_itc": {}}, info)
+
+
 def test_capfilt_metrics_hand_worked():
     c = evaluate.capfilt_metrics(provenance())
     assert c["texts_in"] == {"web": 17, "synthetic": 4, "human": 5}
@@ -336,6 +377,19 @@ def test_evaluate_logs_to_mlflow(tmp_path, monkeypatch, test_split, models, capf
     assert [row[0] for row in table["data"]] == ["noisy", "capfilt"]
     samples = json.loads(Path(client.download_artifacts(res.run_id, "captions_capfilt.json", str(tmp_path))).read_text())
     assert len(samples["data"]) == 2  # evaluate.log_samples
+
+    # The pipeline's parent run shows the Table-1 comparison: metrics, the table and the reports.
+    parent_id = run.data.tags["mlflow.parentRunId"]
+    parent = client.get_run(parent_id)
+    for name in models:
+        for key in ("tr_r1", "ir_r1", "mean_r1", "bleu4", "cider"):
+            assert parent.data.metrics[f"{name}/{key}"] == pytest.approx(res.metrics["models"][name][key])
+    assert parent.data.metrics["filter/precision"] == pytest.approx(0.9)
+    assert {"comparison.json", "report/report.html", "report/report.md"} <= {
+        p for d in ("", "report") for p in (i.path for i in client.list_artifacts(parent_id, d or None))}
+    ptable = json.loads(Path(client.download_artifacts(parent_id, "comparison.json", str(tmp_path / "p"))).read_text())
+    assert ptable == table
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_threshold_note():

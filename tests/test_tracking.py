@@ -210,6 +210,32 @@ def test_parent_created_when_absent_and_shared_by_later_stages(monkeypatch):
             pass
 
 
+def test_experiment_is_tagged_to_open_on_the_training_runs(capsys):
+    """The experiment carries MLflow's kind tag for training ("Machine learning"), set when it is created and
+    added to an existing experiment without a kind; a kind chosen by someone else is kept."""
+    client = MlflowClient()
+    exp_id = tracking.experiment_id("made-here")
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    older = client.create_experiment("made-before")  # e.g. by a run before this version
+    assert "mlflow.experimentKind" not in client.get_experiment(older).tags
+    with stage_run("ingest", experiment="made-before", log_system_metrics=False):
+        pass
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "finetuning"})
+    assert tracking.experiment_id("chosen") == chosen
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "finetuning"
+
+    # The UI link opens the training view whatever the browser chose last.
+    assert tracking.experiment_url("http://127.0.0.1:5000/", exp_id) == (
+        f"http://127.0.0.1:5000/#/experiments/{exp_id}?workflowType=machine_learning")
+    assert tracking.experiment_url("http://h:5000", "3", "abc") == (
+        "http://h:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
+    assert tracking.main(["url", "--experiment", "made-here", "--ui", "http://127.0.0.1:5001"]) == 0
+    assert capsys.readouterr().out.strip() == tracking.experiment_url("http://127.0.0.1:5001", exp_id)
+    assert tracking.main(["url", "--experiment", "absent"]) == 2
+    assert "no MLflow experiment 'absent'" in capsys.readouterr().err
+
+
 def test_tracking_off_and_non_zero_rank_log_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("BLIP_TRACKING", "off")
     with stage_run("pretrain", {"a": 1}) as run:
