@@ -51,6 +51,7 @@ from blip_core.data.webdataset_io import (
 )
 from blip_core.errors import UserError
 from blip_core.redact import install_log_redaction, redact
+from blip_core.train.checkpoint import fsync_path
 from components import storage
 from components.cli import one_line_errors
 from components.ingest import PART_KEY, IngestResult, run
@@ -99,14 +100,6 @@ def _read_parts(part_uris: Sequence[str]) -> list[tuple[str, Manifest]]:
     return ordered
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _put_shard(src: str, output: str, name: str, sink) -> None:
     """Publish the part shard ``src`` as ``name`` in the output directory without rewriting it when possible."""
     if not storage.is_s3(src) and not storage.is_s3(output):
@@ -116,7 +109,7 @@ def _put_shard(src: str, output: str, name: str, sink) -> None:
             os.link(src, tmp)  # same filesystem: no data copied (a part's shards are only ever replaced, never edited)
         except OSError:
             shutil.copyfile(src, tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         sink.put_file(tmp, name)
     elif storage.is_s3(src) and storage.is_s3(output):
         storage.copy_object(src, storage.join(output, name))
