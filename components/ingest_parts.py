@@ -51,7 +51,6 @@ from blip_core.data.webdataset_io import (
 )
 from blip_core.errors import UserError
 from blip_core.redact import install_log_redaction, redact
-from blip_core.train.checkpoint import fsync_path
 from components import storage
 from components.cli import one_line_errors
 from components.ingest import PART_KEY, IngestResult, run

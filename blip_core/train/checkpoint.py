@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from blip_core.data.webdataset_io import fsync_path
 from blip_core.errors import UserError
 
 FORMAT_VERSION = 1
@@ -52,15 +53,6 @@ class TrainPosition:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's entry to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
