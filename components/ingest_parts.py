@@ -46,6 +46,7 @@ from blip_core.data.webdataset_io import (
     ShardInfo,
     answer_list,
     check_shards,
+    fsync_path,
     read_manifest,
     shard_name,
 )
