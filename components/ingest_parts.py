@@ -46,6 +46,7 @@ from blip_core.data.webdataset_io import (
     ShardInfo,
     answer_list,
     check_shards,
+    fsync_path,
     read_manifest,
     shard_name,
 )
@@ -99,14 +100,6 @@ def _read_parts(part_uris: Sequence[str]) -> list[tuple[str, Manifest]]:
     return ordered
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _put_shard(src: str, output: str, name: str, sink) -> None:
     """Publish the part shard ``src`` as ``name`` in the output directory without rewriting it when possible."""
     if not storage.is_s3(src) and not storage.is_s3(output):
@@ -116,7 +109,7 @@ def _put_shard(src: str, output: str, name: str, sink) -> None:
             os.link(src, tmp)  # same filesystem: no data copied (a part's shards are only ever replaced, never edited)
         except OSError:
             shutil.copyfile(src, tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         sink.put_file(tmp, name)
     elif storage.is_s3(src) and storage.is_s3(output):
         storage.copy_object(src, storage.join(output, name))

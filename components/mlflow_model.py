@@ -1,4 +1,5 @@
-"""MLflow pyfunc model for a BLIP checkpoint: captions images and scores image-text pairs.
+"""MLflow pyfunc model for a BLIP checkpoint: captions images and scores image-text pairs (a VQA checkpoint:
+answers questions about images).
 
 This file is logged as MLflow "models from code" (see :func:`components.tracking.StageRun.log_blip_model`):
 MLflow copies it next to the checkpoint artifact and runs it when the model is loaded, so nothing is pickled.
@@ -20,6 +21,10 @@ missing values where a column does not apply.
 Inference parameters (``params=`` in ``predict``, or ``"params"`` in a serving request) override the decoding
 defaults: ``decoding`` (``beam``), ``num_beams`` (3), ``max_length`` (20), ``min_length`` (5), ``prompt``
 ("a picture of "), ``batch_size`` (16).
+
+A VQA checkpoint (``blip finetune --task vqa``) takes ``image`` and ``question`` in every row and returns
+``answer``, generated as the official VQA model does (``decoding`` beam or greedy, ``num_beams`` 3,
+``max_length`` 10, ``min_length`` 1, ``batch_size`` 16).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "prompt": "a picture of ",
     "batch_size": 16,
 }
+VQA_PARAMS: dict[str, Any] = {"decoding": "beam", "num_beams": 3, "max_length": 10, "min_length": 1, "batch_size": 16}
 
 
 def _missing(value: Any) -> bool:
@@ -106,7 +112,11 @@ class BlipPyfunc(PythonModel):
         self.model = loaded.model.to(self.device).eval()
         self.tokenizer = loaded.tokenizer
         self.image_size = int(self.model.cfg.vision.image_size)
-        self.defaults = {**DEFAULT_PARAMS, **{k: v for k, v in config.items() if k in DEFAULT_PARAMS}}
+        from blip_core.models.vqa import is_vqa
+
+        self.vqa = is_vqa(self.model)
+        base = VQA_PARAMS if self.vqa else DEFAULT_PARAMS
+        self.defaults = {**base, **{k: v for k, v in config.items() if k in base}}
         self.max_pixels = int(config.get("max_pixels") or 0) or None
         self._transform = self._make_transform()
 
@@ -135,6 +145,8 @@ class BlipPyfunc(PythonModel):
         opts = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
         batch_size = max(1, int(opts["batch_size"]))
         df = _as_frame(model_input)
+        if self.vqa:
+            return self._answer(df, opts, batch_size)
         images = df["image"].tolist()
         texts = df["text"].tolist() if "text" in df.columns else [None] * len(df)
         caption_rows = [i for i, t in enumerate(texts) if _missing(t)]
@@ -172,6 +184,29 @@ class BlipPyfunc(PythonModel):
         if not out:
             out["caption"] = []
         return pd.DataFrame(out)
+
+    def _answer(self, df: pd.DataFrame, opts: dict[str, Any], batch_size: int) -> pd.DataFrame:
+        """A VQA model: one generated answer per row (``image``, ``question``)."""
+        import torch
+
+        from blip_core.vqa import generate_answers
+
+        if "question" not in df.columns:
+            raise ValueError("a VQA model needs a 'question' column")
+        questions = df["question"].tolist()
+        for i, q in enumerate(questions):
+            if _missing(q) or not str(q).strip():
+                raise ValueError(f"row {i}: empty question")
+        images = df["image"].tolist()
+        answers: list[str] = []
+        with torch.inference_mode():
+            for start in range(0, len(df), batch_size):
+                rows = list(range(start, min(start + batch_size, len(df))))
+                batch = self._images([images[i] for i in rows], rows)
+                answers += generate_answers(self.model, self.tokenizer, batch, [str(questions[i]) for i in rows],
+                                            decoding=str(opts["decoding"]), num_beams=int(opts["num_beams"]),
+                                            max_length=int(opts["max_length"]), min_length=int(opts["min_length"]))
+        return pd.DataFrame({"answer": answers})
 
 
 mlflow.models.set_model(BlipPyfunc())

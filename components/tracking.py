@@ -569,7 +569,7 @@ class StageRun:
                     artifacts={"checkpoint": str(ckpt)},
                     code_paths=code_paths,
                     pip_requirements=model_requirements(),
-                    signature=model_signature(),
+                    signature=model_signature(vqa=_is_vqa_checkpoint(ckpt)),
                     model_config=dict(model_config) if model_config else None,
                     registered_model_name=registered_name,
                     tags={"blip.stage": self.stage},
@@ -673,10 +673,31 @@ def model_requirements() -> list[str]:
     return out
 
 
-def model_signature():
-    """Input ``image`` (string: base64-encoded image bytes) and optional ``text``; decoding options as params."""
+def _is_vqa_checkpoint(ckpt: Path) -> bool:
+    try:
+        return json.loads((ckpt / "config.json").read_text()).get("architecture") == "blip_vqa"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def model_signature(vqa: bool = False):
+    """Input ``image`` (string: base64-encoded image bytes) and optional ``text``; decoding options as params.
+
+    ``vqa``: the signature of a VQA model: ``image`` and ``question``, answer decoding options."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    if vqa:
+        return ModelSignature(
+            inputs=Schema([ColSpec("string", "image"), ColSpec("string", "question")]),
+            params=ParamSchema([
+                ParamSpec("decoding", "string", "beam"),
+                ParamSpec("num_beams", "long", 3),
+                ParamSpec("max_length", "long", 10),
+                ParamSpec("min_length", "long", 1),
+                ParamSpec("batch_size", "long", 16),
+            ]),
+        )
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image"), ColSpec("string", "text", required=False)]),

@@ -272,14 +272,8 @@ def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_f
                                      f"`capfilt.threshold` = {cfg.capfilt.threshold}.\n")
         print("ingest calibration: no source; CapFilt uses capfilt.threshold")
         return
-    root, name = _dataset_name(cfg, split, source, output_root)
-    out = output_location(dataset, root, name)
-    m = _complete_dataset(out) if root else None
-    if m is not None:
-        print(f"ingest {split}: reusing {out} (same source content and settings)")
-    else:
-        m = stage.run(cfg, source, out, progress=False).manifest
-    _ingest_outputs(split, source, out, m, dataset, report)
+    _make_dataset(cfg, split, source, output_root, dataset, report,
+                  lambda out: stage.run(cfg, source, out, progress=False).manifest)
 
 
 def _dataset_name(cfg, split: str, source: str, output_root: str) -> tuple[str, str]:
@@ -357,13 +351,20 @@ def ingest_merge(split: str, source: str, parts: Sequence, output_root: str, s3_
         os.environ["AWS_ENDPOINT_URL_S3"] = s3_endpoint
     cfg = load_cfg(params_file, overrides)
     source = source or getattr(cfg.sources, split)
+    _make_dataset(cfg, split, source, output_root, dataset, report,
+                  lambda out: ingest_parts.merge([input_location(p) for p in parts], out).manifest)
+
+
+def _make_dataset(cfg, split: str, source: str, output_root: str, dataset, report, make) -> None:
+    """The split's dataset at its content-addressed location: reused when complete, else ``make(out)`` writes it
+    and returns its manifest."""
     root, name = _dataset_name(cfg, split, source, output_root)
     out = output_location(dataset, root, name)
     m = _complete_dataset(out) if root else None
     if m is not None:
         print(f"ingest {split}: reusing {out} (same source content and settings)")
     else:
-        m = ingest_parts.merge([input_location(p) for p in parts], out).manifest
+        m = make(out)
     _ingest_outputs(split, source, out, m, dataset, report)
 
 

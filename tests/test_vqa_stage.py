@@ -34,13 +34,12 @@ def vqa_data(tmp_path_factory):
 def vqa_model(toy_data, vqa_data, tmp_path_factory):
     """A tiny pre-training (its vocabulary built from the web captions and the VQA questions and answers), then
     VQA fine-tuning from it."""
-    import os
-
-    os.environ["BLIP_TRACKING"] = "0"
     root = tmp_path_factory.mktemp("vqarun")
     cfg = load_config(None, VQA + ["pretrain.max_steps=2"])
-    pre = pretrain.run(cfg, [toy_data["web"]], str(root / "pre"), vocab_data=[vqa_data["vqa_train"]])
-    res = finetune.run(cfg, "vqa", pre.output, [vqa_data["vqa_train"]], str(root / "vqa"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BLIP_TRACKING", "0")
+        pre = pretrain.run(cfg, [toy_data["web"]], str(root / "pre"), vocab_data=[vqa_data["vqa_train"]])
+        res = finetune.run(cfg, "vqa", pre.output, [vqa_data["vqa_train"]], str(root / "vqa"))
     from blip_core.tokenizer import BlipTokenizer
 
     tok = BlipTokenizer.from_dir(Path(pre.model_uri) / "tokenizer")
@@ -76,7 +75,8 @@ def test_vqa_finetune_moves_the_weights_from_the_pretrained_ones(vqa_model):
     assert any(n.startswith("text_encoder.") for n in moved)
 
 
-def test_evaluate_reports_vqa_accuracy_per_kind_and_the_baseline(vqa_model, toy_data, vqa_data, tmp_path):
+def test_evaluate_reports_vqa_accuracy_per_kind_and_the_baseline(vqa_model, toy_data, vqa_data, tmp_path,
+                                                                 no_tracking):
     cfg = vqa_model["cfg"]
     res = evaluate.run(cfg, {"noisy": vqa_model["pre"].output}, toy_data["test"], str(tmp_path / "ev"),
                        vqa={"noisy": vqa_model["vqa"].output}, vqa_test=vqa_data["vqa_test"])
@@ -97,7 +97,8 @@ def test_evaluate_reports_vqa_accuracy_per_kind_and_the_baseline(vqa_model, toy_
     assert res2.metrics["vqa"]["test"]["inference"] == "generate"
 
 
-def test_evaluate_refuses_a_non_vqa_model_as_a_vqa_model(vqa_model, toy_data, vqa_data, tmp_path, capsys):
+def test_evaluate_refuses_a_non_vqa_model_as_a_vqa_model(vqa_model, toy_data, vqa_data, tmp_path, capsys,
+                                                         no_tracking):
     rc = blip_cli.main(["evaluate", "--model", f"noisy={vqa_model['pre'].output}", "--test", toy_data["test"],
                         "--vqa", f"noisy={vqa_model['pre'].output}", "--vqa-test", vqa_data["vqa_test"],
                         "--output", str(tmp_path / "ev"), "--set", "model.preset=tiny"])
@@ -120,7 +121,7 @@ def test_blip_vqa_ranks_the_model_answer_list(vqa_model, vqa_data, tmp_path, cap
     assert rec["answer"] in json.loads(answers.read_text()) and "score" in rec
 
 
-def test_finetune_vqa_with_validation_keeps_the_best_epoch(vqa_model, vqa_data, tmp_path):
+def test_finetune_vqa_with_validation_keeps_the_best_epoch(vqa_model, vqa_data, tmp_path, no_tracking):
     cfg = load_config(None, VQA + ["finetune_vqa.epochs=2", "finetune_vqa.max_steps=0"])
     res = finetune.run(cfg, "vqa", vqa_model["pre"].output, [vqa_data["vqa_train"]], str(tmp_path / "v"),
                        val=[vqa_data["vqa_test"]])
@@ -128,3 +129,33 @@ def test_finetune_vqa_with_validation_keeps_the_best_epoch(vqa_model, vqa_data, 
     assert v["metric"] == "vqa_acc" and len(v["epochs"]) == 2
     assert v["best"]["score"] == max(e["score"] for e in v["epochs"])
     assert (tmp_path / "v" / "model" / "answer_list.json").is_file()
+
+
+def test_the_logged_vqa_model_answers_questions_through_mlflow(vqa_model, tmp_path, monkeypatch):
+    """``log_blip_model`` of a VQA checkpoint: the pyfunc takes image + question and returns answers."""
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    from blip_core.data.toyweb import generate, parse_toyweb_uri
+    from components.tracking import pipeline_run, stage_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("BLIP_TRACKING", raising=False)
+    monkeypatch.delenv("BLIP_PARENT_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    with pipeline_run():
+        with stage_run("finetune_vqa", {"task": "vqa"}, log_system_metrics=False) as run:
+            uri = run.log_blip_model(vqa_model["vqa"].model_uri)
+    model = mlflow.pyfunc.load_model(uri)
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image", "question"]
+    sample = next(generate(parse_toyweb_uri("toyweb://?split=vqa_test&n=1&seed=3&size=32")))
+    image = base64.b64encode(sample.jpg).decode()
+    out = model.predict(pd.DataFrame({"image": [image, image], "question": ["what color is the circle?",
+                                                                             "how many shapes are there?"]}))
+    assert list(out.columns) == ["answer"] and len(out) == 2 and all(isinstance(a, str) for a in out["answer"])
+    with pytest.raises(Exception, match="row 0: empty question"):
+        model.predict(pd.DataFrame({"image": [image], "question": [" "]}))
+    mlflow.set_tracking_uri(None)

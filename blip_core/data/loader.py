@@ -38,7 +38,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -520,6 +520,34 @@ class EvalSplit(NamedTuple):
     samples: list[dict]  # each image's json, with "__key__"
 
 
+def _eval_samples(uris: list[str], what: str, parse: Callable[[dict[str, Any]], Any]) -> Iterator[Any]:
+    """``parse(sample)`` of every sample of the dataset directories ``uris``, in stored order, for an evaluation.
+
+    A sample ``parse`` raises on is skipped and counted (one warning at the end); ``None`` leaves a sample out
+    uncounted. A missing, damaged or unreadable shard raises :class:`ShardLost`: an evaluation never runs
+    silently on part of its split.
+    """
+    skipped = 0
+    fs = s3_filesystem() if any(is_s3(u) for u in uris) else None
+    for shard in dataset_shards(uris):
+        try:
+            seen = 0
+            for sample in iter_shard(shard.uri, fs):
+                seen += 1
+                try:
+                    item = parse(sample)
+                except Exception:  # noqa: BLE001 - skip and count any bad sample
+                    skipped += 1
+                    continue
+                if item is not None:
+                    yield item
+            _check_count(shard, seen)
+        except (ShardReadError, OSError) as e:  # an evaluation on part of the split would not say so
+            raise ShardLost(f"{shard.uri}: unreadable ({e}); re-run the stage that wrote it") from None
+    if skipped:
+        log.warning("%s(%s): skipped %d unreadable sample(s)", what, ", ".join(uris), skipped)
+
+
 def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = 30) -> EvalSplit:
     """Load every sample of one or more dataset directories with the eval transform.
 
@@ -532,36 +560,22 @@ def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = 
     txt2img: list[int] = []
     img2txt: list[list[int]] = []
     samples: list[dict] = []
-    skipped = 0
     uris = [uri] if isinstance(uri, str) else list(uri)
-    fs = s3_filesystem() if any(is_s3(u) for u in uris) else None
-    for shard in dataset_shards(uris):
-        try:
-            seen = 0
-            for sample in iter_shard(shard.uri, fs):
-                seen += 1
-                try:
-                    caps, _ = sample_captions(sample)
-                    img = decode_image(_image_bytes(sample))
-                    meta = decode_json(sample.get("json"))
-                except Exception:  # noqa: BLE001 - skip and count any bad sample
-                    skipped += 1
-                    continue
-                caps = [c for c in (pre_caption(c, max_words) for c in caps) if c]
-                if not caps:
-                    skipped += 1
-                    continue
-                i = len(images)
-                images.append(transform(img)[0])
-                img2txt.append(list(range(len(texts), len(texts) + len(caps))))
-                texts += caps
-                txt2img += [i] * len(caps)
-                samples.append({**meta, "__key__": sample["__key__"]})
-            _check_count(shard, seen)
-        except (ShardReadError, OSError) as e:  # an evaluation on part of the split would not say so
-            raise ShardLost(f"{shard.uri}: unreadable ({e}); re-run the stage that wrote it") from None
-    if skipped:
-        log.warning("load_eval_split(%s): skipped %d unreadable sample(s)", ", ".join(uris), skipped)
+
+    def parse(sample: dict[str, Any]):
+        caps, _ = sample_captions(sample)
+        caps = [c for c in (pre_caption(c, max_words) for c in caps) if c]
+        if not caps:
+            raise ValueError("no caption left after cleaning")
+        return caps, decode_image(_image_bytes(sample)), decode_json(sample.get("json")), sample["__key__"]
+
+    for caps, img, meta, key in _eval_samples(uris, "load_eval_split", parse):
+        i = len(images)
+        images.append(transform(img)[0])
+        img2txt.append(list(range(len(texts), len(texts) + len(caps))))
+        texts += caps
+        txt2img += [i] * len(caps)
+        samples.append({**meta, "__key__": key})
     if not images:
         raise UserError(f"{', '.join(uris)}: no readable samples")
     return EvalSplit(torch.stack(images), texts, txt2img, img2txt, samples)
@@ -693,36 +707,22 @@ def load_vqa_split(uri: str | Sequence[str], image_size: int) -> VQASplit:
     answers: list[list[str]] = []
     kinds: list[str] = []
     qids: list[str] = []
-    skipped = 0
-    fs = s3_filesystem() if any(is_s3(u) for u in uris) else None
-    for shard in dataset_shards(uris):
-        try:
-            seen = 0
-            for sample in iter_shard(shard.uri, fs):
-                seen += 1
-                try:
-                    meta = decode_json(sample.get("json"))
-                    if "questions" not in meta:
-                        continue
-                    qs, image_id = sample_questions(sample)
-                    img = decode_image(_image_bytes(sample))
-                except Exception:  # noqa: BLE001 - skip and count any bad sample
-                    skipped += 1
-                    continue
-                i = len(images)
-                images.append(transform(img)[0])
-                image_ids.append(image_id)
-                for q in qs:
-                    index.append(i)
-                    questions.append(pre_question(q["question"]))
-                    answers.append([a for a in q.get("answers", []) if isinstance(a, str)])
-                    kinds.append(str(q.get("kind") or NO_KIND))
-                    qids.append(str(q.get("question_id")))
-            _check_count(shard, seen)
-        except (ShardReadError, OSError) as e:  # an evaluation on part of the split would not say so
-            raise ShardLost(f"{shard.uri}: unreadable ({e}); re-run the stage that wrote it") from None
-    if skipped:
-        log.warning("load_vqa_split(%s): skipped %d unreadable sample(s)", ", ".join(uris), skipped)
+    def parse(sample: dict[str, Any]):
+        if "questions" not in decode_json(sample.get("json")):
+            return None
+        qs, image_id = sample_questions(sample)
+        return qs, image_id, decode_image(_image_bytes(sample))
+
+    for qs, image_id, img in _eval_samples(uris, "load_vqa_split", parse):
+        i = len(images)
+        images.append(transform(img)[0])
+        image_ids.append(image_id)
+        for q in qs:
+            index.append(i)
+            questions.append(pre_question(q["question"]))
+            answers.append([a for a in q.get("answers", []) if isinstance(a, str)])
+            kinds.append(str(q.get("kind") or NO_KIND))
+            qids.append(str(q.get("question_id")))
     if not questions:
         raise UserError(f"{', '.join(uris)}: no readable VQA questions")
     return VQASplit(torch.stack(images), torch.tensor(index, dtype=torch.long), questions, answers, kinds, qids,

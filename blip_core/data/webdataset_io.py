@@ -171,7 +171,7 @@ class Sink(Protocol):
         ...
 
 
-def _fsync_path(path: str | Path) -> None:
+def fsync_path(path: str | Path) -> None:
     """Flush a file's content, or a directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -216,9 +216,9 @@ class LocalSink:
                 raise
             tmp = self._tmp(name)
             shutil.copyfile(local, tmp)
-            _fsync_path(tmp)
+            fsync_path(tmp)
             os.replace(tmp, final)
-        _fsync_path(self.dir)
+        fsync_path(self.dir)
 
     def put_bytes(self, name: str, data: bytes) -> None:
         tmp = self._tmp(name)
@@ -227,7 +227,7 @@ class LocalSink:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / name)
-        _fsync_path(self.dir)
+        fsync_path(self.dir)
 
     def delete(self, name: str) -> None:
         (self.dir / name).unlink(missing_ok=True)

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from blip_core.data.webdataset_io import fsync_path
 from blip_core.errors import UserError
 
 FORMAT_VERSION = 1
@@ -54,15 +55,6 @@ class TrainPosition:
     batch_in_epoch: int = 0
 
 
-def _fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's entry to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -70,7 +62,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def is_complete(path: Path) -> bool:
@@ -125,14 +117,14 @@ def save_checkpoint(root: str | Path, objective: nn.Module, optimizer: torch.opt
     }
     (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
     for f in _FILES:
-        _fsync_path(tmp / f)
-    _fsync_path(tmp)
+        fsync_path(tmp / f)
+    fsync_path(tmp)
     aside = root / f".{name}.old-{os.getpid()}"
     if final.exists():  # the same step written again: keep the old one until the new one is in place
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(final, aside)
     os.replace(tmp, final)
-    _fsync_path(root)
+    fsync_path(root)
     shutil.rmtree(aside, ignore_errors=True)
     _atomic_write_text(root / LATEST, json.dumps({"checkpoint": name, **asdict(position)}))
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
