@@ -156,6 +156,8 @@ def run(official_dir: str, image_size: int, batch: int, queue_size: int, steps: 
                          "configs/bert_config.json)")
     import torch
 
+    from blip_core.seeding import make_generator
+
     torch.set_num_threads(threads)
     install_shims()
     sys.path.insert(0, str(root))
@@ -171,7 +173,7 @@ def run(official_dir: str, image_size: int, batch: int, queue_size: int, steps: 
     model.train()
     optimizer = torch.optim.AdamW(filter(lambda p: p.requires_grad, model.parameters()), lr=3e-4,
                                   weight_decay=0.05)
-    g = torch.Generator().manual_seed(0)
+    g = make_generator("cpu", 0)
     vocab = _vocab()
     times = []
     for i in range(steps + 1):  # the first step warms up allocators and is not counted

@@ -217,8 +217,8 @@ def test_run_local_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
     (parent,) = [r for r in runs if r.data.tags.get("blip.kind") == "pipeline"]
     assert parent.info.run_name == "local-test" and parent.info.status == "FINISHED"
     stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(stages) == {"pretrain", "finetune_captioner", "finetune_filter", "capfilt", "repretrain", "evaluate",
-                           "register"}
+    assert set(stages) == {"pretrain", "finetune_captioner", "finetune_filter", "capfilt", "repretrain",
+                           "finetune_vqa_noisy", "finetune_vqa_capfilt", "evaluate", "register"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
     assert str(client.get_model_version_by_alias("blip-capfilt", "champion").version) == "1"
     assert "pipeline finished" in capsys.readouterr().out

@@ -56,12 +56,12 @@ def _expected(vqa_dir, paths, answers=None, **kw):
 def test_vqa_generates_one_answer_per_image(checkpoints, images, capsys):
     vqa_dir, _ = checkpoints
     assert cli(["vqa", "--checkpoint", str(vqa_dir), *images, "--question", QUESTION, "--device", "cpu"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = [line.strip() for line in capsys.readouterr().out.rstrip("\n").split("\n")]
     assert [line.split("\t") for line in lines] == [[p, a] for p, a in zip(images, _expected(vqa_dir, images))]
 
     assert cli(["vqa", "--checkpoint", str(vqa_dir), *images, "--question", QUESTION, "--device", "cpu",
                 "--decoding", "greedy", "--max-length", "4", "--json", "--batch-size", "2"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    rows = [json.loads(line) for line in capsys.readouterr().out.rstrip("\n").split("\n")]
     want = _expected(vqa_dir, images, decoding="greedy", max_length=4)
     assert rows == [{"image": p, "question": QUESTION, "answer": a} for p, a in zip(images, want)]
     assert all(len(r["answer"].split()) <= 3 for r in rows)  # 4 tokens with [DEC]: at most 3 words
@@ -75,7 +75,7 @@ def test_vqa_ranks_an_answer_file(checkpoints, images, tmp_path, capsys, as_json
     f.write_text(json.dumps(answers) if as_json else "\n".join(answers + ["", "running"]) + "\n")
     assert cli(["vqa", "--checkpoint", str(vqa_dir), *images, "--question", QUESTION, "--answers", str(f),
                 "--k", "3", "--json", "--device", "cpu"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    rows = [json.loads(line) for line in capsys.readouterr().out.rstrip("\n").split("\n")]
     want = _expected(vqa_dir, images, answers, k=3)
     assert [(r["image"], r["question"], r["answer"]) for r in rows] == [(p, QUESTION, a) for p, (a, _) in
                                                                         zip(images, want)]
@@ -90,7 +90,7 @@ def test_vqa_missing_image_is_reported_and_the_others_answered(checkpoints, imag
                 "--device", "cpu"])
     out, err = capsys.readouterr()
     assert code == 2
-    assert [line.split("\t")[0] for line in out.strip().splitlines()] == [images[0], images[1]]
+    assert [line.strip().split("\t")[0] for line in out.rstrip("\n").split("\n")] == [images[0], images[1]]
     assert err.strip() == f"blip vqa: error: {missing}: no such file"
 
 
