@@ -275,7 +275,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy())  # the tensor's own buffer, not a copy
     return h.hexdigest()[:16]
 
 

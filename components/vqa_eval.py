@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from blip_core.config import EvalConfig
+from blip_core.data.loader import ANSWER_LIST_NAME
+from blip_core.data.loader import read_answer_list as loader_answer_list
 from blip_core.errors import UserError
 from blip_core.eval.vqa import vqa_report
 from blip_core.vqa import generate_answers, rank_answers
@@ -23,21 +25,16 @@ from components import storage
 
 log = logging.getLogger(__name__)
 
-ANSWER_LIST = "answer_list.json"
 
 
-def read_answer_list(uri: str) -> list[str]:
-    """The answers in ``answer_list.json`` (a model or dataset directory holding one, or the file itself)."""
-    path = uri if uri.endswith(".json") else storage.join(uri, ANSWER_LIST)
-    if not storage.exists(path):
-        raise UserError(f"{path}: no answer list (rank mode needs the answer_list.json that fine-tuning writes "
-                        "next to a VQA model; or set evaluate.vqa_inference=generate)")
-    try:
-        answers = json.loads(storage.read_text(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a JSON list of answers ({e})") from None
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-        raise UserError(f"{path}: expected a non-empty JSON list of answer strings")
+def read_answer_list(model_dir: str) -> list[str]:
+    """The answers in ``answer_list.json`` of a VQA model directory (written by ``blip finetune --task vqa``)."""
+    if not storage.exists(storage.join(model_dir, ANSWER_LIST_NAME)):
+        raise UserError(f"{model_dir}: no {ANSWER_LIST_NAME} (rank mode needs the answer list that fine-tuning "
+                        "writes next to a VQA model; or set evaluate.vqa_inference=generate)")
+    answers = loader_answer_list(model_dir)
+    if not answers:
+        raise UserError(f"{storage.join(model_dir, ANSWER_LIST_NAME)}: the answer list is empty")
     return answers
 
 
@@ -143,7 +140,7 @@ def evaluate_vqa(cfg, models: dict[str, str], test: str, device) -> tuple[dict[s
         out["models"][name], answers[name] = vqa_metrics(model, ckpt.tokenizer, split, ecfg, answer_list)
         if "baseline" not in out:
             base_list = answer_list or (read_answer_list(model_dir) if storage.exists(
-                storage.join(model_dir, ANSWER_LIST)) else None)
+                storage.join(model_dir, ANSWER_LIST_NAME)) else None)
             if base_list:
                 out["baseline"] = majority_baseline(base_list, split)
         del model, ckpt
