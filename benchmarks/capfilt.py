@@ -65,9 +65,9 @@ class BlipSide:
     """blip_core's CapFilt batch functions; the same model stands in for the captioner and the filter."""
 
     def __init__(self, workdir: Path, tok, device):
-        from blip_core import load_checkpoint
+        from blip_core import load_model_dir
 
-        self.model = load_checkpoint(workdir / "blip").model.to(device).eval()
+        self.model = load_model_dir(workdir / "blip").model.to(device).eval()
         self.tok = tok
         self.cfg = capfilt_config()
         self.device = device

@@ -55,7 +55,7 @@ def prepare(workdir: Path, preset: str = "base", image_size: int = 384) -> None:
     retrieval dirs)."""
     import dataclasses
 
-    from blip_core import build_model, model_preset
+    from blip_core import build_model, model_preset, save_model_dir
     from blip_core.convert import save_hf
     from blip_core.tokenizer import BlipTokenizer
 
@@ -65,7 +65,7 @@ def prepare(workdir: Path, preset: str = "base", image_size: int = 384) -> None:
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=image_size))
     torch.manual_seed(0)
     model = build_model(cfg, vocab_size=len(tok)).eval()
-    model.save(workdir / "blip", tokenizer=tok)
+    save_model_dir(workdir / "blip", model, tok)
     save_hf(model, workdir / "hf_caption", "caption", tok)
     save_hf(model, workdir / "hf_retrieval", "retrieval", tok)
 
@@ -88,10 +88,10 @@ def load_side(side: str, task: str, workdir: Path, tok, batch: int, texts: int, 
     ids, mask = tok(captions, max_length=35)
     images, ids, mask = images.to(device), ids.to(device), mask.to(device)
     if side == "blip":
-        from blip_core import load_checkpoint
+        from blip_core import load_model_dir
         from blip_core.generation import generate_ids, itm_itc, prompt_token_ids
 
-        model = load_checkpoint(workdir / "blip").model.to(device).eval()
+        model = load_model_dir(workdir / "blip").model.to(device).eval()
         prompt = prompt_token_ids(tok, PROMPT)
 
         def caption(x, beams):

@@ -37,7 +37,7 @@ def prepare(workdir: Path, size: str, image_size: int) -> None:
     """Random ``size`` VQA weights at ``image_size`` px, saved for both sides."""
     import dataclasses
 
-    from blip_core import model_preset
+    from blip_core import model_preset, save_model_dir
     from blip_core.convert import save_hf
     from blip_core.models.vqa import BlipVQA
     from blip_core.tokenizer import BlipTokenizer
@@ -49,7 +49,7 @@ def prepare(workdir: Path, size: str, image_size: int) -> None:
                               text=dataclasses.replace(cfg.text, vocab_size=len(tok)))
     torch.manual_seed(0)
     model = BlipVQA(cfg).eval()
-    model.save(workdir / "blip", tokenizer=tok)
+    save_model_dir(workdir / "blip", model, tok)
     save_hf(model, workdir / "hf", "vqa", tok)
 
 
@@ -62,7 +62,7 @@ def load_sides(workdir: Path, tok, n: int, image_size: int, device: torch.device
     """Each side's no-argument function answering the ``n`` questions (inputs already on the device)."""
     from transformers import BlipForQuestionAnswering
 
-    from blip_core import load_checkpoint
+    from blip_core import load_model_dir
     from blip_core.seeding import make_generator
     from blip_core.vqa import generate_answers, question_tokens
 
@@ -70,7 +70,7 @@ def load_sides(workdir: Path, tok, n: int, image_size: int, device: torch.device
     images = torch.randn(n, 3, image_size, image_size, generator=g).to(device)
     qs = questions(n)
     ids, mask = question_tokens(tok, qs, device=device)  # [ENC] first, as the official model
-    ours = load_checkpoint(workdir / "blip").model.to(device).eval()
+    ours = load_model_dir(workdir / "blip").model.to(device).eval()
     ref = BlipForQuestionAnswering.from_pretrained(workdir / "hf").to(device).eval()
 
     def blip():

@@ -7,7 +7,8 @@ import dataclasses
 from blip_core.config import Config, ModelConfig, load_config, model_preset
 from blip_core.models.blip import BlipModel
 
-__all__ = ["BlipModel", "Config", "ModelConfig", "build_model", "load_checkpoint", "load_config", "model_preset"]
+__all__ = ["BlipModel", "Config", "ModelConfig", "build_model", "load_config", "load_model_dir", "model_preset",
+           "save_model_dir"]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> BlipModel:
@@ -17,8 +18,15 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> BlipModel:
     return BlipModel(cfg)
 
 
-def load_checkpoint(dir, *, with_momentum: bool = True, image_size: int | None = None):
-    """Load a blip_core checkpoint directory; see :func:`blip_core.checkpoint_io.load_checkpoint`."""
-    from blip_core.checkpoint_io import load_checkpoint as _load
+def load_model_dir(dir, *, with_momentum: bool = True, image_size: int | None = None):
+    """Load a blip_core checkpoint directory; see :func:`blip_core.checkpoint_io.load_model_dir`."""
+    from blip_core.checkpoint_io import load_model_dir as _load
 
     return _load(dir, with_momentum=with_momentum, image_size=image_size)
+
+
+def save_model_dir(dst, model, tokenizer=None, momentum_state=None):
+    """Write a blip_core checkpoint directory; see :func:`blip_core.checkpoint_io.save_model_dir`."""
+    from blip_core.checkpoint_io import save_model_dir as _save
+
+    return _save(dst, model, tokenizer, momentum_state)

@@ -9,7 +9,7 @@ Layout of a checkpoint directory::
                            text_proj_m.*) and ITC queues (image_queue, text_queue, queue_ptr, idx_queue)
     tokenizer/             optional: Hugging Face tokenizer directory (BlipTokenizer.save)
 
-A checkpoint can be loaded at another image resolution (``load_checkpoint(..., image_size=384)``): the model
+A checkpoint can be loaded at another image resolution (``load_model_dir(..., image_size=384)``): the model
 is built at that size and the ViT position embeddings (student and momentum) are resized as the official
 ``interpolate_pos_embed`` does (:func:`blip_core.models.vision.interpolate_pos_embed`).
 
@@ -81,7 +81,7 @@ class Checkpoint:
 
     def save(self, dst: str | Path) -> Path:
         """Write this checkpoint as a blip_core directory."""
-        return save_checkpoint(dst, self.model, self.tokenizer, self.momentum_state)
+        return save_model_dir(dst, self.model, self.tokenizer, self.momentum_state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def model_config_from_dict(d: dict, source: str = "config") -> ModelConfig:
         raise UserError(f"{source}: invalid model config: {e}") from None
 
 
-def save_checkpoint(dst: str | Path, model: BlipModel | BlipVQA, tokenizer: BlipTokenizer | None = None,
+def save_model_dir(dst: str | Path, model: BlipModel | BlipVQA, tokenizer: BlipTokenizer | None = None,
                     momentum_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (and optionally its tokenizer and momentum/queue state) as a checkpoint directory.
 
@@ -375,8 +375,8 @@ def with_image_size(cfg: ModelConfig, image_size: int | None, source: str = "che
     return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=image_size))
 
 
-def load_checkpoint(src: str | Path, *, with_momentum: bool = True, image_size: int | None = None) -> Checkpoint:
-    """Load a checkpoint directory written by :func:`save_checkpoint` (or ``BlipModel.save``).
+def load_model_dir(src: str | Path, *, with_momentum: bool = True, image_size: int | None = None) -> Checkpoint:
+    """Load a checkpoint directory written by :func:`save_model_dir`.
 
     Returns a :class:`Checkpoint` with the model (a :class:`BlipModel`, or a :class:`BlipVQA` for a checkpoint
     recorded as ``blip_vqa``) in eval mode, the tokenizer (None when the directory has

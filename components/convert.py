@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 
 from blip_core import convert
-from blip_core.checkpoint_io import Checkpoint, load_checkpoint
+from blip_core.checkpoint_io import Checkpoint, load_model_dir
 from blip_core.errors import UserError
 from blip_core.models.vqa import is_vqa
 from blip_core.tokenizer import BlipTokenizer
@@ -57,7 +57,7 @@ def _load(args) -> Checkpoint:
         return convert.load_hf(args.src, image_size=args.image_size)
     if args.source == "official":
         return convert.load_official(args.src, args.preset, image_size=args.image_size)
-    return load_checkpoint(args.src, image_size=args.image_size)
+    return load_model_dir(args.src, image_size=args.image_size)
 
 
 def _task(args, vqa: bool) -> str | None:

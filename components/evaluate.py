@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from blip_core.capfilt import decide, threshold_for_share
-from blip_core.checkpoint_io import load_checkpoint
+from blip_core.checkpoint_io import load_model_dir
 from blip_core.config import Config, EvalConfig, load_config, to_dict
 from blip_core.data.loader import EvalSplit, load_eval_split
 from blip_core.data.toyweb import NOISE_KINDS, Scene, caption_matches
@@ -567,7 +567,7 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
         split = None
         for name, uri in models.items():
             with training.local_checkpoint(training.resolve_model_dir(uri)) as d:
-                ckpt = load_checkpoint(d, with_momentum=False, image_size=cfg.data.image_size or None)
+                ckpt = load_model_dir(d, with_momentum=False, image_size=cfg.data.image_size or None)
             if ckpt.tokenizer is None:
                 raise UserError(f"{uri}: the checkpoint has no tokenizer/ directory")
             model = ckpt.model.to(device).eval()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from blip_core.checkpoint_io import Checkpoint, load_checkpoint
+from blip_core.checkpoint_io import Checkpoint, load_model_dir
 from blip_core.data.transforms import EvalTransform
 from blip_core.errors import UserError
 from blip_core.generation import LENGTH_NORMS, generate_captions, itm_scores
@@ -98,7 +98,7 @@ def _check_caption_args(args) -> None:
 
 
 def _open(checkpoint: str, device: torch.device, *, vqa: bool = False) -> Checkpoint:
-    ckpt = load_checkpoint(checkpoint, with_momentum=False)
+    ckpt = load_model_dir(checkpoint, with_momentum=False)
     if vqa and not is_vqa(ckpt.model):
         raise UserError(f"{checkpoint} has no VQA decoder: it is a BLIP captioning/retrieval checkpoint (answer "
                         "questions with a VQA checkpoint, e.g. one converted from model_vqa.pth)")

@@ -103,9 +103,9 @@ class BlipPyfunc(PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from blip_core import load_checkpoint
+        from blip_core import load_model_dir
 
-        loaded = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+        loaded = load_model_dir(context.artifacts[CHECKPOINT_ARTIFACT])
         config = dict(getattr(context, "model_config", None) or {})
         device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)

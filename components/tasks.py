@@ -20,7 +20,7 @@ from typing import ClassVar, Protocol
 
 from torch import nn
 
-from blip_core.checkpoint_io import save_checkpoint
+from blip_core.checkpoint_io import save_model_dir
 from blip_core.config import Config, TrainConfig
 from blip_core.data.loader import (
     ANSWER_LIST_NAME,
@@ -117,7 +117,7 @@ class Task:
     def save_model(self, dst: Path, model: nn.Module, tokenizer: BlipTokenizer,
                    momentum_state: dict | None) -> None:
         """Write the trained ``model`` (and the objective's momentum state) as the checkpoint directory ``dst``."""
-        save_checkpoint(dst, model, tokenizer, momentum_state)
+        save_model_dir(dst, model, tokenizer, momentum_state)
 
     def model_files(self, data: Sequence[str]) -> dict[str, str]:
         """Files (name -> text) written into the model directory beside the checkpoint, from the training data

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from blip_core import build_model
-from blip_core.checkpoint_io import load_checkpoint
+from blip_core.checkpoint_io import load_model_dir
 from blip_core.config import Config, to_dict
 from blip_core.data.loader import ShardLost, dataset_shards, sample_texts
 from blip_core.data.webdataset_io import ShardReadError, is_s3, iter_shard, s3_filesystem
@@ -247,7 +247,7 @@ def load_init(init: str, image_size: int = 0) -> tuple[BlipModel, BlipTokenizer,
     interpolated bicubically (``data.image_size``: e.g. fine-tuning at 384 px a model pre-trained at 224 px).
     """
     with local_checkpoint(resolve_model_dir(init)) as d:
-        ckpt = load_checkpoint(d, image_size=image_size or None)
+        ckpt = load_model_dir(d, image_size=image_size or None)
     if ckpt.tokenizer is None:
         raise UserError(f"{init}: the checkpoint has no tokenizer/ directory")
     for note in ckpt.notes:

@@ -112,7 +112,7 @@ def evaluate_vqa(cfg, models: dict[str, str], test: str, device) -> tuple[dict[s
     Returns ``(metrics, answers, split)``: ``metrics`` holds ``models.<name>`` (accuracy and ``per_kind``), the
     majority-answer ``baseline`` (from the first model's answer list) and the split's size.
     """
-    from blip_core.checkpoint_io import load_checkpoint
+    from blip_core.checkpoint_io import load_model_dir
     from blip_core.data.loader import load_vqa_split
     from blip_core.models.vqa import BlipVQA
     from components import training
@@ -125,7 +125,7 @@ def evaluate_vqa(cfg, models: dict[str, str], test: str, device) -> tuple[dict[s
     for name, uri in models.items():
         model_dir = training.resolve_model_dir(uri)
         with training.local_checkpoint(model_dir) as d:
-            ckpt = load_checkpoint(d, with_momentum=False, image_size=cfg.data.image_size or None)
+            ckpt = load_model_dir(d, with_momentum=False, image_size=cfg.data.image_size or None)
         if not isinstance(ckpt.model, BlipVQA):
             raise UserError(f"{uri}: not a VQA model (fine-tune one with blip finetune --task vqa)")
         if ckpt.tokenizer is None:

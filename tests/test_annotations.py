@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip_core import build_model, model_preset
+from blip_core import build_model, model_preset, save_model_dir
 from blip_core.config import load_config
 from blip_core.data.loader import load_eval_split, make_loader
 from blip_core.data.toyweb import generate
@@ -163,7 +163,7 @@ def test_karpathy_test_file_is_an_evaluation_split(tmp_path, monkeypatch):
     tok = BlipTokenizer.from_corpus(training.corpus_captions([out], 30), vocab_size=150)
     torch.manual_seed(0)
     model = build_model(model_preset("tiny"), vocab_size=len(tok))
-    ckpt = str(model.save(tmp_path / "model", tokenizer=tok))
+    ckpt = str(save_model_dir(tmp_path / "model", model, tok))
     cfg = load_config(None, ["model.preset=tiny", "evaluate.k_test=4", "evaluate.batch_size=8",
                              "evaluate.itm_batch_size=16", "evaluate.log_samples=2"])
     evaluate.run(cfg, {"m": ckpt}, out, str(tmp_path / "eval"))

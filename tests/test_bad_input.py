@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from toy_data import TINY
 
-from blip_core import build_model, load_checkpoint, model_preset
+from blip_core import build_model, load_model_dir, model_preset, save_model_dir
 from blip_core.errors import UserError
 from blip_core.images import ImageTooLarge, open_rgb
 from blip_core.redact import install_log_redaction, redact
@@ -58,10 +58,10 @@ def files(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad-input")
     torch.manual_seed(0)
     tok = BlipTokenizer.from_corpus(CAPTIONS * 4, vocab_size=200)
-    build_model(model_preset("tiny"), vocab_size=len(tok)).save(root / "ckpt", tokenizer=tok)
+    save_model_dir(root / "ckpt", build_model(model_preset("tiny"), vocab_size=len(tok)), tok)
     big_tok = BlipTokenizer.from_corpus(CAPTIONS * 4 + [f"word{i} extra{i}" for i in range(60)], vocab_size=400)
     assert len(big_tok) > len(tok)
-    build_model(model_preset("tiny"), vocab_size=len(tok)).save(root / "ckpt-bigtok", tokenizer=big_tok)
+    save_model_dir(root / "ckpt-bigtok", build_model(model_preset("tiny"), vocab_size=len(tok)), big_tok)
     Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "img.png")
     (root / "notes.txt").write_text("not an image\n")
     (root / "empty").mkdir()
@@ -293,8 +293,8 @@ def test_caption_reports_every_bad_image_and_still_captions_the_rest(files, caps
 
 def test_tokenizer_larger_than_vocabulary_is_refused_at_load(files):
     with pytest.raises(UserError, match=r"the tokenizer has \d+ tokens but the model's vocabulary has \d+"):
-        load_checkpoint(files["bigtok"])
-    ckpt = load_checkpoint(files["ck"])
+        load_model_dir(files["bigtok"])
+    ckpt = load_model_dir(files["ck"])
     assert len(ckpt.tokenizer) == ckpt.model.cfg.text.vocab_size
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from toy_data import TINY
 
-from blip_core import build_model, load_checkpoint, model_preset
+from blip_core import build_model, load_model_dir, model_preset, save_model_dir
 from blip_core.config import load_config
 from blip_core.data.loader import load_eval_split
 from blip_core.tokenizer import BlipTokenizer
@@ -35,7 +35,7 @@ def init(toy_data, tmp_path_factory) -> str:
     tok = BlipTokenizer.from_corpus(training.corpus_captions([toy_data["human"], toy_data["test"]], 30), 200)
     torch.manual_seed(0)
     model = build_model(model_preset("tiny"), vocab_size=len(tok))
-    return str(model.save(tmp_path_factory.mktemp("init") / "model", tokenizer=tok))
+    return str(save_model_dir(tmp_path_factory.mktemp("init") / "model", model, tok))
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -68,7 +68,7 @@ def test_captioner_keeps_the_epoch_with_the_best_validation_score(toy_data, init
     assert metrics["val_best_epoch"] == best["epoch"] and metrics["val_cider"] == best["metrics"]["cider"]
 
     # The saved model scores what was recorded for its epoch ...
-    ckpt = load_checkpoint(out / "model")
+    ckpt = load_model_dir(out / "model")
     cfg = load_config(None, SETS)
     split = load_eval_split(toy_data["test"], 32)
     ecfg = dataclasses.replace(cfg.evaluate, prompt=cfg.finetune_captioner.prompt)

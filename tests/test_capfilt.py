@@ -11,7 +11,7 @@ import pytest
 import torch
 from toy_data import TINY
 
-from blip_core import build_model, model_preset
+from blip_core import build_model, model_preset, save_model_dir
 from blip_core.capfilt import choose_threshold, decide, filter_batch, filter_scores, threshold_for_share
 from blip_core.config import load_config
 from blip_core.data.loader import load_eval_split, make_loader
@@ -32,7 +32,7 @@ def tiny_ckpt(tmp_path_factory, toy_data):
     d = tmp_path_factory.mktemp("ckpt") / "model"
     tok = BlipTokenizer.from_corpus(corpus_captions([toy_data["web"], toy_data["human"]], 30), 300)
     torch.manual_seed(0)
-    build_model(model_preset("tiny"), vocab_size=len(tok)).save(d, tok)
+    save_model_dir(d, build_model(model_preset("tiny"), vocab_size=len(tok)), tok)
     return str(d)
 
 

@@ -10,8 +10,8 @@ from blip_testing import tiny_model
 from safetensors.torch import load_file
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from blip_core import build_model, load_checkpoint, model_preset
-from blip_core.checkpoint_io import canonical_state_dict, save_checkpoint
+from blip_core import build_model, load_model_dir, model_preset
+from blip_core.checkpoint_io import canonical_state_dict, save_model_dir
 from blip_core.convert import (
     config_from_hf,
     config_to_hf,
@@ -56,7 +56,7 @@ def test_checkpoint_dir_round_trip_with_momentum(tmp_path):
     model = build_model(model_preset("tiny"), vocab_size=len(tok))
     enc, queue = MomentumEncoders(model), FeatureQueue(16, 64, with_ids=True)
     momentum = {**enc.state_dict(), **queue.state_dict()}
-    save_checkpoint(tmp_path / "ck", model, tok, momentum)
+    save_model_dir(tmp_path / "ck", model, tok, momentum)
     files = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert files == ["config.json", "model.safetensors", "momentum.safetensors", "tokenizer"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
@@ -66,7 +66,7 @@ def test_checkpoint_dir_round_trip_with_momentum(tmp_path):
     assert sorted(stored) == sorted(canonical_state_dict(model))
     assert len(stored) < len(model.state_dict())  # tied tensors stored once
 
-    ck = load_checkpoint(tmp_path / "ck")
+    ck = load_model_dir(tmp_path / "ck")
     assert ck.model.cfg == model.cfg
     _equal_dicts(ck.model.state_dict(), model.state_dict())
     assert ck.model.text_encoder.embeddings is ck.model.text_decoder.bert.embeddings  # ties rebuilt
@@ -82,8 +82,8 @@ def test_conv_stem_checkpoint_round_trip_keeps_batch_norm_statistics(tmp_path):
         model.train().visual_encoder(torch.randn(4, 3, 32, 32) * 2 + 1)
     stats = {n: b for n, b in model.state_dict().items() if "running_" in n or "num_batches" in n}
     assert stats and all(not torch.equal(b, torch.zeros_like(b)) for n, b in stats.items() if "running_mean" in n)
-    save_checkpoint(tmp_path / "ck", model, tok)
-    ck = load_checkpoint(tmp_path / "ck")
+    save_model_dir(tmp_path / "ck", model, tok)
+    ck = load_model_dir(tmp_path / "ck")
     assert ck.model.cfg.vision.stem == "conv"
     _equal_dicts(ck.model.state_dict(), model.state_dict())
     image = torch.randn(2, 3, 32, 32)
@@ -94,36 +94,36 @@ def test_conv_stem_checkpoint_round_trip_keeps_batch_norm_statistics(tmp_path):
 
 def test_model_save_overwrites_atomically(tmp_path):
     m1, m2 = tiny_model(seed=1), tiny_model(seed=2)
-    m1.save(tmp_path / "ck")
-    m2.save(tmp_path / "ck")
-    _equal_dicts(load_checkpoint(tmp_path / "ck").model.state_dict(), m2.state_dict())
+    save_model_dir(tmp_path / "ck", m1)
+    save_model_dir(tmp_path / "ck", m2)
+    _equal_dicts(load_model_dir(tmp_path / "ck").model.state_dict(), m2.state_dict())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
 def test_invalid_checkpoint_dirs_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        load_checkpoint(tmp_path / "nope")
+        load_model_dir(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="config.json is missing"):
-        load_checkpoint(tmp_path / "empty")
+        load_model_dir(tmp_path / "empty")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
-        load_checkpoint(bad)
+        load_model_dir(bad)
     (bad / "config.json").write_text(json.dumps({"model_type": "blip"}))
     with pytest.raises(UserError, match="blip convert"):
-        load_checkpoint(bad)
+        load_model_dir(bad)
     (bad / "config.json").write_text(json.dumps({"format": "blip_core", "version": 1,
                                                  "model": {"preset": "tiny", "vision": {"widht": 3}}}))
     with pytest.raises(UserError, match="widht"):
-        load_checkpoint(bad)
-    tiny_model().save(tmp_path / "ck")
+        load_model_dir(bad)
+    save_model_dir(tmp_path / "ck", tiny_model())
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     cfg["model"]["text"]["hidden_size"] = 48
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="shape mismatches"):
-        load_checkpoint(tmp_path / "ck")
+        load_model_dir(tmp_path / "ck")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def test_hf_round_trip_is_bit_identical(tmp_path, cls, task):
     hf.save_pretrained(tmp_path / "hf")
     ck = load_hf(tmp_path / "hf")
     ck.save(tmp_path / "blip")
-    back = load_checkpoint(tmp_path / "blip")
+    back = load_model_dir(tmp_path / "blip")
     save_hf(back.model, tmp_path / "hf2", task, tok)
     _equal_dicts(load_file(tmp_path / "hf2" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors"))
 
@@ -299,7 +299,7 @@ def test_official_round_trip_keeps_momentum_and_queues(tmp_path, task, with_ids)
     _equal_dicts(official_state_dict(ck.model, task, ck.momentum_state), sd)
     # ...and through a blip_core directory.
     ck.save(tmp_path / "blip")
-    back = load_checkpoint(tmp_path / "blip")
+    back = load_model_dir(tmp_path / "blip")
     _equal_dicts(official_state_dict(back.model, task, back.momentum_state), sd)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from blip_core import build_model, model_preset
+from blip_core import build_model, model_preset, save_model_dir
 from blip_core.config import load_config
 from blip_core.errors import UserError
 from blip_core.tokenizer import BlipTokenizer
@@ -49,7 +49,7 @@ def models(tmp_path_factory, test_split) -> dict[str, str]:
     for name, seed in (("noisy", 0), ("capfilt", 1)):
         torch.manual_seed(seed)
         model = build_model(model_preset("tiny"), vocab_size=len(tok))
-        out[name] = str(model.save(root / name, tokenizer=tok))
+        out[name] = str(save_model_dir(root / name, model, tok))
     return out
 
 
@@ -277,11 +277,11 @@ def test_evaluate_grammar_match_counts_correct_captions(no_tracking, test_split,
 
 def test_evaluate_decoding_settings_reach_generation(test_split, models, monkeypatch):
     """evaluate.repetition_penalty and evaluate.length_norm are what the captions are generated with."""
-    from blip_core.checkpoint_io import load_checkpoint
+    from blip_core.checkpoint_io import load_model_dir
     from blip_core.data.loader import load_eval_split
     from blip_core.generation import generate_captions
 
-    ckpt = load_checkpoint(models["noisy"])
+    ckpt = load_model_dir(models["noisy"])
     model, tok = ckpt.model.eval(), ckpt.tokenizer
     split = load_eval_split(test_split, 32)
     sets = CFG + ["evaluate.max_length=12", "evaluate.min_length=3"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from toy_data import TINY
 
-from blip_core import load_checkpoint
+from blip_core import load_model_dir
 from blip_core.checkpoint_io import MOMENTUM_PREFIXES
 from blip_core.config import load_config
 from blip_core.models import interpolate_pos_embed
@@ -43,8 +43,8 @@ def _expected_ema(pre_m: torch.Tensor, student: torch.Tensor, momentum: float) -
 def test_filter_keeps_the_pretrained_momentum_encoders_and_queues(pretrained, toy_data, tmp_path, no_tracking):
     cfg = load_config(None, TINY + ["finetune_filter.max_steps=1"])
     finetune.run(cfg, "filter", pretrained, [toy_data["human"]], str(tmp_path / "fil"))
-    pre = load_checkpoint(f"{pretrained}/model")
-    fil = load_checkpoint(tmp_path / "fil" / "model")
+    pre = load_model_dir(f"{pretrained}/model")
+    fil = load_model_dir(tmp_path / "fil" / "model")
     momentum = pre.model.cfg.momentum
     student = fil.model.state_dict()
     pre_student = pre.model.state_dict()
@@ -76,13 +76,13 @@ def test_every_stage_runs_at_another_resolution(pretrained, toy_data, tmp_path, 
     cfg = load_config(None, sets)
     cap = finetune.run(cfg, "captioner", pretrained, [toy_data["human"]], str(tmp_path / "cap"))
     fil = finetune.run(cfg, "filter", pretrained, [toy_data["human"]], str(tmp_path / "fil"))
-    pre = load_checkpoint(f"{pretrained}/model")
+    pre = load_model_dir(f"{pretrained}/model")
     for res in (cap, fil):
-        ck = load_checkpoint(res.model_uri)
+        ck = load_model_dir(res.model_uri)
         assert ck.model.cfg.vision.image_size == 48 and ck.model.visual_encoder.pos_embed.shape == (1, 37, 32)
         assert ck.notes == []  # saved at 48 px: loads as it is
     # The filter's momentum position embedding started from the checkpoint's, interpolated to 6x6.
-    fil_ck = load_checkpoint(fil.model_uri)
+    fil_ck = load_model_dir(fil.model_uri)
     key = "visual_encoder_m.pos_embed"
     want = _expected_ema(interpolate_pos_embed(pre.momentum_state[key], 36),
                          fil_ck.model.visual_encoder.pos_embed.detach(), pre.model.cfg.momentum)

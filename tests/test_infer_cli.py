@@ -8,7 +8,7 @@ import torch
 from blip_hf_testing import make_tokenizer
 from PIL import Image
 
-from blip_core import build_model, model_preset
+from blip_core import build_model, model_preset, save_model_dir
 from components.cli import main as cli
 from components.infer import eval_transform, load_image
 
@@ -19,7 +19,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(model_preset("tiny"), vocab_size=len(tok))
     d = tmp_path_factory.mktemp("ckpt") / "caption"
-    model.save(d, tokenizer=tok)
+    save_model_dir(d, model, tok)
     return d
 
 
@@ -108,7 +108,7 @@ def test_bad_checkpoint_is_one_line_error(tmp_path, images, capsys):
     err = capsys.readouterr().err
     assert err.startswith("blip caption: error:") and "not found" in err and err.count("\n") == 1
     torch.manual_seed(0)
-    build_model(model_preset("tiny"), vocab_size=100).save(tmp_path / "notok")
+    save_model_dir(tmp_path / "notok", build_model(model_preset("tiny"), vocab_size=100))
     assert cli(["caption", "--checkpoint", str(tmp_path / "notok"), good1]) == 2
     assert "no tokenizer" in capsys.readouterr().err
 

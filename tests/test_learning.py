@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip_core import load_checkpoint
+from blip_core import load_model_dir
 from blip_core.config import load_config
 from blip_core.data.loader import load_eval_split
 from blip_core.data.toyweb import Scene, caption_matches, parse_caption
@@ -54,7 +54,7 @@ def test_toy_pretraining_learns_retrieval_and_captioner_names_drawn_objects(tmp_
         ingest.run(cfg, getattr(cfg.sources, name), uri, progress=False)
 
     pre = pretrain.run(cfg, [data["web"], data["human"]], str(tmp_path / "pre"), resume=False)
-    ckpt = load_checkpoint(tmp_path / "pre" / "model")
+    ckpt = load_model_dir(tmp_path / "pre" / "model")
     model, tok = ckpt.model.eval(), ckpt.tokenizer
     split = load_eval_split(data["test"], model.cfg.vision.image_size)
     ids, mask = tok(split.texts, max_length=cfg.model.max_text_len)
@@ -67,7 +67,7 @@ def test_toy_pretraining_learns_retrieval_and_captioner_names_drawn_objects(tmp_
     assert mean_r1 >= MIN_MEAN_R1
 
     finetune.run(cfg, "captioner", str(tmp_path / "pre"), [data["human"]], str(tmp_path / "cap"), resume=False)
-    ckpt = load_checkpoint(tmp_path / "cap" / "model")
+    ckpt = load_model_dir(tmp_path / "cap" / "model")
     captioner, ev = ckpt.model.eval(), cfg.evaluate  # beam search as the evaluate stage, with the captioner's prompt
     captions = []
     with torch.no_grad():

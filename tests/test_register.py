@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from blip_core import build_model, model_preset
+from blip_core import build_model, model_preset, save_model_dir
 from blip_core.config import load_config
 from blip_core.errors import UserError
 from blip_core.tokenizer import BlipTokenizer
@@ -32,7 +32,7 @@ def stage_output(tmp_path_factory) -> str:
     torch.manual_seed(0)
     tok = BlipTokenizer.from_corpus(["a red circle", "two blue squares", "a green star"] * 3, vocab_size=100)
     root = tmp_path_factory.mktemp("register-stage")
-    build_model(model_preset("tiny"), vocab_size=len(tok)).save(root / "model", tokenizer=tok)
+    save_model_dir(root / "model", build_model(model_preset("tiny"), vocab_size=len(tok)), tok)
     return str(root)
 
 

@@ -8,8 +8,8 @@ import torch
 from blip_hf_testing import build_hf, make_tokenizer
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from blip_core import build_model, load_checkpoint, model_preset
-from blip_core.checkpoint_io import save_checkpoint
+from blip_core import build_model, load_model_dir, model_preset
+from blip_core.checkpoint_io import save_model_dir
 from blip_core.convert import load_hf, load_official, save_official
 from blip_core.errors import UserError
 from blip_core.models import FeatureQueue, MomentumEncoders, interpolate_pos_embed
@@ -96,8 +96,8 @@ def _tiny_with_momentum(seed: int = 0):
 
 def test_checkpoint_dir_loads_at_another_size(tmp_path):
     model, tok, momentum = _tiny_with_momentum()
-    save_checkpoint(tmp_path / "ck", model, tok, momentum)
-    ck = load_checkpoint(tmp_path / "ck", image_size=48)
+    save_model_dir(tmp_path / "ck", model, tok, momentum)
+    ck = load_model_dir(tmp_path / "ck", image_size=48)
     assert ck.model.cfg.vision.image_size == 48
     want = reference_interpolate(model.visual_encoder.pos_embed.detach(), 36)
     assert np.abs(ck.model.visual_encoder.pos_embed.detach().double().numpy() - want).max() <= 1e-6
@@ -114,15 +114,15 @@ def test_checkpoint_dir_loads_at_another_size(tmp_path):
     MomentumEncoders(ck.model).load_state_dict(
         {k: v for k, v in ck.momentum_state.items() if "queue" not in k})
     # The stored size (or 0 / None) loads without any change; a size off the patch grid is a user error.
-    assert load_checkpoint(tmp_path / "ck", image_size=32).notes == []
+    assert load_model_dir(tmp_path / "ck", image_size=32).notes == []
     with pytest.raises(UserError, match="image size 50 is not a positive multiple of the model's patch size 8"):
-        load_checkpoint(tmp_path / "ck", image_size=50)
+        load_model_dir(tmp_path / "ck", image_size=50)
 
 
 def test_official_file_loads_at_another_size(tmp_path):
     """An official retrieval file at one resolution (here 48 px: 6x6) into models of smaller and larger size."""
     model, tok, momentum = _tiny_with_momentum(seed=1)
-    ck48 = load_checkpoint(_saved(tmp_path, model, tok, momentum), image_size=48)
+    ck48 = load_model_dir(_saved(tmp_path, model, tok, momentum), image_size=48)
     queue = FeatureQueue(16, 64, with_ids=True).state_dict()
     momentum48 = {**{k: v for k, v in ck48.momentum_state.items() if "queue" not in k}, **queue}
     path = save_official(ck48.model, tmp_path / "model_retrieval.pth", "retrieval", momentum48)
@@ -141,7 +141,7 @@ def test_official_file_loads_at_another_size(tmp_path):
 
 
 def _saved(tmp_path, model, tok, momentum):
-    return save_checkpoint(tmp_path / "ck32", model, tok, momentum)
+    return save_model_dir(tmp_path / "ck32", model, tok, momentum)
 
 
 @pytest.mark.parametrize("cls", [BlipForConditionalGeneration, BlipForImageTextRetrieval])
@@ -163,4 +163,4 @@ def test_hf_and_blip_sources_convert_at_another_size(tmp_path, capsys, cls):
     assert cli(["convert", "--from", "blip", str(tmp_path / "blip48"), "--to", str(tmp_path / "blip64"),
                 "--image-size", "64"]) == 0
     assert "interpolated from 6x6 to 8x8" in capsys.readouterr().out
-    assert load_checkpoint(tmp_path / "blip64").model.visual_encoder.pos_embed.shape == (1, 65, 32)
+    assert load_model_dir(tmp_path / "blip64").model.visual_encoder.pos_embed.shape == (1, 65, 32)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from toy_data import TINY
 
-from blip_core import build_model, model_preset
+from blip_core import build_model, model_preset, save_model_dir
 from blip_core.config import TrainConfig, load_config
 from blip_core.data.loader import load_eval_split, make_loader
 from blip_core.errors import UserError
@@ -116,7 +116,7 @@ def init(toy_data, tmp_path_factory):
     tok = BlipTokenizer.from_corpus(training.corpus_captions([toy_data["human"]], 30), 200)
     torch.manual_seed(0)
     model = build_model(model_preset("tiny"), vocab_size=len(tok))
-    return str(model.save(tmp_path_factory.mktemp("init") / "model", tokenizer=tok))
+    return str(save_model_dir(tmp_path_factory.mktemp("init") / "model", model, tok))
 
 
 def test_a_task_defined_outside_the_library_trains_through_the_stage(toy_data, init, tmp_path, no_tracking,
@@ -196,7 +196,7 @@ def test_a_finetuning_resumes_only_from_the_same_initial_model(toy_data, init, t
     m = training.load_init(init)
     with torch.no_grad():
         m[0].itm_head.bias.add_(1.0)
-    m[0].save(other, tokenizer=m[1])
+    save_model_dir(other, m[0], m[1])
     cfg = load_config(None, TINY + ["finetune_captioner.epochs=1", "finetune_captioner.checkpoint_every=1"])
     out = str(tmp_path / "cap")
     stopped = load_config(None, TINY + ["finetune_captioner.epochs=1", "finetune_captioner.max_steps=1"])

@@ -75,14 +75,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny BLIP checkpoint directory (model + tokenizer) written by ``BlipModel.save``."""
     import torch
 
-    from blip_core import build_model, model_preset
+    from blip_core import build_model, model_preset, save_model_dir
     from blip_core.tokenizer import BlipTokenizer
 
     torch.manual_seed(0)
     tok = BlipTokenizer.from_corpus(CAPTIONS * 4, vocab_size=200)
     model = build_model(model_preset("tiny"), vocab_size=len(tok))
     out = tmp_path_factory.mktemp("ckpt") / "captioner"
-    model.save(out, tokenizer=tok)
+    save_model_dir(out, model, tok)
     return out
 
 

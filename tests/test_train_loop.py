@@ -18,7 +18,7 @@ from blip_testing import (
 
 from blip_core.config import TrainConfig
 from blip_core.objectives import PretrainObjective
-from blip_core.train.checkpoint import CheckpointMissing, is_complete, latest_checkpoint, load_checkpoint_into
+from blip_core.train.checkpoint import CheckpointMissing, is_complete, latest_checkpoint, load_training_state
 from blip_core.train.loop import TrainingDiverged, train
 from blip_core.train.optim import alpha_at, build_optimizer, learning_rate
 
@@ -98,7 +98,7 @@ def test_checkpoint_round_trip_restores_optimizer(tmp_path):
     obj, opt, res = _run(tmp_path, cfg=dataclasses.replace(CFG, max_steps=2))
     obj2 = PretrainObjective(tiny_model(seed=9), IDS, queue_size=10)
     opt2 = build_optimizer(obj2, CFG)
-    pos, state = load_checkpoint_into(res.checkpoint, obj2, opt2)
+    pos, state = load_training_state(res.checkpoint, obj2, opt2)
     assert pos.step == 2 and pos.batch_in_epoch == 2
     for (n, a), (_, b) in zip(obj.state_dict().items(), obj2.state_dict().items()):
         assert torch.equal(a, b), n

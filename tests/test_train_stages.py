@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from toy_data import TINY
 
-from blip_core import load_checkpoint
+from blip_core import load_model_dir
 from blip_core.config import load_config
 from blip_core.errors import UserError
 from components import finetune, ingest, pretrain, storage
@@ -29,7 +29,7 @@ def test_pretrain_then_finetune_both_heads(toy_data, tmp_path, no_tracking):
     assert result["steps"] == (64 + 24 * 5) // 8 and result["epochs"] == 1
     log = json.loads((pre / "train_log.json").read_text())
     assert [r["step"] for r in log] == list(range(1, result["steps"] + 1))
-    ckpt = load_checkpoint(pre / "model")
+    ckpt = load_model_dir(pre / "model")
     assert ckpt.momentum_state is not None and "image_queue" in ckpt.momentum_state
     assert ckpt.tokenizer is not None and len(ckpt.tokenizer) == ckpt.model.cfg.text.vocab_size
 

@@ -9,7 +9,7 @@ import torch
 from blip_hf_testing import make_tokenizer
 from PIL import Image
 
-from blip_core import build_model, load_checkpoint, model_preset
+from blip_core import build_model, load_model_dir, model_preset, save_model_dir
 from blip_core.models.vqa import BlipVQA
 from blip_core.vqa import generate_answers, rank_answers
 from components.cli import main as cli
@@ -28,8 +28,8 @@ def checkpoints(tmp_path_factory):
         for p in vqa.text_decoder.parameters():
             p.mul_(5.0)  # answers that differ between images
     root = tmp_path_factory.mktemp("ckpts")
-    vqa.save(root / "vqa", tokenizer=tok)
-    build_model(cfg, vocab_size=len(tok)).save(root / "caption", tokenizer=tok)
+    save_model_dir(root / "vqa", vqa, tok)
+    save_model_dir(root / "caption", build_model(cfg, vocab_size=len(tok)), tok)
     return root / "vqa", root / "caption"
 
 
@@ -45,7 +45,7 @@ def images(tmp_path):
 
 
 def _expected(vqa_dir, paths, answers=None, **kw):
-    ckpt = load_checkpoint(vqa_dir)
+    ckpt = load_model_dir(vqa_dir)
     transform = eval_transform(ckpt.model.cfg.vision.image_size)
     batch = torch.stack([load_image(p, transform) for p in paths])
     if answers is not None:

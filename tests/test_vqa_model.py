@@ -10,7 +10,7 @@ from blip_hf_testing import hf_to_official, make_tokenizer, randomize, tiny_pres
 from safetensors.torch import load_file
 from transformers import BlipConfig, BlipForQuestionAnswering
 
-from blip_core import build_model, load_checkpoint, model_preset
+from blip_core import build_model, load_model_dir, model_preset, save_model_dir
 from blip_core.checkpoint_io import checkpoint_architecture
 from blip_core.convert import load_hf, load_official, official_state_dict, save_hf, save_official
 from blip_core.errors import UserError
@@ -176,7 +176,7 @@ def test_hf_vqa_round_trip_loads_without_missing_keys(tok, hf_pair, tmp_path):
     hf, ck, d = hf_pair
     ck.save(tmp_path / "blip")
     assert checkpoint_architecture(tmp_path / "blip") == "blip_vqa"
-    back = load_checkpoint(tmp_path / "blip")
+    back = load_model_dir(tmp_path / "blip")
     assert isinstance(back.model, BlipVQA)
     save_hf(back.model, tmp_path / "hf2", "vqa", back.tokenizer)
     a, b = load_file(tmp_path / "hf2" / "model.safetensors"), load_file(d / "model.safetensors")
@@ -388,24 +388,24 @@ def test_from_blip_copies_without_tying_and_reports_fresh_tensors(tok):
 
 def test_vqa_checkpoint_round_trip_and_resolution(tok, tmp_path):
     m = _tiny_vqa(tok)
-    m.save(tmp_path / "vqa", tokenizer=tok)
-    back = load_checkpoint(tmp_path / "vqa")
+    save_model_dir(tmp_path / "vqa", m, tok)
+    back = load_model_dir(tmp_path / "vqa")
     assert isinstance(back.model, BlipVQA) and back.momentum_state is None
     for (k, a), (_, b) in zip(m.state_dict().items(), back.model.state_dict().items()):
         assert torch.equal(a, b), k
     image = _images(2)
     assert generate_answers(back.model, tok, image, QUESTIONS[:2]) == generate_answers(m, tok, image, QUESTIONS[:2])
-    big = load_checkpoint(tmp_path / "vqa", image_size=48)
+    big = load_model_dir(tmp_path / "vqa", image_size=48)
     assert isinstance(big.model, BlipVQA) and big.model.visual_encoder.pos_embed.shape[1] == 37
     # a plain BLIP checkpoint still loads as BlipModel, and its config.json has no architecture entry
-    build_model(model_preset("tiny"), vocab_size=len(tok)).save(tmp_path / "blip")
+    save_model_dir(tmp_path / "blip", build_model(model_preset("tiny"), vocab_size=len(tok)))
     assert checkpoint_architecture(tmp_path / "blip") == "blip"
     assert "architecture" not in (tmp_path / "blip" / "config.json").read_text()
-    assert not is_vqa(load_checkpoint(tmp_path / "blip").model)
+    assert not is_vqa(load_model_dir(tmp_path / "blip").model)
     cfg_file = tmp_path / "vqa" / "config.json"
     cfg_file.write_text(cfg_file.read_text().replace('"blip_vqa"', '"blip_nlvr"'))
     with pytest.raises(UserError, match="unknown architecture 'blip_nlvr'"):
-        load_checkpoint(tmp_path / "vqa")
+        load_model_dir(tmp_path / "vqa")
 
 
 def test_question_and_answer_tokens(tok):
@@ -445,7 +445,7 @@ def test_convert_cli_vqa_from_hf_and_official_and_back(tok, hf_pair, tmp_path, c
     _, _, hf_dir = hf_pair
     assert cli(["convert", "--from", "hf", str(hf_dir), "--to", str(tmp_path / "blip")]) == 0
     assert "source: Hugging Face BlipForQuestionAnswering" in capsys.readouterr().out
-    assert isinstance(load_checkpoint(tmp_path / "blip").model, BlipVQA)
+    assert isinstance(load_model_dir(tmp_path / "blip").model, BlipVQA)
     # --format hf of a VQA model: the task is vqa without --task
     assert cli(["convert", "--from", "blip", str(tmp_path / "blip"), "--to", str(tmp_path / "hf"), "--format",
                 "hf"]) == 0

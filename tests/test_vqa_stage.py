@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blip_core.checkpoint_io import load_checkpoint
+from blip_core.checkpoint_io import load_model_dir
 from blip_core.config import load_config
 from blip_core.models.vqa import BlipVQA
 from components import cli as blip_cli
@@ -53,7 +53,7 @@ def test_finetune_vqa_writes_a_vqa_model_with_the_training_answers(vqa_model, vq
     assert res.steps == 3
     assert set(res.losses) == {"vqa", "loss"}
     model_dir = Path(res.model_uri)
-    ckpt = load_checkpoint(model_dir)
+    ckpt = load_model_dir(model_dir)
     assert isinstance(ckpt.model, BlipVQA)
     answers = json.loads((model_dir / "answer_list.json").read_text())
     train_answers = json.loads((Path(vqa_data["vqa_train"]) / "answer_list.json").read_text())
@@ -67,8 +67,8 @@ def test_finetune_vqa_writes_a_vqa_model_with_the_training_answers(vqa_model, vq
 def test_vqa_finetune_moves_the_weights_from_the_pretrained_ones(vqa_model):
     import torch
 
-    pre = load_checkpoint(Path(vqa_model["pre"].model_uri)).model
-    vqa = load_checkpoint(Path(vqa_model["vqa"].model_uri)).model
+    pre = load_model_dir(Path(vqa_model["pre"].model_uri)).model
+    vqa = load_model_dir(Path(vqa_model["vqa"].model_uri)).model
     start = BlipVQA.from_blip(pre)
     moved = [n for n, p in vqa.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
     assert any(n.startswith("text_decoder.") for n in moved)

@@ -140,12 +140,6 @@ class BlipModel(nn.Module):
         """Gradient checkpointing of the last ``last_k`` ViT blocks."""
         self.visual_encoder.set_grad_checkpointing(last_k)
 
-    def save(self, dir, tokenizer=None):
-        """Write a blip_core checkpoint directory (see :mod:`blip_core.checkpoint_io`); returns its path."""
-        from blip_core.checkpoint_io import save_checkpoint
-
-        return save_checkpoint(dir, self, tokenizer)
-
     def no_weight_decay(self) -> set[str]:
         """Parameter names conventionally excluded from weight decay (position/class embeddings, temp)."""
         return {"visual_encoder.pos_embed", "visual_encoder.cls_token", "temp"}

@@ -142,12 +142,6 @@ class BlipVQA(nn.Module):
         """Parameter names conventionally excluded from weight decay (position and class embeddings)."""
         return {"visual_encoder.pos_embed", "visual_encoder.cls_token"}
 
-    def save(self, dir, tokenizer=None):
-        """Write a blip_core checkpoint directory (see :mod:`blip_core.checkpoint_io`); returns its path."""
-        from blip_core.checkpoint_io import save_checkpoint
-
-        return save_checkpoint(dir, self, tokenizer)
-
 
 def is_vqa(model: nn.Module) -> bool:
     """Whether ``model`` is a VQA model (has the question-reading answer decoder)."""

@@ -93,7 +93,7 @@ def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(root: str | Path, objective: nn.Module, optimizer: torch.optim.Optimizer,
+def save_training_state(root: str | Path, objective: nn.Module, optimizer: torch.optim.Optimizer,
                     position: TrainPosition, config: dict, keep: int = 2, extra: dict | None = None) -> Path:
     """Write a checkpoint of ``objective`` + ``optimizer`` at ``position`` and mark it latest."""
     root = Path(root)
@@ -178,7 +178,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return None
 
 
-def load_checkpoint_into(path: str | Path, objective: nn.Module,
+def load_training_state(path: str | Path, objective: nn.Module,
                          optimizer: torch.optim.Optimizer | None = None) -> tuple[TrainPosition, dict]:
     """Restore ``objective`` (and ``optimizer``) from a checkpoint; returns its position and state JSON."""
     path = Path(path)

@@ -30,7 +30,12 @@ from blip_core.errors import UserError
 from blip_core.objectives import Objective
 from blip_core.seeding import derive_seed, make_generator
 from blip_core.train import distributed as D
-from blip_core.train.checkpoint import TrainPosition, latest_checkpoint, load_checkpoint_into, save_checkpoint
+from blip_core.train.checkpoint import (
+    TrainPosition,
+    latest_checkpoint,
+    load_training_state,
+    save_training_state,
+)
 from blip_core.train.optim import alpha_at, learning_rate, set_learning_rate
 
 log = logging.getLogger(__name__)
@@ -102,7 +107,7 @@ def train(
     resumed_from = None
     if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
         if _same_config(latest, config_dict):
-            position, _ = load_checkpoint_into(latest, inner, optimizer)
+            position, _ = load_training_state(latest, inner, optimizer)
             resumed_from = latest
         else:
             log.warning("not resuming from %s: it was written with another config or other data; starting over",
@@ -227,7 +232,7 @@ def _stable(tree):
 def _checkpoint(root, objective, optimizer, position, config_dict, info, on_checkpoint) -> Path | None:
     path = None
     if info.is_main:
-        path = save_checkpoint(root, objective, optimizer, position, config_dict or {})
+        path = save_training_state(root, objective, optimizer, position, config_dict or {})
         if on_checkpoint is not None:
             on_checkpoint(path)
     D.barrier()
