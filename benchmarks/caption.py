@@ -84,8 +84,10 @@ def load_side(side: str, task: str, workdir: Path, tok, batch: int, texts: int, 
               device: torch.device | str = "cpu"):
     """Load one side's model for ``task`` onto ``device`` and return a no-argument function running the
     measured work (inputs already on the device)."""
+    from blip_core.constants import RETRIEVAL_TEXT_TOKENS
+
     images, captions = _inputs(batch, texts, image_size)
-    ids, mask = tok(captions, max_length=35)
+    ids, mask = tok(captions, max_length=RETRIEVAL_TEXT_TOKENS)
     images, ids, mask = images.to(device), ids.to(device), mask.to(device)
     if side == "blip":
         from blip_core import load_model_dir

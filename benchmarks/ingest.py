@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from blip_core.config import load_config
+from blip_core.constants import CAPTION_MAX_WORDS, DEFAULT_PROMPT, PRETRAIN_TEXT_TOKENS
 from blip_core.data.loader import make_loader
 from blip_core.data.toyweb import generate, parse_toyweb_uri, render_scene, sample_scene
 from blip_core.data.webdataset_io import tar_bytes
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         for train in (True, False):
             for workers in args.workers:
                 loader = make_loader([str(tmp / "toyweb0")], tok, image_size=64, batch_size=args.batch_size,
-                                     train=train, min_scale=0.5, randaugment=True, max_words=30, max_length=30,
-                                     num_workers=workers, prompt="a picture of ")
+                                     train=train, min_scale=0.5, randaugment=True, max_words=CAPTION_MAX_WORDS,
+                                     max_length=PRETRAIN_TEXT_TOKENS, num_workers=workers, prompt=DEFAULT_PROMPT)
                 secs, cpu, pairs = _best(lambda i, loader=loader: sum(len(b["text"]) for b in loader), r)
                 kind = "train: crop+flip+RandAugment" if train else "eval: resize"
                 rows.append((f"loader {kind}, {workers} workers", pairs, secs, cpu, "pairs"))

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from blip_core.constants import CAPTION_MAX_WORDS, DEFAULT_PROMPT, PRETRAIN_TEXT_TOKENS, RETRIEVAL_TEXT_TOKENS
 from blip_core.errors import UserError
 
 
@@ -81,7 +82,7 @@ class ModelConfig:
     momentum: float = 0.995
     alpha: float = 0.4  # momentum-distillation weight (ramped by the training loop)
     temp: float = 0.07  # initial ITC temperature, clamped to [0.001, 0.5]
-    max_text_len: int = 30  # tokens per caption in pre-training
+    max_text_len: int = PRETRAIN_TEXT_TOKENS  # tokens per caption in pre-training
     tokenizer: str = "corpus"  # "corpus" (build WordPiece from captions) or a local/s3 HF tokenizer dir
     corpus_vocab_size: int = 1000  # WordPiece vocabulary size when the tokenizer is built from the corpus
 
@@ -135,7 +136,7 @@ class DataConfig:
     # ViT position embeddings interpolated bicubically (paper: pre-train at 224, fine-tune at 384).
     # 0 = each checkpoint's own. Pre-training runs at model.vision.image_size (or its --init checkpoint's).
     image_size: int = 0
-    max_words: int = 30  # pre_caption truncation
+    max_words: int = CAPTION_MAX_WORDS  # pre_caption truncation
     num_workers: int = 0  # DataLoader worker processes per rank (0 = load in the training process)
     shuffle_buffer: int = 1000  # samples held in the shuffle buffer of each (rank, worker) stream
     min_scale_pretrain: float = 0.2  # RandomResizedCrop lower scale at pre-training
@@ -159,7 +160,7 @@ class IngestConfig:
     image_format: Literal["jpg", "png"] = "jpg"  # stored encoding; a JPEG needing no resize is kept byte for byte
     jpeg_quality: int = 95  # quality when (re-)encoding JPEG
     shard_size: int = 1000  # samples per output shard
-    max_words: int = 30  # pre_caption truncation of stored captions
+    max_words: int = CAPTION_MAX_WORDS  # pre_caption truncation of stored captions
     dedupe: bool = True  # drop exact duplicates (same image bytes and same cleaned caption)
     caption_source: Literal["web", "human", "synthetic"] = "web"  # json "source" when the input does not say
     fetch_threads: int = 8  # parallel image reads for JSONL/CSV manifests (S3 keys, URLs, files)
@@ -206,7 +207,7 @@ class TrainConfig:
     seed: int = 42
     compile: bool = False  # torch.compile the image and text encoders
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on the training device (CUDA or CPU)
-    prompt: str = ""  # captioner fine-tuning: "a picture of "
+    prompt: str = ""  # captioner fine-tuning: DEFAULT_PROMPT
     # filter fine-tuning: draw ITM hard negatives from every rank's batch, not only the local one (the official
     # COCO retrieval setting; Flickr leaves it off)
     negative_all_rank: bool = False
@@ -234,7 +235,7 @@ class CapFiltConfig:
     # chosen on it instead: the most wrong captions dropped while >= target_precision of the dropped are wrong.
     target_precision: float = 0.9
     batch_size: int = 64
-    prompt: str = "a picture of "
+    prompt: str = DEFAULT_PROMPT
     seed: int = 0
 
 
@@ -252,9 +253,9 @@ class EvalConfig:
     repetition_penalty: float = 1.0  # beam-search captions (official COCO: 1.0, NoCaps: 1.1)
     length_norm: Literal["current", "hf415"] = "current"  # finished-beam scoring: today's transformers, or
     # transformers 4.15 as the official code ran (blip_core.generation)
-    prompt: str = "a picture of "
+    prompt: str = DEFAULT_PROMPT
     metric: str = "mean_r1"  # the metric register compares against the champion
-    max_text_len: int = 35  # tokens per caption for retrieval (official retrieval uses 35)
+    max_text_len: int = RETRIEVAL_TEXT_TOKENS  # tokens per caption for retrieval (official retrieval uses 35)
     log_samples: int = 4  # test images logged to MLflow with each model's caption
     # VQA (blip evaluate --vqa): "rank" scores the answer list of the model's training data (the paper's
     # numbers), "generate" decodes free text (vqa_num_beams > 1: beam search, 1: greedy)
@@ -276,7 +277,7 @@ class Config:
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
-    finetune_captioner: TrainConfig = field(default_factory=lambda: _finetune_defaults("a picture of "))
+    finetune_captioner: TrainConfig = field(default_factory=lambda: _finetune_defaults(DEFAULT_PROMPT))
     finetune_filter: TrainConfig = field(default_factory=lambda: _finetune_defaults(""))
     # the official VQA recipe (configs/vqa.yaml): 10 epochs, lr 2e-5 cosine to 0, batch 16 per GPU
     finetune_vqa: TrainConfig = field(default_factory=lambda: TrainConfig(

@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from blip_core.constants import DEFAULT_PROMPT
 from blip_core.models.blip import BlipModel
 from blip_core.models.text import CrossKV, KVCache
 
@@ -364,7 +365,7 @@ def generate_captions(
     repetition_penalty: float | None = None,
     length_penalty: float = 1.0,
     length_norm: LengthNorm = "current",
-    prompt: str = "a picture of ",
+    prompt: str = DEFAULT_PROMPT,
     generator: torch.Generator | None = None,
     num_return: int = 1,
 ) -> list[str]:

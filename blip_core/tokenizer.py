@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from blip_core.constants import CAPTION_MAX_WORDS, QUESTION_MAX_WORDS
+
 DEC_TOKEN = "[DEC]"
 ENC_TOKEN = "[ENC]"
 BASE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -27,7 +29,7 @@ _PUNCT = re.compile(r"[.!\"()*#:;~]")
 _SPACES = re.compile(r"\s{2,}")
 
 
-def pre_caption(caption: str, max_words: int = 30) -> str:
+def pre_caption(caption: str, max_words: int = CAPTION_MAX_WORDS) -> str:
     """Clean a caption as BLIP does: lowercase, drop ``.!"()*#:;~``, collapse spaces, keep ``max_words``."""
     text = _PUNCT.sub(" ", caption.lower())
     text = _SPACES.sub(" ", text).rstrip("\n").strip(" ")
@@ -37,7 +39,7 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
     return text
 
 
-def pre_question(question: str, max_words: int = 50) -> str:
+def pre_question(question: str, max_words: int = QUESTION_MAX_WORDS) -> str:
     """Clean a VQA question as the official ``pre_question``: lowercase, delete ``.!"()*#:;~`` (no space left
     in their place), strip trailing spaces, keep the first ``max_words`` space-separated words."""
     text = _PUNCT.sub("", question.lower()).rstrip(" ")

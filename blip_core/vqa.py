@@ -27,12 +27,12 @@ from typing import Literal
 
 import torch
 
+from blip_core.constants import QUESTION_MAX_TOKENS
 from blip_core.generation import generate_ids
 from blip_core.losses import LABEL_SMOOTHING
 from blip_core.models.vqa import BlipVQA
 from blip_core.tokenizer import pre_question
 
-QUESTION_MAX_TOKENS = 35
 RANK_ROWS = 256  # candidate rows decoded at once when ranking (k candidates per question)
 
 

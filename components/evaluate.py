@@ -53,9 +53,9 @@ import torch
 from blip_core.capfilt import decide, threshold_for_share
 from blip_core.checkpoint_io import load_model_dir
 from blip_core.config import Config, EvalConfig, load_config, to_dict
+from blip_core.constants import CLIP_MEAN, CLIP_STD
 from blip_core.data.loader import EvalSplit, load_eval_split
 from blip_core.data.toyweb import NOISE_KINDS, Scene, caption_matches
-from blip_core.data.transforms import CLIP_MEAN, CLIP_STD
 from blip_core.errors import UserError
 from blip_core.generation import generate_captions
 from blip_core.retrieval import recall_at_k, retrieval_scores

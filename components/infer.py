@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from blip_core.checkpoint_io import Checkpoint, load_model_dir
+from blip_core.constants import DEFAULT_PROMPT, QUESTION_MAX_TOKENS
 from blip_core.data.transforms import EvalTransform
 from blip_core.errors import UserError
 from blip_core.generation import LENGTH_NORMS, generate_captions, itm_scores
@@ -32,7 +33,7 @@ from blip_core.images import MAX_PIXELS, ImageTooLarge, open_rgb
 from blip_core.models.vqa import is_vqa
 from blip_core.seeding import make_generator
 from blip_core.tokenizer import pre_question
-from blip_core.vqa import QUESTION_MAX_TOKENS, generate_answers, rank_answers
+from blip_core.vqa import generate_answers, rank_answers
 from components.cli import one_line_errors
 
 
@@ -134,7 +135,7 @@ def caption_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-norm", choices=list(LENGTH_NORMS), default="current",
                    help="beam search: score finished captions as today's transformers (current) or as "
                         "transformers 4.15, which the official BLIP numbers used (hf415)")
-    p.add_argument("--prompt", default="a picture of ")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--seed", type=int, default=None, help="seed for nucleus sampling")
     _add_batch_args(p)
     return p

@@ -38,13 +38,15 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from blip_core.constants import DEFAULT_PROMPT
+
 CHECKPOINT_ARTIFACT = "checkpoint"
 DEFAULT_PARAMS: dict[str, Any] = {
     "decoding": "beam",
     "num_beams": 3,
     "max_length": 20,
     "min_length": 5,
-    "prompt": "a picture of ",
+    "prompt": DEFAULT_PROMPT,
     "batch_size": 16,
 }
 VQA_PARAMS: dict[str, Any] = {"decoding": "beam", "num_beams": 3, "max_length": 10, "min_length": 1, "batch_size": 16}

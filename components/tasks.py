@@ -22,6 +22,7 @@ from torch import nn
 
 from blip_core.checkpoint_io import save_model_dir
 from blip_core.config import Config, TrainConfig
+from blip_core.constants import CAPTIONER_TEXT_TOKENS, QUESTION_MAX_TOKENS, RETRIEVAL_TEXT_TOKENS
 from blip_core.data.loader import (
     ANSWER_LIST_NAME,
     load_eval_split,
@@ -172,7 +173,7 @@ class CaptionerTask(_PairTask):
     name = "captioner"
     section = "finetune_captioner"
     registered_name = "blip-captioner"
-    max_text_len = 40  # tokens per caption (prompt included), as the official caption fine-tuning
+    max_text_len = CAPTIONER_TEXT_TOKENS  # tokens per caption (prompt included), as the official caption fine-tuning
 
     def check(self, cfg: Config) -> None:
         if self.train_config(cfg).negative_all_rank:
@@ -216,7 +217,7 @@ class FilterTask(_PairTask):
     name = "filter"
     section = "finetune_filter"
     registered_name = "blip-filter"
-    max_text_len = 35  # tokens per caption, as the official retrieval fine-tuning
+    max_text_len = RETRIEVAL_TEXT_TOKENS  # tokens per caption, as the official retrieval fine-tuning
 
     def prepare_model(self, model: BlipModel, cfg: Config) -> nn.Module:
         for name, p in model.text_decoder.named_parameters():
@@ -254,7 +255,7 @@ class VQATask(Task):
     name = "vqa"
     section = "finetune_vqa"
     registered_name = "blip-vqa"
-    question_max_len = 35  # tokens per question, as the official VQA fine-tuning
+    question_max_len = QUESTION_MAX_TOKENS  # tokens per question, as the official VQA fine-tuning
 
     def check(self, cfg: Config) -> None:
         if self.train_config(cfg).negative_all_rank:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from blip_core.constants import CAPTION_MAX_WORDS, QUESTION_MAX_WORDS
 from blip_core.data.images import exif_orientation, swaps_sides, to_rgb
 from blip_core.tokenizer import pre_caption, pre_question
 
@@ -127,7 +128,7 @@ def decode_text(raw: bytes | str | None) -> str | None:
     return raw
 
 
-def clean_captions(primary: bytes | str | None, others: Iterable[object] = (), max_words: int = 30) -> list[str]:
+def clean_captions(primary: bytes | str | None, others: Iterable[object] = (), max_words: int = CAPTION_MAX_WORDS) -> list[str]:
     """Cleaned, de-duplicated captions with the primary first; raises :class:`Rejected` if none is left.
 
     ``others`` are further captions of the same image (e.g. ``json["captions"]``); non-strings are
@@ -156,7 +157,7 @@ def clean_answer(answer: str) -> str:
     return " ".join(answer.lower().split())
 
 
-def clean_questions(questions: object, max_words: int = 50) -> tuple[list[dict], list[dict]]:
+def clean_questions(questions: object, max_words: int = QUESTION_MAX_WORDS) -> tuple[list[dict], list[dict]]:
     """Check and clean the questions of a VQA sample; returns ``(kept, dropped)``.
 
     ``questions`` must be a list of objects with ``question_id`` (string or integer, stored as a string),

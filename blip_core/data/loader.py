@@ -46,6 +46,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from blip_core.constants import (
+    ANSWER_MAX_TOKENS,
+    CAPTION_MAX_WORDS,
+    PRETRAIN_TEXT_TOKENS,
+    QUESTION_MAX_TOKENS,
+    QUESTION_MAX_WORDS,
+)
 from blip_core.data.images import to_rgb
 from blip_core.data.transforms import EvalTransform, TrainTransform
 from blip_core.data.webdataset_io import (
@@ -183,7 +190,7 @@ def sample_questions(sample: dict[str, Any]) -> tuple[list[dict], str]:
     return qs, str(meta.get("image_id") or sample["__key__"])
 
 
-def sample_texts(sample: dict[str, Any], max_words: int = 30) -> list[str]:
+def sample_texts(sample: dict[str, Any], max_words: int = CAPTION_MAX_WORDS) -> list[str]:
     """Every cleaned text of a stored sample, to build a vocabulary: its captions (``pre_caption``), or for a
     VQA sample its questions (``pre_question``) and their answers. Raises ``ValueError`` for a sample with
     neither."""
@@ -482,8 +489,8 @@ class BlipLoader:
 
 
 def make_loader(data_uris: Sequence[str], tokenizer: BlipTokenizer, *, image_size: int, batch_size: int,
-                train: bool, min_scale: float = 0.5, randaugment: bool = True, max_words: int = 30,
-                max_length: int = 30, prompt: str = "", rank: int = 0, world_size: int = 1,
+                train: bool, min_scale: float = 0.5, randaugment: bool = True, max_words: int = CAPTION_MAX_WORDS,
+                max_length: int = PRETRAIN_TEXT_TOKENS, prompt: str = "", rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, seed: int = 0, epoch: int = 0, expand_captions: bool = False,
                 shuffle_buffer: int = 1000, pin_memory: bool = False, allow_partial: bool = False,
                 verify_sha256: bool = False) -> BlipLoader:
@@ -548,7 +555,7 @@ def _eval_samples(uris: list[str], what: str, parse: Callable[[dict[str, Any]], 
         log.warning("%s(%s): skipped %d unreadable sample(s)", what, ", ".join(uris), skipped)
 
 
-def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = 30) -> EvalSplit:
+def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = CAPTION_MAX_WORDS) -> EvalSplit:
     """Load every sample of one or more dataset directories with the eval transform.
 
     Samples that cannot be decoded are skipped and counted in a warning; a missing, damaged or unreadable
@@ -604,7 +611,7 @@ class VQAStream(PairStream):
     def __init__(self, shards: Sequence[ShardRef], tokenizer: BlipTokenizer, *, question_max_length: int,
                  answer_max_length: int, **kwargs: Any) -> None:
         self.answer_max_length = answer_max_length
-        super().__init__(shards, tokenizer, max_words=50, max_length=question_max_length, prompt="",
+        super().__init__(shards, tokenizer, max_words=QUESTION_MAX_WORDS, max_length=question_max_length, prompt="",
                          expand_captions=True, **kwargs)
 
     def _shard_items(self, shard: ShardRef) -> int:
@@ -656,8 +663,8 @@ NO_KIND = "unspecified"  # the kind of a question whose data set gives none
 
 def make_vqa_loader(data_uris: Sequence[str], tokenizer: BlipTokenizer, *, image_size: int, batch_size: int,
                     train: bool, rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                    epoch: int = 0, shuffle_buffer: int = 1000, question_max_length: int = 35,
-                    answer_max_length: int = 30, pin_memory: bool = False, allow_partial: bool = False,
+                    epoch: int = 0, shuffle_buffer: int = 1000, question_max_length: int = QUESTION_MAX_TOKENS,
+                    answer_max_length: int = ANSWER_MAX_TOKENS, pin_memory: bool = False, allow_partial: bool = False,
                     verify_sha256: bool = False, min_scale: float = 0.5, randaugment: bool = True) -> BlipLoader:
     """A loader of VQA batches (one item per question, see :class:`VQAStream`) from VQA data sets.
 

@@ -31,10 +31,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from blip_core.constants import CLIP_MEAN, CLIP_STD
 from blip_core.data.images import to_rgb
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _FILL = (128, 128, 128)
 _MEAN = torch.tensor(CLIP_MEAN).mul(255.0).view(3, 1, 1)
 _STD = torch.tensor(CLIP_STD).mul(255.0).view(3, 1, 1)
