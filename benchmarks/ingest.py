@@ -33,7 +33,8 @@ from PIL import Image
 from blip_core.config import load_config
 from blip_core.constants import CAPTION_MAX_WORDS, DEFAULT_PROMPT, PRETRAIN_TEXT_TOKENS
 from blip_core.data.loader import make_loader
-from blip_core.data.toyweb import generate, parse_toyweb_uri, render_scene, sample_scene
+from blip_core.data.toyweb import generate, parse_toyweb_uri
+from blip_core.data.toyweb_scenes import render_scene, sample_scene
 from blip_core.data.webdataset_io import tar_bytes
 from blip_core.tokenizer import BlipTokenizer
 from components import ingest, ingest_parts

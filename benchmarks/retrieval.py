@@ -1,7 +1,7 @@
 """Retrieval evaluation at COCO size: ``python -m benchmarks.retrieval`` (5,000 images x 25,000 captions, k 256).
 
 Runs :func:`blip_core.retrieval.retrieval_scores` (ITC features, blocked top-k, ITM re-rank of each row's
-``k`` candidates in both directions) and :func:`~blip_core.retrieval.recall_at_k` on synthetic inputs
+``k`` candidates in both directions) and :func:`~blip_core.eval.retrieval.recall_at_k` on synthetic inputs
 (random pixels and random token ids of ``--text-len`` tokens) with a reduced-size model (``--preset toy``
 by default, random weights: the timing and memory do not depend on the weights), on this machine's CPU.
 
@@ -27,7 +27,8 @@ import torch
 
 from benchmarks.common import peak_rss_mib, reset_peak_rss, rss_mib
 from blip_core import build_model, model_preset
-from blip_core.retrieval import itc_similarity, recall_at_k, rerank_i2t, rerank_t2i, retrieval_scores
+from blip_core.eval.retrieval import recall_at_k
+from blip_core.retrieval import itc_similarity, rerank_i2t, rerank_t2i, retrieval_scores
 from blip_core.seeding import make_generator
 
 VOCAB = 1000

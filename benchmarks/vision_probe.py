@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from blip_core.config import load_config
-from blip_core.data import toyweb
+from blip_core.data import toyweb, toyweb_scenes
 from blip_core.data.transforms import EvalTransform
 from blip_core.models.vision import ImageEncoder
 from blip_core.seeding import make_generator
@@ -45,8 +45,8 @@ def _data(uri: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     for s in toyweb.generate(uri):
         images.append(transform(Image.open(io.BytesIO(s.jpg)))[0])
         objs = s.json["scene"]["objects"]
-        labels.append([float(any(o["shape"] == k for o in objs)) for k in toyweb.SHAPES]
-                      + [float(any(o["color"] == k for o in objs)) for k in toyweb.COLORS])
+        labels.append([float(any(o["shape"] == k for o in objs)) for k in toyweb_scenes.SHAPES]
+                      + [float(any(o["color"] == k for o in objs)) for k in toyweb_scenes.COLORS])
     return torch.stack(images), torch.tensor(labels)
 
 
@@ -70,7 +70,7 @@ class _Probe(nn.Module):
         super().__init__()
         self.kind = kind
         self.encoder = _Cnn(vision_cfg.width) if kind == "cnn" else ImageEncoder(vision_cfg)
-        self.head = nn.Linear(vision_cfg.width, len(toyweb.SHAPES) + len(toyweb.COLORS))
+        self.head = nn.Linear(vision_cfg.width, len(toyweb_scenes.SHAPES) + len(toyweb_scenes.COLORS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.encoder(x)
@@ -91,7 +91,7 @@ def run_probe(kind: str, vision_cfg, train, test, steps: int, eval_every: int, l
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.05)
     g = make_generator("cpu", seed)
     (x_train, y_train), (x_test, y_test) = train, test
-    n_shapes = len(toyweb.SHAPES)
+    n_shapes = len(toyweb_scenes.SHAPES)
     rows, t0 = [], time.time()
     for step in range(1, steps + 1):
         for group in opt.param_groups:

@@ -49,7 +49,8 @@ from webdataset.writer import TarWriter
 
 from blip_core.capfilt import caption_batch, choose_threshold, decide, filter_batch, filter_scores
 from blip_core.config import Config, load_config, to_dict
-from blip_core.data.loader import ShardLost, dataset_shards, decode_image, load_eval_split, sample_captions
+from blip_core.data.samples import ShardLost, dataset_shards, decode_image, sample_captions
+from blip_core.data.splits import load_eval_split
 from blip_core.data.transforms import EvalTransform
 from blip_core.data.webdataset_io import (
     DATASET_FORMAT,

@@ -34,34 +34,39 @@ Table-1 metrics as ``<name>/<metric>``), so it shows the result of the whole run
 from __future__ import annotations
 
 import argparse
-import contextlib
-import html
-import io
 import json
 import logging
 import re
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from blip_core.capfilt import decide, threshold_for_share
 from blip_core.checkpoint_io import load_model_dir
 from blip_core.config import Config, EvalConfig, load_config, to_dict
 from blip_core.constants import CLIP_MEAN, CLIP_STD
-from blip_core.data.loader import EvalSplit, load_eval_split
-from blip_core.data.toyweb import NOISE_KINDS, Scene, caption_matches
+from blip_core.data.splits import EvalSplit, load_eval_split
 from blip_core.errors import UserError
+from blip_core.eval.captions import caption_scores, grammar_match
+from blip_core.eval.filter import capfilt_metrics, filter_metrics, itc_filter_metrics
+from blip_core.eval.retrieval import recall_at_k
 from blip_core.generation import generate_captions
-from blip_core.retrieval import recall_at_k, retrieval_scores
+from blip_core.retrieval import retrieval_scores
 from blip_core.train import distributed as dist
 from components import storage, training, vqa_eval
 from components.cli import add_config_args
+from components.eval_report import (
+    TABLE_COLUMNS,
+    comparison_table,
+    decoding_note,
+    render_html,
+    render_markdown,
+    threshold_note,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +75,8 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 CAPTIONS_FILE = "captions.json"
 PROVENANCE_FILE = "provenance.jsonl"
-SOURCES = ("web", "synthetic", "human")
 
-# (column label, metric key) of the Table-1-style comparison
-TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("TR@1", "tr_r1"), ("IR@1", "ir_r1"), ("TR@5", "tr_r5"), ("IR@5", "ir_r5"), ("mean R@1", "mean_r1"),
-    ("BLEU-4", "bleu4"), ("CIDEr", "cider"), ("grammar match", "grammar_match"), ("VQA acc", "vqa_acc"),
-)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_PUNCT = re.compile(r"[^\w\s]")
 
 
 @dataclass
@@ -93,54 +91,7 @@ class EvalResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Captioning metrics
-# --------------------------------------------------------------------------------------------------
-
-
-def caption_tokens(text: str) -> str:
-    """Lowercase, replace punctuation by spaces and collapse whitespace (stands in for the Java PTB tokenizer)."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
-
-
-def caption_scores(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Corpus BLEU-4 and CIDEr-D (pycocoevalcap), both x100, of one candidate per image against its references."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
-    if len(candidates) != len(references) or not candidates:
-        raise ValueError("caption_scores needs one candidate and a list of references per image")
-    res = {i: [caption_tokens(c)] for i, c in enumerate(candidates)}
-    gts = {i: [caption_tokens(r) for r in refs] for i, refs in enumerate(references)}
-    with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its length ratios
-        bleu, _ = Bleu(4).compute_score(gts, res)
-        cider, _ = Cider().compute_score(gts, res)
-    return {"bleu4": 100.0 * float(bleu[3]), "cider": 100.0 * float(cider)}
-
-
-def grammar_match(captions: Sequence[str], samples: Sequence[dict]) -> float | None:
-    """Percentage of captions that describe their toy-web scene exactly; None when no sample has a scene."""
-    hits = total = 0
-    for caption, sample in zip(captions, samples, strict=True):
-        scene = sample.get("scene")
-        if not isinstance(scene, dict):
-            continue
-        total += 1
-        hits += caption_matches(Scene.from_json(scene), caption)
-    return 100.0 * hits / total if total else None
-
-
-def distinct_n(texts: Iterable[str], n: int) -> float | None:
-    """Distinct-n: unique n-grams over all n-grams of the (tokenised) texts; None when there are none."""
-    grams: Counter[tuple[str, ...]] = Counter()
-    for t in texts:
-        words = caption_tokens(t).split()
-        grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    total = sum(grams.values())
-    return len(grams) / total if total else None
-
-
-# --------------------------------------------------------------------------------------------------
-# CapFilt provenance: the filter on known noise, kept shares, diversity
+# CapFilt provenance
 # --------------------------------------------------------------------------------------------------
 
 
@@ -173,119 +124,9 @@ def read_capfilt_summary(uri: str) -> dict:
     return storage.read_json(path) if storage.exists(path) else {}
 
 
-def threshold_note(summary: dict) -> str:
-    """One sentence on how CapFilt's filter threshold was set ('' without a summary)."""
-    if "threshold" not in summary:
-        return ""
-    cal = summary.get("calibration")
-    if not cal:
-        return f" Filter threshold {summary['threshold']:g} (capfilt.threshold)."
-    return (f" Filter threshold {cal['threshold']:.4f}, chosen on {cal['captions']} labelled calibration captions "
-            f"for precision >= {cal['target_precision']:g} there"
-            + ("." if cal.get("met") else " (not reached there: the most precise threshold)."))
 
 
-def decoding_note(ecfg: EvalConfig) -> str:
-    """The captioning settings that differ from the defaults, for the report ('' when none does)."""
-    parts = []
-    if ecfg.repetition_penalty != 1.0:
-        parts.append(f"repetition penalty {ecfg.repetition_penalty:g}")
-    if ecfg.length_norm != "current":
-        parts.append("beams length-normalised as transformers 4.15")
-    return "".join(f", {p}" for p in parts)
 
-
-def _ratio(num: int, den: int) -> float | None:
-    return num / den if den else None
-
-
-def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    p, r = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    if p is not None:
-        out["precision"] = p
-    if r is not None:
-        out["recall"] = r
-    if p is not None and r is not None and p + r > 0:
-        out["f1"] = 2 * p * r / (p + r)
-    return out
-
-
-def filter_metrics(records: Iterable[dict]) -> dict[str, Any]:
-    """Precision/recall of the filter's "dropped" against the known "noisy" label, over scored web captions.
-
-    Web records without a caption or score (unreadable images) are not filter decisions and are skipped.
-    Per kind, precision is ``dropped & kind / dropped & (clean | kind)``; recall ``dropped & kind / kind``.
-    """
-    web = [r for r in records if r.get("source") == "web" and r.get("caption") is not None
-           and r.get("itm_score") is not None]
-    noisy = [r for r in web if r.get("noise")]
-    clean = [r for r in web if not r.get("noise")]
-    clean_dropped = sum(not r["kept"] for r in clean)
-    tp = sum(not r["kept"] for r in noisy)
-    out: dict[str, Any] = {
-        "web_captions": len(web), "noisy": len(noisy), "dropped": tp + clean_dropped, "noisy_dropped": tp,
-        "clean_dropped": clean_dropped, **_prf(tp, clean_dropped, len(noisy) - tp),
-    }
-    if clean:
-        out["clean_drop_rate"] = clean_dropped / len(clean)
-    kinds = list(NOISE_KINDS) + sorted({r["noise"] for r in noisy} - set(NOISE_KINDS))
-    for kind in kinds:
-        of_kind = [r for r in noisy if r["noise"] == kind]
-        if not of_kind:
-            continue
-        out[kind] = _noise_group(of_kind, clean_dropped)
-        details = sorted({r["noise_detail"] for r in of_kind if r.get("noise_detail")})
-        if details:  # e.g. wrong_attribute: which attribute the noisy caption got wrong
-            out[kind]["by_detail"] = {d: _noise_group([r for r in of_kind if r.get("noise_detail") == d],
-                                                      clean_dropped) for d in details}
-    return out
-
-
-def _noise_group(noisy: list[dict], clean_dropped: int) -> dict[str, Any]:
-    """Count, dropped, and precision/recall/F1 of one group of noisy captions against the clean ones."""
-    tp = sum(not r["kept"] for r in noisy)
-    return {"count": len(noisy), "dropped": tp, **_prf(tp, clean_dropped, len(noisy) - tp)}
-
-
-def itc_filter_metrics(records: Iterable[dict]) -> dict[str, Any]:
-    """The ITC-cosine baseline: :func:`filter_metrics` of a filter that keeps the web captions whose ITC cosine
-    is highest, as many as the ITM filter kept (:func:`blip_core.capfilt.threshold_for_share`).
-
-    Adds ``threshold`` (the cosine), ``kept`` (web captions it keeps; more than ``itm_kept`` only when equal
-    cosines straddle the cut) and ``itm_kept``. ``{}`` when the scored web captions lack ``itc_cosine``
-    (provenance written before CapFilt recorded it) or there is none.
-    """
-    web = [r for r in records if r.get("source") == "web" and r.get("caption") is not None
-           and r.get("itm_score") is not None]
-    if not web or any(not isinstance(r.get("itc_cosine"), int | float) for r in web):
-        return {}
-    itm_kept = sum(bool(r["kept"]) for r in web)
-    threshold = threshold_for_share([r["itc_cosine"] for r in web], itm_kept)
-    as_itc = [{**r, "kept": decide(r["itc_cosine"], threshold)} for r in web]
-    return {**filter_metrics(as_itc), "threshold": threshold, "kept": sum(r["kept"] for r in as_itc),
-            "itm_kept": itm_kept}
-
-
-def capfilt_metrics(records: Iterable[dict]) -> dict[str, Any]:
-    """Texts in, kept and kept share per source; distinct-1/2 of synthetic (and web) captions."""
-    records = [r for r in records if r.get("caption") is not None]
-    out: dict[str, Any] = {"texts_in": {}, "texts_kept": {}, "kept_share": {}}
-    sources = list(SOURCES) + sorted({str(r["source"]) for r in records} - set(SOURCES))
-    for src in sources:
-        rows = [r for r in records if r["source"] == src]
-        if not rows:
-            continue
-        kept = sum(bool(r["kept"]) for r in rows)
-        out["texts_in"][src], out["texts_kept"][src] = len(rows), kept
-        out["kept_share"][src] = kept / len(rows)
-    for src in ("synthetic", "web"):
-        caps = [r["caption"] for r in records if r["source"] == src]
-        for n in (1, 2):
-            d = distinct_n(caps, n)
-            if d is not None:
-                out[f"{src}_distinct_{n}"] = d
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,132 +209,6 @@ def _pil_images(images: torch.Tensor) -> list:
         arr = ((t.cpu().float() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
         out.append(Image.fromarray(arr, "RGB"))
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Reports
-# --------------------------------------------------------------------------------------------------
-
-
-def comparison_table(model_metrics: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """One row per model: ``{"model": name, "TR@1": ..., ..., "grammar match": ...}`` (None when absent)."""
-    return [{"model": name, **{label: m.get(key) for label, key in TABLE_COLUMNS}} for name, m in model_metrics.items()]
-
-
-def _fmt(v: Any, digits: int = 1) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _report_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
-    """(title, note, header, rows) of every report table, shared by the Markdown and HTML reports."""
-    sections = []
-    header = ["model", *(label for label, _ in TABLE_COLUMNS)]
-    rows = [[name, *(_fmt(m.get(key)) for _, key in TABLE_COLUMNS)] for name, m in metrics["models"].items()]
-    note = (f"Test split `{info['test']}`: {info['images']} images, {info['texts']} captions. Retrieval: ITC "
-            f"top-{info['k_test']} re-ranked by ITM (score = ITM match logit + ITC cosine), recall in %. "
-            f"Captioning: beam {info['num_beams']}, length {info['min_length']}-{info['max_length']}, prompt "
-            f"\"{info['prompt']}\"{info.get('decoding_note', '')}; BLEU-4 and CIDEr x100. Grammar match: % of "
-            "captions naming the drawn scene's objects exactly.")
-    sections.append(("Models on the clean test split", note, header, rows))
-    flt = metrics.get("filter") or {}
-    if flt:
-        frows = [["all noise", str(flt["noisy"]), str(flt["noisy_dropped"]), _fmt(flt.get("precision"), 3),
-                  _fmt(flt.get("recall"), 3)]]
-        for kind, d in ((k, v) for k, v in flt.items() if isinstance(v, dict)):
-            labelled = [(kind, d)] + [(f"{kind}: {detail}", g) for detail, g in d.get("by_detail", {}).items()]
-            for label, g in labelled:
-                frows.append([label, str(g["count"]), str(g["dropped"]), _fmt(g.get("precision"), 3),
-                              _fmt(g.get("recall"), 3)])
-        frows.append(["clean", str(flt["web_captions"] - flt["noisy"]), str(flt["clean_dropped"]), "–", "–"])
-        sections.append(("Filter on the known web-caption noise",
-                         f"CapFilt `{info['capfilt']}`: a dropped web caption counts as a positive; a noisy one "
-                         f"is the truth.{info.get('threshold', '')}",
-                         ["web captions", "count", "dropped", "precision", "recall"], frows))
-    itc = _itc_section(metrics, info)
-    if itc:
-        sections.append(itc)
-    vq = metrics.get("vqa") or {}
-    if vq.get("models"):
-        sections.append(vqa_section(vq, info))
-    cf = metrics.get("capfilt") or {}
-    if cf.get("texts_in"):
-        crows = [[src, str(cf["texts_in"][src]), str(cf["texts_kept"][src]), _fmt(cf["kept_share"][src], 3)]
-                 for src in cf["texts_in"]]
-        div = ", ".join(f"{k.replace('_', ' ')} {_fmt(v, 3)}" for k, v in cf.items() if "distinct" in k)
-        sections.append(("CapFilt output", f"Caption diversity: {div or '–'}.",
-                         ["source", "texts in", "kept", "kept share"], crows))
-    return sections
-
-
-def vqa_section(vq: dict[str, Any], info: dict[str, Any]) -> tuple[str, str, list[str], list[list[str]]]:
-    """The VQA table: accuracy overall and per question kind, the majority-answer baseline first."""
-    cols = ([("majority baseline", vq["baseline"])] if vq.get("baseline") else []) + list(vq["models"].items())
-    kinds = sorted({k for _, m in cols for k in m.get("per_kind", {})})
-    rows = [["all", *(_fmt(m.get("accuracy")) for _, m in cols)]]
-    rows += [[k, *(_fmt(m.get("per_kind", {}).get(k, {}).get("accuracy")) for _, m in cols)] for k in kinds]
-    t = vq.get("test", {})
-    base = f" The baseline always answers \"{vq['baseline']['answer']}\"." if vq.get("baseline") else ""
-    note = (f"VQA test split `{info.get('vqa_test')}`: {t.get('questions')} questions on {t.get('images')} images; "
-            f"answers by {t.get('inference')}; VQAv2 accuracy in % (min(matches/3, 1) over the 10 leave-one-out "
-            f"subsets of the annotators' answers).{base}")
-    return ("VQA", note, ["question kind", *(name for name, _ in cols)], rows)
-
-
-def _itc_section(metrics: dict[str, Any], info: dict[str, Any]) -> tuple[str, str, list[str], list[list[str]]] | None:
-    """The ITM filter next to the ITC-cosine filter keeping the same share of web captions (None without it)."""
-    flt, itc = metrics.get("filter") or {}, metrics.get("filter_itc") or {}
-    if not flt or not itc or not flt.get("noisy"):
-        return None
-
-    def groups(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        out = {"all noise": {"count": d["noisy"], **d}}
-        for kind, g in ((k, v) for k, v in d.items() if isinstance(v, dict) and "count" in v):
-            out[kind] = g
-            out.update({f"{kind}: {detail}": dg for detail, dg in g.get("by_detail", {}).items()})
-        return out
-
-    a, b = groups(flt), groups(itc)
-    rows = [[label, str(g["count"]), _fmt(g.get("precision"), 3), _fmt(g.get("recall"), 3),
-             _fmt(b.get(label, {}).get("precision"), 3), _fmt(b.get(label, {}).get("recall"), 3)]
-            for label, g in a.items()]
-    n = flt["web_captions"]
-    note = (f"Both filters keep the same share of the {n} web captions: the ITM filter kept {itc['itm_kept']}; "
-            f"the ITC-cosine filter (the CLIP-style baseline of large-scale data filtering, with the filter "
-            f"model's image-text cosine) keeps the {itc['kept']} with the highest cosine (threshold "
-            f"{itc['threshold']:.4f}). Precision and recall of dropping the noisy captions, as above.")
-    return ("ITM filter against an ITC-cosine filter at the same kept share", note,
-            ["web captions", "count", "ITM precision", "ITM recall", "ITC precision", "ITC recall"], rows)
-
-
-def render_markdown(metrics: dict[str, Any], info: dict[str, Any]) -> str:
-    """The Markdown report: the model comparison (Table 1 layout), the filter and the CapFilt output."""
-    lines = ["# BLIP evaluation", ""]
-    for title, note, header, rows in _report_sections(metrics, info):
-        lines += [f"## {title}", "", note, "", "| " + " | ".join(header) + " |",
-                  "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def render_html(metrics: dict[str, Any], info: dict[str, Any]) -> str:
-    """The same report as a self-contained HTML page."""
-    e = html.escape
-    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\"><title>BLIP evaluation</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
-             "th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}th:first-child,td:first-child"
-             "{text-align:left}th{background:#f3f3f3}</style></head><body>", "<h1>BLIP evaluation</h1>"]
-    for title, note, header, rows in _report_sections(metrics, info):
-        parts += [f"<h2>{e(title)}</h2>", f"<p>{e(note.replace('`', ''))}</p>", "<table>",
-                  "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
-        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
-        parts.append("</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
 
 
 def _flatten(d: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, float]:

@@ -23,15 +23,11 @@ from torch import nn
 from blip_core.checkpoint_io import save_model_dir
 from blip_core.config import Config, TrainConfig
 from blip_core.constants import CAPTIONER_TEXT_TOKENS, QUESTION_MAX_TOKENS, RETRIEVAL_TEXT_TOKENS
-from blip_core.data.loader import (
-    ANSWER_LIST_NAME,
-    load_eval_split,
-    load_vqa_split,
-    make_loader,
-    make_vqa_loader,
-    pin_memory_for,
-    read_answer_list,
-)
+from blip_core.data.loader import make_loader, pin_memory_for
+from blip_core.data.samples import read_answer_list
+from blip_core.data.splits import load_eval_split, load_vqa_split
+from blip_core.data.vqa_loader import make_vqa_loader
+from blip_core.data.webdataset_io import ANSWER_LIST_NAME
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
 from blip_core.models.vqa import BlipVQA, is_vqa

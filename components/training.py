@@ -40,7 +40,7 @@ import torch
 from blip_core import build_model
 from blip_core.checkpoint_io import load_model_dir
 from blip_core.config import Config, to_dict
-from blip_core.data.loader import ShardLost, dataset_shards, sample_texts
+from blip_core.data.samples import ShardLost, dataset_shards, sample_texts
 from blip_core.data.webdataset_io import ShardReadError, is_s3, iter_shard, s3_filesystem
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from blip_core.config import EvalConfig
-from blip_core.data.loader import ANSWER_LIST_NAME
-from blip_core.data.loader import read_answer_list as loader_answer_list
+from blip_core.data.samples import read_answer_list as loader_answer_list
+from blip_core.data.webdataset_io import ANSWER_LIST_NAME
 from blip_core.errors import UserError
 from blip_core.eval.vqa import vqa_report
 from blip_core.vqa import generate_answers, rank_answers
@@ -113,7 +113,7 @@ def evaluate_vqa(cfg, models: dict[str, str], test: str, device) -> tuple[dict[s
     majority-answer ``baseline`` (from the first model's answer list) and the split's size.
     """
     from blip_core.checkpoint_io import load_model_dir
-    from blip_core.data.loader import load_vqa_split
+    from blip_core.data.splits import load_vqa_split
     from blip_core.models.vqa import BlipVQA
     from components import training
 

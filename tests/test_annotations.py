@@ -10,7 +10,8 @@ import torch
 
 from blip_core import build_model, model_preset, save_model_dir
 from blip_core.config import load_config
-from blip_core.data.loader import load_eval_split, make_loader
+from blip_core.data.loader import make_loader
+from blip_core.data.splits import load_eval_split
 from blip_core.data.toyweb import generate
 from blip_core.data.webdataset_io import iter_shard, read_manifest
 from blip_core.errors import UserError

@@ -13,7 +13,7 @@ from toy_data import TINY
 
 from blip_core import build_model, load_model_dir, model_preset, save_model_dir
 from blip_core.config import load_config
-from blip_core.data.loader import load_eval_split
+from blip_core.data.splits import load_eval_split
 from blip_core.tokenizer import BlipTokenizer
 from components import evaluate, finetune, training
 from components.cli import main as blip

@@ -14,7 +14,8 @@ from toy_data import TINY
 from blip_core import build_model, model_preset, save_model_dir
 from blip_core.capfilt import choose_threshold, decide, filter_batch, filter_scores, threshold_for_share
 from blip_core.config import load_config
-from blip_core.data.loader import load_eval_split, make_loader
+from blip_core.data.loader import make_loader
+from blip_core.data.splits import load_eval_split
 from blip_core.data.webdataset_io import iter_shard, read_manifest
 from blip_core.errors import UserError
 from blip_core.generation import itm_scores
@@ -203,16 +204,16 @@ def _multi_caption_web(directory: Path) -> dict[str, list[str]]:
     import io
     import random
 
-    from blip_core.data import toyweb
+    from blip_core.data import toyweb, toyweb_scenes
     from blip_core.data.webdataset_io import DatasetWriter, LocalSink
 
     rng = random.Random(5)
     writer = DatasetWriter(LocalSink(directory), shard_size=4)
     captions = {}
     for i in range(6):
-        scene = toyweb.sample_scene(rng)
+        scene = toyweb_scenes.sample_scene(rng)
         buf = io.BytesIO()
-        toyweb.render_scene(scene, 32, texture_seed=i).save(buf, format="PNG")
+        toyweb_scenes.render_scene(scene, 32, texture_seed=i).save(buf, format="PNG")
         caps = [toyweb.web_caption(scene, rng), toyweb.unrelated_caption(scene, rng),
                 toyweb.boilerplate_caption(rng)][: 1 + i % 3]
         captions[f"img{i}"] = caps
@@ -266,7 +267,7 @@ def test_every_web_caption_of_an_image_is_scored_and_decided_on_its_own(tiny_ckp
 
 def test_web_shard_damaged_after_opening_stops_capfilt_naming_it(tiny_ckpt, tmp_path, no_tracking):
     """Sizes match the manifest (so opening passes), but the tail was zeroed: fewer samples than recorded."""
-    from blip_core.data.loader import ShardLost
+    from blip_core.data.samples import ShardLost
 
     web = str(tmp_path / "web")
     ingest.run(load_config(None, ["ingest.resolution=32", "ingest.shard_size=10"]),

@@ -13,8 +13,11 @@ from mlflow.tracking import MlflowClient
 from blip_core import build_model, model_preset, save_model_dir
 from blip_core.config import load_config
 from blip_core.errors import UserError
+from blip_core.eval.captions import caption_scores, caption_tokens, grammar_match
+from blip_core.eval.filter import capfilt_metrics, filter_metrics, itc_filter_metrics
 from blip_core.tokenizer import BlipTokenizer
 from components import cli, evaluate, ingest, storage, training
+from components.eval_report import decoding_note, render_markdown, threshold_note
 
 CFG = ["model.preset=tiny", "evaluate.k_test=4", "evaluate.batch_size=8", "evaluate.itm_batch_size=16",
        "evaluate.log_samples=2"]
@@ -93,7 +96,7 @@ def capfilt_dir(tmp_path) -> str:
 
 
 def test_filter_metrics_hand_worked():
-    f = evaluate.filter_metrics(provenance())
+    f = filter_metrics(provenance())
     assert (f["web_captions"], f["noisy"], f["noisy_dropped"], f["clean_dropped"]) == (17, 11, 9, 1)
     assert f["precision"] == pytest.approx(0.9)
     assert f["recall"] == pytest.approx(9 / 11)
@@ -111,7 +114,7 @@ def test_filter_metrics_hand_worked():
 
 
 def test_filter_metrics_without_noise_labels_has_no_precision():
-    f = evaluate.filter_metrics([_record("web", "a caption", kept=True), _record("web", "b", kept=True)])
+    f = filter_metrics([_record("web", "a caption", kept=True), _record("web", "b", kept=True)])
     assert f["noisy"] == 0 and "recall" not in f and "precision" not in f
 
 
@@ -131,7 +134,7 @@ def with_itc(records: list[dict]) -> list[dict]:
 
 def test_itc_filter_metrics_hand_worked():
     """The ITM filter keeps 7 of the 17 scored web captions; the ITC filter keeps the 7 of highest cosine."""
-    f = evaluate.itc_filter_metrics(with_itc(provenance()))
+    f = itc_filter_metrics(with_itc(provenance()))
     assert (f["itm_kept"], f["kept"], f["threshold"]) == (7, 7, pytest.approx(0.575))
     # dropped: clean 4, 5; unrelated x4; boilerplate 1, 2; colour; shape 3
     assert (f["dropped"], f["noisy_dropped"], f["clean_dropped"]) == (10, 8, 2)
@@ -143,21 +146,21 @@ def test_itc_filter_metrics_hand_worked():
     assert by["color"]["recall"] == 1.0 and by["color"]["precision"] == pytest.approx(1 / 3)
     assert by["shape"]["recall"] == pytest.approx(1 / 3) and by["shape"]["precision"] == pytest.approx(1 / 3)
     # The ITM filter's own numbers are unchanged by the cosines.
-    assert evaluate.filter_metrics(with_itc(provenance())) == evaluate.filter_metrics(provenance())
+    assert filter_metrics(with_itc(provenance())) == filter_metrics(provenance())
     # Provenance without cosines (written before CapFilt recorded them): no baseline, and no report section.
-    assert evaluate.itc_filter_metrics(provenance()) == {}
+    assert itc_filter_metrics(provenance()) == {}
     info = {"test": "t", "capfilt": "c", "images": 1, "texts": 1, "k_test": 1, "num_beams": 3, "min_length": 5,
             "max_length": 20, "prompt": "p"}
-    metrics = {"models": {}, "filter": evaluate.filter_metrics(provenance()), "capfilt": {}}
-    md = evaluate.render_markdown({**metrics, "filter_itc": f}, info)
+    metrics = {"models": {}, "filter": filter_metrics(provenance()), "capfilt": {}}
+    md = render_markdown({**metrics, "filter_itc": f}, info)
     assert "the ITM filter kept 7; the ITC-cosine filter" in md and "keeps the 7 with the highest cosine" in md
     assert "| all noise | 11 | 0.900 | 0.818 | 0.800 | 0.727 |" in md
     assert "| wrong_attribute: color | 1 | 0.500 | 1.000 | 0.333 | 1.000 |" in md
-    assert "ITC-cosine" not in evaluate.render_markdown({**metrics, "filter_itc": {}}, info)
+    assert "ITC-cosine" not in render_markdown({**metrics, "filter_itc": {}}, info)
 
 
 def test_capfilt_metrics_hand_worked():
-    c = evaluate.capfilt_metrics(provenance())
+    c = capfilt_metrics(provenance())
     assert c["texts_in"] == {"web": 17, "synthetic": 4, "human": 5}
     assert c["texts_kept"] == {"web": 7, "synthetic": 3, "human": 5}
     assert c["kept_share"]["web"] == pytest.approx(7 / 17)
@@ -169,11 +172,11 @@ def test_capfilt_metrics_hand_worked():
 
 
 def test_caption_scores_and_tokens():
-    assert evaluate.caption_tokens("A Red, circle!  (big)") == "a red circle big"
-    perfect = evaluate.caption_scores(["a red circle on a white background", "two blue squares side by side"],
+    assert caption_tokens("A Red, circle!  (big)") == "a red circle big"
+    perfect = caption_scores(["a red circle on a white background", "two blue squares side by side"],
                                       [["a red circle on a white background"], ["two blue squares side by side"]])
     assert perfect["bleu4"] == pytest.approx(100.0, abs=1e-3)
-    wrong = evaluate.caption_scores(["a cat", "a dog"], [["a red circle on a white background"],
+    wrong = caption_scores(["a cat", "a dog"], [["a red circle on a white background"],
                                                          ["two blue squares side by side"]])
     assert wrong["bleu4"] < 1.0 and wrong["cider"] < perfect["cider"]
 
@@ -183,9 +186,9 @@ def test_grammar_match_uses_the_scene():
         {"shape": "circle", "color": "red", "size": "small", "x": 0.3, "y": 0.5, "radius": 0.08},
         {"shape": "square", "color": "blue", "size": "large", "x": 0.7, "y": 0.5, "radius": 0.14}]}
     samples = [{"scene": scene}, {"scene": scene}, {}]
-    gm = evaluate.grammar_match(["a red circle to the left of a blue square", "a red square", "anything"], samples)
+    gm = grammar_match(["a red circle to the left of a blue square", "a red square", "anything"], samples)
     assert gm == pytest.approx(50.0)
-    assert evaluate.grammar_match(["x"], [{}]) is None
+    assert grammar_match(["x"], [{}]) is None
 
 
 def test_parse_models():
@@ -254,7 +257,7 @@ def test_evaluate_cli_writes_metrics_and_reports(no_tracking, test_split, models
 
 def test_evaluate_grammar_match_counts_correct_captions(no_tracking, test_split, models, tmp_path, monkeypatch):
     """The test split's json holds the scene; a model that writes its first reference scores 100%."""
-    from blip_core.data.loader import load_eval_split
+    from blip_core.data.splits import load_eval_split
 
     split = load_eval_split(test_split, 32)
     assert all("scene" in s for s in split.samples)
@@ -278,7 +281,7 @@ def test_evaluate_grammar_match_counts_correct_captions(no_tracking, test_split,
 def test_evaluate_decoding_settings_reach_generation(test_split, models, monkeypatch):
     """evaluate.repetition_penalty and evaluate.length_norm are what the captions are generated with."""
     from blip_core.checkpoint_io import load_model_dir
-    from blip_core.data.loader import load_eval_split
+    from blip_core.data.splits import load_eval_split
     from blip_core.generation import generate_captions
 
     ckpt = load_model_dir(models["noisy"])
@@ -303,8 +306,8 @@ def test_evaluate_decoding_settings_reach_generation(test_split, models, monkeyp
     direct = generate_captions(model, tok, split.images, num_beams=3, max_length=12, min_length=3,
                                repetition_penalty=3.0, length_norm="hf415", prompt=ecfg.prompt)
     assert penalised == direct and len(plain) == len(penalised) == 12
-    assert evaluate.decoding_note(base) == ""
-    assert evaluate.decoding_note(ecfg) == ", repetition penalty 3, beams length-normalised as transformers 4.15"
+    assert decoding_note(base) == ""
+    assert decoding_note(ecfg) == ", repetition penalty 3, beams length-normalised as transformers 4.15"
     with pytest.raises(UserError, match="evaluate.length_norm"):
         load_config(None, ["evaluate.length_norm=newest"])
 
@@ -393,10 +396,10 @@ def test_evaluate_logs_to_mlflow(tmp_path, monkeypatch, test_split, models, capf
 
 
 def test_threshold_note():
-    assert evaluate.threshold_note({}) == ""
-    assert evaluate.threshold_note({"threshold": 0.5}) == " Filter threshold 0.5 (capfilt.threshold)."
+    assert threshold_note({}) == ""
+    assert threshold_note({"threshold": 0.5}) == " Filter threshold 0.5 (capfilt.threshold)."
     cal = {"threshold": 0.2, "captions": 30, "target_precision": 0.9, "met": False}
-    assert "(not reached there: the most precise threshold)" in evaluate.threshold_note({"threshold": 0.2,
+    assert "(not reached there: the most precise threshold)" in threshold_note({"threshold": 0.2,
                                                                                           "calibration": cal})
 
 

@@ -18,7 +18,7 @@ from PIL import Image, features
 from blip_core.config import load_config
 from blip_core.data.checks import ImageRules, check_image
 from blip_core.data.images import exif_orientation, to_rgb
-from blip_core.data.loader import decode_image
+from blip_core.data.samples import decode_image
 from blip_core.data.transforms import EvalTransform, TrainTransform
 from blip_core.data.webdataset_io import iter_shard, tar_bytes
 from components import infer, ingest, storage

@@ -13,10 +13,12 @@ import torch
 
 from blip_core import load_model_dir
 from blip_core.config import load_config
-from blip_core.data.loader import load_eval_split
-from blip_core.data.toyweb import Scene, caption_matches, parse_caption
+from blip_core.data.splits import load_eval_split
+from blip_core.data.toyweb_grammar import caption_matches, parse_caption
+from blip_core.data.toyweb_scenes import Scene
+from blip_core.eval.retrieval import recall_at_k
 from blip_core.generation import generate_captions
-from blip_core.retrieval import itc_similarity, recall_at_k
+from blip_core.retrieval import itc_similarity
 from components import finetune, ingest, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]

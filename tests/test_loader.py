@@ -14,8 +14,12 @@ from PIL import Image, ImageOps
 
 from blip_core.config import load_config
 from blip_core.data import transforms as T
-from blip_core.data.loader import image_index, load_eval_split, make_loader
-from blip_core.data.toyweb import Scene, caption_matches, generate, render_scene
+from blip_core.data.loader import make_loader
+from blip_core.data.samples import image_index
+from blip_core.data.splits import load_eval_split
+from blip_core.data.toyweb import generate
+from blip_core.data.toyweb_grammar import caption_matches
+from blip_core.data.toyweb_scenes import Scene, render_scene
 from blip_core.data.webdataset_io import DatasetWriter, LocalSink, read_manifest
 from blip_core.errors import UserError
 from blip_core.tokenizer import BlipTokenizer, pre_caption
@@ -267,7 +271,7 @@ def _dataset(path, n=40, shard_size=10):
 
 
 def test_missing_or_truncated_shard_is_refused_naming_it(tmp_path, tokenizer):
-    from blip_core.data.loader import ShardLost
+    from blip_core.data.samples import ShardLost
 
     _dataset(tmp_path / "gone")
     (tmp_path / "gone" / "shard-000002.tar").unlink()
@@ -302,7 +306,7 @@ def _keys(shard_path):
 
 
 def test_sha256_is_checked_when_asked(tmp_path, tokenizer):
-    from blip_core.data.loader import ShardLost
+    from blip_core.data.samples import ShardLost
 
     _dataset(tmp_path / "d")
     shard = tmp_path / "d" / "shard-000003.tar"
@@ -326,7 +330,7 @@ def test_manifest_without_sizes_still_loads(tmp_path, tokenizer):
 
 
 def test_shard_deleted_during_training_stops_it_unless_partial_is_allowed(tmp_path, tokenizer):
-    from blip_core.data.loader import ShardLost
+    from blip_core.data.samples import ShardLost
 
     _dataset(tmp_path / "d")
     shard = tmp_path / "d" / "shard-000003.tar"
@@ -349,7 +353,7 @@ def test_shard_deleted_during_training_stops_it_unless_partial_is_allowed(tmp_pa
 
 
 def test_missing_shard_on_s3_is_refused_naming_it(s3_bucket, tokenizer):
-    from blip_core.data.loader import ShardLost
+    from blip_core.data.samples import ShardLost
     from components import storage
 
     out = f"s3://{s3_bucket}/web"
@@ -386,7 +390,7 @@ def test_s3_error_storm_while_streaming_is_retried_and_loses_nothing(s3_bucket, 
 
 def test_shard_with_a_zeroed_tail_is_refused_in_training_and_evaluation(tmp_path, tokenizer):
     """A tar whose tail was zeroed reads as a shorter valid archive: the manifest's sample count catches it."""
-    from blip_core.data.loader import ShardLost
+    from blip_core.data.samples import ShardLost
 
     m = _dataset(tmp_path / "d", n=20)
     shard = tmp_path / "d" / "shard-000001.tar"

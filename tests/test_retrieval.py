@@ -10,14 +10,13 @@ import pytest
 import torch
 from blip_testing import IDS, tiny_batch, tiny_model, torchrun2
 
+from blip_core.eval.retrieval import recall_at_k, retrieval_ranks
 from blip_core.retrieval import (
     OUTSIDE_TOP_K,
     itc_similarity,
     rank_rows,
-    recall_at_k,
     rerank_i2t,
     rerank_t2i,
-    retrieval_ranks,
     retrieval_scores,
 )
 

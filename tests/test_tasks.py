@@ -14,7 +14,8 @@ from toy_data import TINY
 
 from blip_core import build_model, model_preset, save_model_dir
 from blip_core.config import TrainConfig, load_config
-from blip_core.data.loader import load_eval_split, make_loader
+from blip_core.data.loader import make_loader
+from blip_core.data.splits import load_eval_split
 from blip_core.errors import UserError
 from blip_core.objectives import Objective, ObjectiveOutput
 from blip_core.tokenizer import BlipTokenizer

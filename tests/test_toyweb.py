@@ -10,17 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip_core.data import toyweb
-from blip_core.data.toyweb import (
-    COLORS,
-    Mention,
-    Scene,
-    caption_matches,
-    generate,
-    generate_sample,
-    parse_caption,
-    parse_toyweb_uri,
-)
+from blip_core.data import toyweb, toyweb_scenes, toyweb_vqa
+from blip_core.data.toyweb import generate, generate_sample, parse_toyweb_uri
+from blip_core.data.toyweb_grammar import Mention, caption_matches, parse_caption
+from blip_core.data.toyweb_scenes import COLORS, Scene
 from blip_core.errors import UserError
 
 
@@ -122,7 +115,7 @@ def test_parser_reads_the_grammar():
 def test_wrong_relation_or_attribute_does_not_match():
     rng = random.Random(0)
     for _ in range(200):
-        scene = toyweb.sample_scene(rng)
+        scene = toyweb_scenes.sample_scene(rng)
         if len(scene.objects) != 2 or scene.is_group:
             continue
         a, b = scene.objects
@@ -196,7 +189,7 @@ def test_vqa_splits_answers_follow_from_the_scene():
     assert not {s.jpg for s in test} & {s.jpg for s in generate("toyweb://?split=test&n=100&seed=2")}
     kinds: Counter[str] = Counter()
     yes_no: Counter[str] = Counter()
-    answer_list = set(toyweb.vqa_answer_list())
+    answer_list = set(toyweb_vqa.vqa_answer_list())
     wrong_seen = variants_seen = 0
     for s in train + test:
         assert s.txt == "" and "captions" not in s.json
@@ -215,7 +208,7 @@ def test_vqa_splits_answers_follow_from_the_scene():
             kinds[q["kind"]] += 1
             if q["kind"] == "exists":
                 yes_no[right] += 1
-    assert set(kinds) == set(toyweb.VQA_KINDS)
+    assert set(kinds) == set(toyweb_vqa.VQA_KINDS)
     assert min(kinds.values()) > 40
     assert abs(yes_no["yes"] - yes_no["no"]) < 0.2 * sum(yes_no.values())  # balanced
     assert wrong_seen > 0 and variants_seen > 0  # annotators disagree now and then

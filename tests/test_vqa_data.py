@@ -11,15 +11,11 @@ import pytest
 import torch
 
 from blip_core.config import load_config
-from blip_core.data import toyweb
-from blip_core.data.loader import (
-    answer_weights,
-    load_vqa_split,
-    make_loader,
-    make_vqa_loader,
-    read_answer_list,
-    sample_texts,
-)
+from blip_core.data import toyweb, toyweb_scenes, toyweb_vqa
+from blip_core.data.loader import make_loader
+from blip_core.data.samples import answer_weights, read_answer_list, sample_texts
+from blip_core.data.splits import load_vqa_split
+from blip_core.data.vqa_loader import make_vqa_loader
 from blip_core.data.webdataset_io import DatasetWriter, LocalSink, iter_shard, read_manifest
 from blip_core.errors import UserError
 from blip_core.eval.vqa import majority_answer_baseline, vqa_report
@@ -68,7 +64,7 @@ def test_toyweb_vqa_ingest_layout_and_answer_list(vqa_dirs):
         counts.update(a for q in meta["questions"] for a in q["answers"])
     answers = read_answer_list(train)
     assert answers == sorted(counts, key=lambda a: (-counts[a], a))  # most frequent first
-    assert set(answers) <= set(toyweb.vqa_answer_list())
+    assert set(answers) <= set(toyweb_vqa.vqa_answer_list())
     with pytest.raises(UserError, match="not a VQA data set"):
         read_answer_list(_ingest("toyweb://?split=test&n=3", Path(train).parent / "captions"))
 
@@ -181,7 +177,7 @@ def test_flip_swaps_left_and_right_in_question_and_answers(vqa_dirs, tokenizer):
     train, _ = vqa_dirs
     loader = make_vqa_loader([train], tokenizer, batch_size=2, train=True, randaugment=False, **ARGS)
     sample = next(toyweb.generate("toyweb://?split=vqa_train&n=1&seed=0"))
-    img = toyweb.render_scene(toyweb.Scene.from_json(sample.json["scene"]), 32, 0)
+    img = toyweb_scenes.render_scene(toyweb_scenes.Scene.from_json(sample.json["scene"]), 32, 0)
     q = {"question_id": "x", "question": "is the red circle to the left or to the right of the blue square?",
          "answers": ["left"] * 9 + ["right"], "kind": "position"}
     flips = 0
@@ -232,7 +228,7 @@ def test_load_vqa_split_and_baselines(vqa_dirs):
     tr = load_vqa_split(train, image_size=24)
     base = majority_answer_baseline(tr.answers, split.answers, split.kinds, tr.kinds)
     assert 0.0 < base["accuracy"] < base["per_kind_prior"]["accuracy"] < 100.0
-    assert set(base["per_kind"]) <= set(toyweb.VQA_KINDS)
+    assert set(base["per_kind"]) <= set(toyweb_vqa.VQA_KINDS)
 
 
 def test_sample_texts_hold_captions_or_questions_and_answers(vqa_dirs, tokenizer):

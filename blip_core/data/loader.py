@@ -23,218 +23,41 @@ A batch is a dict: ``image`` float ``(B, 3, S, S)`` normalised with the CLIP mea
 (a stable id per image, equal for all captions of one image: the retrieval positives), ``text`` and
 ``image_id`` (lists of str).
 
-:func:`make_vqa_loader` runs the same machinery over VQA data sets (one image per sample, its questions in
-``json["questions"]``; see :mod:`blip_core.data.webdataset_io`) with one item per *question*: the split over
-ranks and workers, epochs, seeding, shuffling and the counting of skipped and lost samples are those above,
-with questions in place of pairs. Its batches are described at :class:`VQAStream`;
-:func:`load_vqa_split` loads a VQA split for evaluation.
+:mod:`blip_core.data.vqa_loader` runs the same machinery over VQA data sets with one item per question;
+:mod:`blip_core.data.splits` loads evaluation splits, :mod:`blip_core.data.samples` lists the shards and reads
+the fields of a sample.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from blip_core.constants import (
-    ANSWER_MAX_TOKENS,
-    CAPTION_MAX_WORDS,
-    PRETRAIN_TEXT_TOKENS,
-    QUESTION_MAX_TOKENS,
-    QUESTION_MAX_WORDS,
+from blip_core.constants import CAPTION_MAX_WORDS, PRETRAIN_TEXT_TOKENS
+from blip_core.data.samples import (
+    LostShard,
+    ShardLost,
+    ShardRef,
+    check_count,
+    decode_image,
+    image_bytes,
+    image_index,
+    open_datasets,
+    sample_captions,
 )
-from blip_core.data.images import to_rgb
 from blip_core.data.transforms import EvalTransform, TrainTransform
-from blip_core.data.webdataset_io import (
-    ANSWER_LIST_NAME,
-    IMAGE_EXTS,
-    OVERSIZE_KEY,
-    ShardReadError,
-    check_shards,
-    decode_json,
-    is_s3,
-    iter_shard,
-    join_uri,
-    read_manifest,
-    read_uri_bytes,
-    s3_filesystem,
-)
+from blip_core.data.webdataset_io import OVERSIZE_KEY, ShardReadError, is_s3, iter_shard, s3_filesystem
 from blip_core.errors import UserError
-from blip_core.tokenizer import BlipTokenizer, pre_caption, pre_question
+from blip_core.tokenizer import BlipTokenizer, pre_caption
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """A shard to read and its counts from the manifest."""
-
-    uri: str
-    samples: int
-    captions: int
-    questions: int = 0  # VQA questions (0 in a caption data set)
-
-
-@dataclass(frozen=True)
-class LostShard:
-    """A shard listed in a manifest that could not be used, and why."""
-
-    uri: str
-    samples: int
-    captions: int
-    problem: str
-
-
-class ShardLost(UserError):
-    """A shard of a dataset is missing or damaged and ``data.allow_partial`` is off."""
-
-
-_VERIFIED: set[tuple[str, str]] = set()  # (shard uri, sha256) already hashed in this process
-
-
-def open_datasets(data_uris: Sequence[str], *, allow_partial: bool = False,
-                  verify_sha256: bool = False) -> tuple[list[ShardRef], list[LostShard]]:
-    """The shards of every dataset directory in ``data_uris`` (each needs its manifest), checked against it.
-
-    A shard that is missing or has another size than its manifest records (or, with ``verify_sha256``, other
-    content) raises :class:`ShardLost` naming it, unless ``allow_partial``: then it is left out, logged, and
-    returned in the second list.
-    """
-    fs = s3_filesystem() if any(is_s3(u) for u in data_uris) else None
-    out: list[ShardRef] = []
-    lost: list[LostShard] = []
-    for uri in data_uris:
-        manifest = read_manifest(uri, fs)
-        need_hash = verify_sha256 and any((join_uri(uri, s.path), s.sha256) not in _VERIFIED
-                                          for s in manifest.shards)
-        bad = {s.path: problem for s, problem in check_shards(uri, manifest, fs, sha256=need_hash)}
-        for s in manifest.shards:
-            ref = ShardRef(join_uri(uri, s.path), s.samples, s.captions, s.questions or 0)
-            if s.path not in bad:
-                if need_hash and s.sha256:
-                    _VERIFIED.add((ref.uri, s.sha256))
-                out.append(ref)
-                continue
-            if not allow_partial:
-                raise ShardLost(f"{ref.uri}: {bad[s.path]} ({s.samples} samples); the dataset is incomplete: "
-                                "re-run the stage that wrote it, or set data.allow_partial=true to train on the rest")
-            lost.append(LostShard(ref.uri, s.samples, s.captions, bad[s.path]))
-            log.warning("data.allow_partial: leaving out %s (%s): %d samples lost", ref.uri, bad[s.path], s.samples)
-    if lost:
-        log.warning("data.allow_partial: %d shard(s), %d samples lost from %s", len(lost),
-                    sum(x.samples for x in lost), ", ".join(data_uris))
-    return out, lost
-
-
-def dataset_shards(data_uris: Sequence[str], *, allow_partial: bool = False,
-                   verify_sha256: bool = False) -> list[ShardRef]:
-    """The usable shards of every dataset directory in ``data_uris``, in order (see :func:`open_datasets`)."""
-    return open_datasets(data_uris, allow_partial=allow_partial, verify_sha256=verify_sha256)[0]
-
-
-def _check_count(shard: ShardRef, seen: int) -> None:
-    """Raise :class:`ShardReadError` when a shard read to its end held another number of samples than its
-    manifest records (a tar whose tail was zeroed reads as a shorter, valid archive)."""
-    if seen != shard.samples:
-        raise ShardReadError(f"{seen} samples read, the manifest says {shard.samples}")
-
-
-def image_index(image_id: str) -> int:
-    """A stable non-negative 63-bit integer for an image id (the same on every rank and run)."""
-    return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "big") >> 1
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode stored image bytes to upright RGB (:func:`~blip_core.data.images.to_rgb`; raises on corrupt data)."""
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return to_rgb(img)
-
-
-def sample_captions(sample: dict[str, Any]) -> tuple[list[str], str]:
-    """``(captions, image_id)`` of a stored sample: ``json["captions"]`` (or ``[txt]``) and its image id."""
-    meta = decode_json(sample.get("json"))
-    caps = meta.get("captions")
-    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps) or not caps:
-        txt = sample.get("txt")
-        if txt is None:
-            raise ValueError("sample has no caption")
-        caps = [txt.decode("utf-8")]
-    elif "txt" in sample:
-        txt = sample["txt"].decode("utf-8")
-        caps = [txt] + [c for c in caps if c != txt]
-    return caps, str(meta.get("image_id") or sample["__key__"])
-
-
-VG_ANSWER_WEIGHT = 0.2  # weight of each Visual Genome answer (question ``dataset: "vg"``), as the official code
-
-
-def sample_questions(sample: dict[str, Any]) -> tuple[list[dict], str]:
-    """``(questions, image_id)`` of a stored VQA sample: ``json["questions"]`` (each a dict with
-    ``question_id``, ``question``, ``answers`` and optionally ``kind``) and its image id."""
-    meta = decode_json(sample.get("json"))
-    qs = meta.get("questions")
-    if not isinstance(qs, list) or not all(isinstance(q, dict) and isinstance(q.get("question"), str)
-                                           and isinstance(q.get("answers", []), list) for q in qs):
-        raise ValueError("sample has no questions")
-    return qs, str(meta.get("image_id") or sample["__key__"])
-
-
-def sample_texts(sample: dict[str, Any], max_words: int = CAPTION_MAX_WORDS) -> list[str]:
-    """Every cleaned text of a stored sample, to build a vocabulary: its captions (``pre_caption``), or for a
-    VQA sample its questions (``pre_question``) and their answers. Raises ``ValueError`` for a sample with
-    neither."""
-    meta = decode_json(sample.get("json"))
-    if isinstance(meta.get("questions"), list) and not meta.get("captions"):
-        qs, _ = sample_questions(sample)
-        texts = [pre_question(q["question"]) for q in qs]
-        texts += [a for q in qs for a in q.get("answers", []) if isinstance(a, str)]
-    else:
-        texts = [pre_caption(c, max_words) for c in sample_captions(sample)[0]]
-    return [t for t in texts if t]
-
-
-def answer_weights(question: dict) -> tuple[list[str], list[float]]:
-    """The unique answers of a question (first-seen order) and their training weights: count / number of
-    answers (VQAv2), or :data:`VG_ANSWER_WEIGHT` each for a Visual Genome question (``dataset: "vg"``)."""
-    answers = [t for t in (" ".join(a.split()) for a in question.get("answers", []) if isinstance(a, str)) if t]
-    counts: dict[str, int] = {}
-    for a in answers:
-        counts[a] = counts.get(a, 0) + 1
-    if question.get("dataset") == "vg":
-        return list(counts), [VG_ANSWER_WEIGHT] * len(counts)
-    return list(counts), [c / len(answers) for c in counts.values()]
-
-
-def read_answer_list(dataset_uri: str) -> list[str]:
-    """``answer_list.json`` of a VQA data set (its distinct answers, most frequent first)."""
-    uri = join_uri(dataset_uri, ANSWER_LIST_NAME)
-    try:
-        answers = json.loads(read_uri_bytes(uri, s3_filesystem() if is_s3(uri) else None))
-    except FileNotFoundError:
-        raise UserError(f"{dataset_uri}: no {ANSWER_LIST_NAME}: not a VQA data set") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{uri}: unreadable answer list ({e})") from None
-    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise UserError(f"{uri}: not a JSON list of answers")
-    return answers
-
-
-def _image_bytes(sample: dict[str, Any]) -> bytes:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    raise ValueError("sample has no image")
 
 
 class PairStream(IterableDataset):
@@ -323,7 +146,7 @@ class PairStream(IterableDataset):
                     lo, hi = max(g, start), min(g + k, end)
                     if lo < hi:
                         try:
-                            img = decode_image(_image_bytes(sample))
+                            img = decode_image(image_bytes(sample))
                         except Exception as e:  # noqa: BLE001 - any decoder failure skips the sample
                             log.debug("skipping %s in %s: %s", sample.get("__key__"), shard.uri, e)
                             counter[0] += count
@@ -335,7 +158,7 @@ class PairStream(IterableDataset):
                                 yield img, caps[j], image_id
                     g += k
                 else:
-                    _check_count(shard, seen)
+                    check_count(shard, seen)
             except (ShardReadError, OSError) as e:
                 if not self.allow_partial:
                     raise ShardLost(f"{shard.uri}: became unreadable during training ({e}); re-run the stage "
@@ -515,222 +338,3 @@ def make_loader(data_uris: Sequence[str], tokenizer: BlipTokenizer, *, image_siz
                         num_workers=num_workers, seed=seed, epoch=epoch, expand_captions=expand_captions,
                         shuffle_buffer=shuffle_buffer, allow_partial=allow_partial)
     return BlipLoader(stream, num_workers, pin_memory, lost)
-
-
-class EvalSplit(NamedTuple):
-    """A small clean split held in memory for retrieval and captioning evaluation."""
-
-    images: torch.Tensor  # (N, 3, S, S)
-    texts: list[str]  # every caption, cleaned
-    txt2img: list[int]  # text index -> image index
-    img2txt: list[list[int]]  # image index -> its text indices
-    samples: list[dict]  # each image's json, with "__key__"
-
-
-def _eval_samples(uris: list[str], what: str, parse: Callable[[dict[str, Any]], Any]) -> Iterator[Any]:
-    """``parse(sample)`` of every sample of the dataset directories ``uris``, in stored order, for an evaluation.
-
-    A sample ``parse`` raises on is skipped and counted (one warning at the end); ``None`` leaves a sample out
-    uncounted. A missing, damaged or unreadable shard raises :class:`ShardLost`: an evaluation never runs
-    silently on part of its split.
-    """
-    skipped = 0
-    fs = s3_filesystem() if any(is_s3(u) for u in uris) else None
-    for shard in dataset_shards(uris):
-        try:
-            seen = 0
-            for sample in iter_shard(shard.uri, fs):
-                seen += 1
-                try:
-                    item = parse(sample)
-                except Exception:  # noqa: BLE001 - skip and count any bad sample
-                    skipped += 1
-                    continue
-                if item is not None:
-                    yield item
-            _check_count(shard, seen)
-        except (ShardReadError, OSError) as e:  # an evaluation on part of the split would not say so
-            raise ShardLost(f"{shard.uri}: unreadable ({e}); re-run the stage that wrote it") from None
-    if skipped:
-        log.warning("%s(%s): skipped %d unreadable sample(s)", what, ", ".join(uris), skipped)
-
-
-def load_eval_split(uri: str | Sequence[str], image_size: int, max_words: int = CAPTION_MAX_WORDS) -> EvalSplit:
-    """Load every sample of one or more dataset directories with the eval transform.
-
-    Samples that cannot be decoded are skipped and counted in a warning; a missing, damaged or unreadable
-    shard raises :class:`ShardLost` (an evaluation never runs silently on part of its split).
-    """
-    transform = EvalTransform(image_size)
-    images: list[torch.Tensor] = []
-    texts: list[str] = []
-    txt2img: list[int] = []
-    img2txt: list[list[int]] = []
-    samples: list[dict] = []
-    uris = [uri] if isinstance(uri, str) else list(uri)
-
-    def parse(sample: dict[str, Any]):
-        caps, _ = sample_captions(sample)
-        caps = [c for c in (pre_caption(c, max_words) for c in caps) if c]
-        if not caps:
-            raise ValueError("no caption left after cleaning")
-        return caps, decode_image(_image_bytes(sample)), decode_json(sample.get("json")), sample["__key__"]
-
-    for caps, img, meta, key in _eval_samples(uris, "load_eval_split", parse):
-        i = len(images)
-        images.append(transform(img)[0])
-        img2txt.append(list(range(len(texts), len(texts) + len(caps))))
-        texts += caps
-        txt2img += [i] * len(caps)
-        samples.append({**meta, "__key__": key})
-    if not images:
-        raise UserError(f"{', '.join(uris)}: no readable samples")
-    return EvalSplit(torch.stack(images), texts, txt2img, img2txt, samples)
-
-
-# --------------------------------------------------------------------------------------------------
-# VQA
-# --------------------------------------------------------------------------------------------------
-
-
-class VQAStream(PairStream):
-    """The VQA batches of one rank: one item per question, split, shuffled and counted as :class:`PairStream`.
-
-    A batch of ``B`` questions is a dict: ``image`` float ``(B, 3, S, S)`` (each question its own augmented
-    copy of its image in training; a horizontal flip swaps ``left`` and ``right`` in the question and its
-    answers), ``question_ids`` / ``question_mask`` ``(B, Lq)`` (``pre_question``, ``[ENC]`` at position 0,
-    padded to the longest), ``answer_ids`` / ``answer_mask`` ``(sum n, La)`` (``[DEC] answer [SEP]``, the unique
-    answers of question 0, then question 1, ...), ``weights`` float ``(sum n,)`` (:func:`answer_weights`: for
-    VQAv2 count / number of answers, so they sum to 1 per question), ``n`` long ``(B,)`` (unique answers per
-    question), and the lists ``question_id``, ``question`` (cleaned), ``kind`` and ``image_id`` with
-    ``image_idx`` long ``(B,)``. A question without answers (a test split) is skipped and counted.
-    """
-
-    ITEMS = "questions"
-
-    def __init__(self, shards: Sequence[ShardRef], tokenizer: BlipTokenizer, *, question_max_length: int,
-                 answer_max_length: int, **kwargs: Any) -> None:
-        self.answer_max_length = answer_max_length
-        super().__init__(shards, tokenizer, max_words=QUESTION_MAX_WORDS, max_length=question_max_length, prompt="",
-                         expand_captions=True, **kwargs)
-
-    def _shard_items(self, shard: ShardRef) -> int:
-        return shard.questions
-
-    def _sample_items(self, sample: dict[str, Any]) -> tuple[list[Any], str]:
-        meta = decode_json(sample.get("json"))
-        if "questions" not in meta and meta.get("captions"):  # a caption sample holds no question
-            return [], str(meta.get("image_id") or sample["__key__"])
-        qs, image_id = sample_questions(sample)
-        return [q if answer_weights(q)[0] else None for q in qs], image_id
-
-    def _collate(self, items: list[tuple[Image.Image, dict, str]], rng: random.Random) -> dict[str, Any]:
-        images, questions, answers, weights, counts = [], [], [], [], []
-        for img, q, _ in items:
-            unique, w = answer_weights(q)
-            text = "\n".join([pre_question(q["question"], self.max_words), *unique])
-            tensor, text = self.transform(img, text, rng)  # the flip swaps left/right in all of them
-            question, *unique = text.split("\n")
-            images.append(tensor)
-            questions.append(question)
-            answers += unique
-            weights += w
-            counts.append(len(unique))
-        tok = self.tokenizer
-        question_ids, question_mask = tok(questions, max_length=self.max_length, padding="longest")
-        question_ids[:, 0] = tok.enc_id
-        answer_ids, answer_mask = tok(answers, max_length=self.answer_max_length, padding="longest")
-        answer_ids[:, 0] = tok.dec_id
-        ids = [image_id for _, _, image_id in items]
-        return {
-            "image": torch.stack(images),  # (B, 3, S, S)
-            "question_ids": question_ids,  # (B, Lq)
-            "question_mask": question_mask,  # (B, Lq)
-            "answer_ids": answer_ids,  # (sum n, La)
-            "answer_mask": answer_mask,  # (sum n, La)
-            "weights": torch.tensor(weights, dtype=torch.float32),  # (sum n,)
-            "n": torch.tensor(counts, dtype=torch.long),  # (B,)
-            "question_id": [str(q["question_id"]) for _, q, _ in items],
-            "question": questions,
-            "kind": [str(q.get("kind") or NO_KIND) for _, q, _ in items],
-            "image_id": ids,
-            "image_idx": torch.tensor([image_index(i) for i in ids], dtype=torch.long),  # (B,)
-        }
-
-
-NO_KIND = "unspecified"  # the kind of a question whose data set gives none
-
-
-def make_vqa_loader(data_uris: Sequence[str], tokenizer: BlipTokenizer, *, image_size: int, batch_size: int,
-                    train: bool, rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                    epoch: int = 0, shuffle_buffer: int = 1000, question_max_length: int = QUESTION_MAX_TOKENS,
-                    answer_max_length: int = ANSWER_MAX_TOKENS, pin_memory: bool = False, allow_partial: bool = False,
-                    verify_sha256: bool = False, min_scale: float = 0.5, randaugment: bool = True) -> BlipLoader:
-    """A loader of VQA batches (one item per question, see :class:`VQAStream`) from VQA data sets.
-
-    Everything else is :func:`make_loader`'s: ``train`` (BLIP's train transform with crop scale
-    ``(min_scale, 1)``, flip and RandAugment, shard shuffling and a shuffle buffer; otherwise the eval
-    transform in stored order), ranks, workers, seeding per ``(seed, epoch, stream)``, ``pin_memory``,
-    ``allow_partial`` and ``verify_sha256``. A data set without questions is refused.
-    """
-    if isinstance(data_uris, str):
-        data_uris = [data_uris]
-    shards, lost = open_datasets(data_uris, allow_partial=allow_partial, verify_sha256=verify_sha256)
-    if not any(s.questions for s in shards) and not any(x.samples for x in lost):
-        raise UserError(f"{', '.join(data_uris)}: no VQA questions: not a VQA data set (ingest a VQA source: "
-                        "toyweb://?split=vqa_train or an official VQA annotation file)")
-    stream = VQAStream(shards, tokenizer, image_size=image_size, batch_size=batch_size, train=train,
-                       min_scale=min_scale, randaugment=randaugment, question_max_length=question_max_length,
-                       answer_max_length=answer_max_length, rank=rank, world_size=world_size,
-                       num_workers=num_workers, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
-                       allow_partial=allow_partial)
-    return BlipLoader(stream, num_workers, pin_memory, lost)
-
-
-class VQASplit(NamedTuple):
-    """A VQA split held in memory for evaluation: one entry per question, images stored once."""
-
-    images: torch.Tensor  # (N, 3, S, S)
-    image_index: torch.Tensor  # (Q,) long: the image of each question
-    questions: list[str]  # cleaned with pre_question
-    answers: list[list[str]]  # the annotators' answers (empty where the split has none)
-    kinds: list[str]  # the question kinds (NO_KIND where none is given)
-    question_ids: list[str]
-    image_ids: list[str]  # (N,)
-
-
-def load_vqa_split(uri: str | Sequence[str], image_size: int) -> VQASplit:
-    """Load every question of one or more VQA data sets with the eval transform.
-
-    Samples that cannot be decoded are skipped and counted in a warning; a missing, damaged or unreadable
-    shard raises :class:`ShardLost`; a split without questions is a :class:`UserError`.
-    """
-    transform = EvalTransform(image_size)
-    uris = [uri] if isinstance(uri, str) else list(uri)
-    images: list[torch.Tensor] = []
-    image_ids: list[str] = []
-    index: list[int] = []
-    questions: list[str] = []
-    answers: list[list[str]] = []
-    kinds: list[str] = []
-    qids: list[str] = []
-    def parse(sample: dict[str, Any]):
-        if "questions" not in decode_json(sample.get("json")):
-            return None
-        qs, image_id = sample_questions(sample)
-        return qs, image_id, decode_image(_image_bytes(sample))
-
-    for qs, image_id, img in _eval_samples(uris, "load_vqa_split", parse):
-        i = len(images)
-        images.append(transform(img)[0])
-        image_ids.append(image_id)
-        for q in qs:
-            index.append(i)
-            questions.append(pre_question(q["question"]))
-            answers.append([a for a in q.get("answers", []) if isinstance(a, str)])
-            kinds.append(str(q.get("kind") or NO_KIND))
-            qids.append(str(q.get("question_id")))
-    if not questions:
-        raise UserError(f"{', '.join(uris)}: no readable VQA questions")
-    return VQASplit(torch.stack(images), torch.tensor(index, dtype=torch.long), questions, answers, kinds, qids,
-                    image_ids)

@@ -2,9 +2,9 @@
 
 Every image is a small scene of 1-3 coloured shapes on a plain or lightly textured background. Scenes are
 either 1-3 *distinct* objects (no two share colour and shape) placed left to right, or a *group* of 2-3
-identical objects ("three small red circles"). Each image comes with captions written in a small grammar
-that :func:`parse_caption` reads back, so evaluation can check whether any caption (human, web or
-generated) names the right objects, colours, sizes, counts and left/right relations.
+identical objects ("three small red circles"). Each image comes with captions written in a small grammar that
+:func:`blip_core.data.toyweb_grammar.parse_caption` reads back, so evaluation can check whether any caption
+(human, web or generated) names the right objects, colours, sizes, counts and left/right relations.
 
 Splits, addressed as ``toyweb://?split=web&n=2000&noise=0.3&seed=0&size=64``:
 
@@ -15,11 +15,12 @@ Splits, addressed as ``toyweb://?split=web&n=2000&noise=0.3&seed=0&size=64``:
   attribute, ``color`` or ``shape``, in ``json["noise_detail"]``) for evaluation only.
 - ``human``: clean, COCO-like: ``captions`` (default 5) human-style captions per image, varied in wording.
 - ``test``: like ``human``, held out.
-- ``vqa_train`` and ``vqa_test``: visual question answering (see :func:`vqa_questions`). A sample has no
-  captions; its ``json["questions"]`` holds ``questions`` (default 4) questions about the drawn scene, each
-  ``{"question_id", "question", "answers", "kind"}`` with ten annotator answers in the VQAv2 style: mostly
-  the right answer, some in another form ("2"/"two", "gray"/"grey", "large"/"big") and now and then a wrong
-  one, always at least five right ones. :func:`vqa_answer_list` lists every answer they can hold.
+- ``vqa_train`` and ``vqa_test``: visual question answering (see :mod:`blip_core.data.toyweb_vqa`). A sample
+  has no captions; its ``json["questions"]`` holds ``questions`` (default 4) questions about the drawn scene,
+  each ``{"question_id", "question", "answers", "kind"}`` with ten annotator answers in the VQAv2 style:
+  mostly the right answer, some in another form ("2"/"two", "gray"/"grey", "large"/"big") and now and then a
+  wrong one, always at least five right ones. :func:`~blip_core.data.toyweb_vqa.vqa_answer_list` lists every
+  answer they can hold.
 
 Query parameters: ``split`` (web), ``n`` (web 2000, human 500, test 200, vqa_train 1000, vqa_test 200),
 ``noise`` (0.3 for web; must be 0 for the others), ``seed`` (0), ``size`` (image side in pixels, 64),
@@ -36,43 +37,28 @@ from __future__ import annotations
 import dataclasses
 import io
 import random
-import re
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
-import numpy as np
-from PIL import Image, ImageDraw
-
+from blip_core.data.toyweb_grammar import caption_matches
+from blip_core.data.toyweb_scenes import (
+    COLORS,
+    SHAPES,
+    Scene,
+    ToyObject,
+    render_scene,
+    sample_scene,
+)
+from blip_core.data.toyweb_vqa import MAX_QUESTIONS, vqa_questions
 from blip_core.errors import UserError
 
-SHAPES = ("circle", "square", "triangle", "diamond", "star")
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35),
-    "green": (40, 165, 60),
-    "blue": (35, 75, 215),
-    "yellow": (240, 210, 35),
-    "purple": (135, 55, 180),
-    "orange": (245, 135, 25),
-}
-SIZES = ("small", "large")
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "white": (242, 242, 242),
-    "gray": (125, 125, 125),
-    "black": (22, 22, 22),
-    "beige": (222, 206, 176),
-}
-TEXTURES = ("plain", "gradient", "noise")
 NOISE_KINDS = ("unrelated", "boilerplate", "wrong_attribute")
 SPLITS = ("web", "human", "test", "vqa_train", "vqa_test")
 VQA_SPLITS = ("vqa_train", "vqa_test")
 _DEFAULT_N = {"web": 2000, "human": 500, "test": 200, "vqa_train": 1000, "vqa_test": 200}
 
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
-_SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large"}
-_COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "three": 3}
-_SHAPE_WORDS = {**{s: (s, False) for s in SHAPES}, **{s + "s": (s, True) for s in SHAPES}}
 
 _BOILERPLATE = (
     "IMG_{n4}.jpg", "DSC{n5}.JPG", "click to enlarge", "stock photo", "image", "untitled-{n1}.png",
@@ -80,124 +66,6 @@ _BOILERPLATE = (
     "free download", "copyright {year} all rights reserved", "download high resolution",
 )
 
-
-# --------------------------------------------------------------------------------------------------
-# Scenes
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ToyObject:
-    """One drawn shape. ``x``, ``y`` (centre) and ``radius`` are fractions of the image side."""
-
-    shape: str
-    color: str
-    size: str
-    x: float
-    y: float
-    radius: float
-
-
-@dataclass(frozen=True)
-class Scene:
-    """A drawn scene: objects ordered left to right, a background colour and a texture."""
-
-    objects: tuple[ToyObject, ...]
-    background: str
-    texture: str
-
-    @property
-    def is_group(self) -> bool:
-        """True when every object is identical in shape, colour and size (and there are at least two)."""
-        return len(self.objects) > 1 and len({(o.shape, o.color, o.size) for o in self.objects}) == 1
-
-    def to_json(self) -> dict:
-        """JSON form stored in the sample's ``json["scene"]``."""
-        return {
-            "background": self.background,
-            "texture": self.texture,
-            "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "x": round(o.x, 4),
-                         "y": round(o.y, 4), "radius": round(o.radius, 4)} for o in self.objects],
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> Scene:
-        """Inverse of :meth:`to_json`."""
-        objs = tuple(ToyObject(o["shape"], o["color"], o["size"], float(o["x"]), float(o["y"]),
-                               float(o["radius"])) for o in d["objects"])
-        return cls(objs, d["background"], d["texture"])
-
-
-def sample_scene(rng: random.Random) -> Scene:
-    """Draw a random scene: 1-3 objects in left-to-right slots; a quarter of multi-object scenes are groups."""
-    n = rng.choices((1, 2, 3), weights=(0.3, 0.4, 0.3))[0]
-    group = n > 1 and rng.random() < 0.25
-    if group:
-        attrs = [(rng.choice(SHAPES), rng.choice(tuple(COLORS)), rng.choice(SIZES))] * n
-    else:
-        pairs = rng.sample([(s, c) for s in SHAPES for c in COLORS], n)
-        attrs = [(s, c, rng.choice(SIZES)) for s, c in pairs]
-    slot = 1.0 / n
-    objects = []
-    for i, (shape, color, size) in enumerate(attrs):
-        radius = rng.uniform(0.13, 0.155) if size == "large" else rng.uniform(0.07, 0.09)
-        radius = min(radius, slot / 2 - 0.01)  # never wider than the slot, so left/right stays unambiguous
-        lo, hi = i * slot + radius + 0.005, (i + 1) * slot - radius - 0.005
-        x = rng.uniform(lo, hi) if hi > lo else (lo + hi) / 2
-        y = rng.uniform(radius + 0.05, 1 - radius - 0.05)
-        objects.append(ToyObject(shape, color, size, x, y, radius))
-    return Scene(tuple(objects), rng.choice(tuple(BACKGROUNDS)), rng.choice(TEXTURES))
-
-
-# --------------------------------------------------------------------------------------------------
-# Drawing
-# --------------------------------------------------------------------------------------------------
-
-_SUPERSAMPLE = 2
-
-
-def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    if shape == "triangle":
-        angles = [-90, 30, 150]
-        return [(cx + r * np.cos(np.radians(a)), cy + r * np.sin(np.radians(a))) for a in angles]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
-    if shape == "star":
-        pts = []
-        for k in range(10):
-            rad = r if k % 2 == 0 else r * 0.45
-            a = np.radians(-90 + 36 * k)
-            pts.append((cx + rad * np.cos(a), cy + rad * np.sin(a)))
-        return pts
-    raise ValueError(f"not a polygon shape: {shape}")
-
-
-def render_scene(scene: Scene, size: int, texture_seed: int) -> Image.Image:
-    """Draw ``scene`` as an RGB image of ``size`` x ``size`` pixels (2x supersampled, then reduced)."""
-    side = size * _SUPERSAMPLE
-    base = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
-    if scene.texture == "gradient":
-        ramp = np.linspace(-18.0, 18.0, side, dtype=np.float32)  # (side,) brightness ramp
-        canvas = base[None, None, :] + ramp[:, None, None]  # (side, 1, 3)
-        canvas = np.broadcast_to(canvas, (side, side, 3))
-    elif scene.texture == "noise":
-        nrng = np.random.default_rng(texture_seed)
-        canvas = base[None, None, :] + nrng.normal(0.0, 9.0, (side, side, 1)).astype(np.float32)
-    else:
-        canvas = np.broadcast_to(base, (side, side, 3))
-    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(img)
-    for o in scene.objects:
-        cx, cy, r = o.x * side, o.y * side, o.radius * side
-        fill = COLORS[o.color]
-        if o.shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif o.shape == "square":
-            h = r * 0.85
-            draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
-        else:
-            draw.polygon(_polygon(o.shape, cx, cy, r), fill=fill)
-    return img.reduce(_SUPERSAMPLE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,231 +177,6 @@ def wrong_attribute_change(scene: Scene, rng: random.Random) -> tuple[Scene, str
         changes = {"shape": rng.choice(options)}
     objs = tuple(dataclasses.replace(o, **changes) if i in idx else o for i, o in enumerate(scene.objects))
     return Scene(objs, scene.background, scene.texture), attr
-
-
-# --------------------------------------------------------------------------------------------------
-# Questions and answers (VQA splits)
-# --------------------------------------------------------------------------------------------------
-
-VQA_KINDS = ("color", "shape", "count", "exists", "position", "size", "background")
-MAX_QUESTIONS = 8
-_COUNT_ANSWERS = ("0", "1", "2", "3")
-# other forms annotators use for an answer (all but the digit words stay different after normalisation)
-_ANSWER_VARIANTS = {"0": ("zero", "none"), "1": ("one",), "2": ("two",), "3": ("three",), "gray": ("grey",),
-                    "purple": ("violet",), "large": ("big",), "small": ("little",), "left": ("left side",),
-                    "right": ("right side",), "square": ("box",), "star": ("asterisk",)}
-# the answers of each kind; a wrong annotator answer comes from the family of the right one
-_KIND_ANSWERS: dict[str, tuple[str, ...]] = {
-    "color": tuple(COLORS), "shape": SHAPES, "count": _COUNT_ANSWERS, "exists": ("yes", "no"),
-    "position": (*COLORS, "left", "right"), "size": SIZES, "background": tuple(BACKGROUNDS),
-}
-_ANSWER_FAMILIES = (tuple(COLORS), SHAPES, _COUNT_ANSWERS, ("yes", "no"), ("left", "right"), SIZES,
-                    tuple(BACKGROUNDS))
-
-
-def _plural(shape: str) -> str:
-    return shape + "s"
-
-
-def _a(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def _candidate_questions(scene: Scene, rng: random.Random) -> dict[str, list[tuple[str, str]]]:
-    """Every question of each kind the scene answers unambiguously: ``kind -> [(question, answer), ...]``."""
-    objs = scene.objects
-    group = scene.is_group
-    out: dict[str, list[tuple[str, str]]] = {k: [] for k in VQA_KINDS}
-    shapes = Counter(o.shape for o in objs)
-    colors = Counter(o.color for o in objs)
-    for o in objs:
-        if group:
-            out["color"].append((f"what color are the {_plural(o.shape)}?", o.color))
-            out["shape"].append((f"what shape are the {o.color} objects?", o.shape))
-            out["size"].append((f"are the {o.color} {_plural(o.shape)} small or large?", o.size))
-            break
-        if shapes[o.shape] == 1:
-            out["color"].append((rng.choice((f"what color is the {o.shape}?", f"which color is the {o.shape}?")),
-                                 o.color))
-        if colors[o.color] == 1:
-            out["shape"].append((rng.choice((f"what shape is the {o.color} object?",
-                                             f"what is the shape of the {o.color} object?")), o.shape))
-        out["size"].append((f"is the {o.color} {o.shape} small or large?", o.size))
-    out["count"].append((rng.choice(("how many shapes are there?", "how many objects are in the picture?")),
-                         str(len(objs))))
-    shape = rng.choice(SHAPES)
-    out["count"].append((f"how many {_plural(shape)} are there?", str(shapes[shape])))
-    present = {(o.color, o.shape) for o in objs}
-    if rng.random() < 0.5:
-        color, shape = rng.choice(sorted(present))
-        out["exists"].append((f"is there {_a(color)} {shape}?", "yes"))
-    else:
-        color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
-        out["exists"].append((f"is there {_a(color)} {shape}?", "no"))
-    if len(objs) > 1 and not group:
-        out["position"].append(("what color is the shape on the left?", objs[0].color))
-        out["position"].append(("what color is the shape on the right?", objs[-1].color))
-        i, j = rng.sample(range(len(objs)), 2)
-        a, b = objs[i], objs[j]
-        out["position"].append((f"is the {a.color} {a.shape} to the left or to the right of the {b.color} "
-                                f"{b.shape}?", "left" if i < j else "right"))
-    out["background"].append(("what color is the background?", scene.background))
-    return out
-
-
-def annotator_answers(answer: str, kind: str, rng: random.Random, k: int = 10) -> list[str]:
-    """``k`` annotator answers in the VQAv2 style: 0-2 wrong ones (answers of the same kind), up to 3 in
-    another form (:data:`_ANSWER_VARIANTS`), the rest ``answer`` itself; at least half are ``answer``."""
-    wrong = rng.choices((0, 1, 2), weights=(0.6, 0.3, 0.1))[0]
-    variants = _ANSWER_VARIANTS.get(answer, ())
-    n_var = rng.choice((0, 0, 1, 2, 3)) if variants else 0
-    family = next((f for f in _ANSWER_FAMILIES if answer in f), _KIND_ANSWERS[kind])
-    others = [a for a in family if a != answer]
-    out = [rng.choice(others) for _ in range(wrong)] + [rng.choice(variants) for _ in range(n_var)]
-    out += [answer] * (k - len(out))
-    rng.shuffle(out)
-    return out
-
-
-def vqa_questions(scene: Scene, rng: random.Random, k: int = 4) -> list[dict]:
-    """``k`` distinct questions about ``scene`` (fewer only if it cannot give ``k``), each
-    ``{"question", "answers", "kind"}``, whose right answer follows from the scene.
-
-    Kinds: ``color`` (of a named shape), ``shape`` (of a named colour), ``count`` (all shapes, or one shape,
-    0 included), ``exists`` (yes/no, balanced: a drawn or an absent colour and shape with equal chance),
-    ``position`` (the colour of the leftmost / rightmost shape, or whether one shape is left or right of
-    another), ``size`` (small or large) and ``background`` (its colour). Kinds are drawn without repetition
-    until each applicable kind has been asked once.
-    """
-    pools = _candidate_questions(scene, rng)
-    for pool in pools.values():
-        rng.shuffle(pool)
-    out: list[dict] = []
-    while len(out) < k and any(pools.values()):
-        kinds = [kd for kd in VQA_KINDS if pools[kd]]
-        for kind in rng.sample(kinds, len(kinds)):
-            question, answer = pools[kind].pop()
-            out.append({"question": question, "answers": annotator_answers(answer, kind, rng), "kind": kind})
-            if len(out) == k:
-                break
-    return out
-
-
-def vqa_answer_list() -> list[str]:
-    """Every answer a toy-web VQA annotator can give: the candidate list of rank-mode answering."""
-    seen: dict[str, None] = {}
-    for kind in VQA_KINDS:
-        for a in _KIND_ANSWERS[kind]:
-            seen[a] = None
-            for v in _ANSWER_VARIANTS.get(a, ()):
-                seen[v] = None
-    return list(seen)
-
-
-# --------------------------------------------------------------------------------------------------
-# Caption grammar parser
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Mention:
-    """An object named in a caption; ``size`` and ``color`` are None when the caption leaves them out."""
-
-    count: int
-    size: str | None
-    color: str | None
-    shape: str
-
-
-@dataclass(frozen=True)
-class CaptionParse:
-    """What a caption says: mentions in reading order and ``(i, "left_of"|"right_of", j)`` relations."""
-
-    mentions: tuple[Mention, ...]
-    relations: tuple[tuple[int, str, int], ...] = field(default=())
-
-
-def parse_caption(text: str) -> CaptionParse:
-    """Read a caption with the toy-web grammar (tolerant: unknown words are ignored).
-
-    A mention is a shape word (``circle``/``circles``...) preceded by up to three modifiers: a count or
-    article, a size (small/little/tiny, large/big) and a colour. Between two consecutive mentions,
-    ``left``/``right`` give the relation of the first to the second; a leading ``from left to right`` (or
-    ``from right to left``) orders all mentions.
-    """
-    tokens = re.findall(r"[a-z]+", text.lower())
-    mentions: list[Mention] = []
-    positions: list[int] = []
-    for i, tok in enumerate(tokens):
-        if tok not in _SHAPE_WORDS:
-            continue
-        shape, plural = _SHAPE_WORDS[tok]
-        color = size = None
-        count = None
-        j = i - 1
-        while j >= 0 and i - j <= 3:
-            t = tokens[j]
-            if t in COLORS and color is None:
-                color = t
-            elif t in _SIZE_WORDS and size is None:
-                size = _SIZE_WORDS[t]
-            elif t in _COUNT_WORDS:
-                count = _COUNT_WORDS[t]
-                break
-            else:
-                break
-            j -= 1
-        if count is None:
-            count = 2 if plural else 1
-        mentions.append(Mention(count, size, color, shape))
-        positions.append(i)
-    relations: list[tuple[int, str, int]] = []
-    if positions:
-        head = " ".join(tokens[: positions[0]])
-        if "from left to right" in head or "from right to left" in head:
-            rel = "left_of" if "from left to right" in head else "right_of"
-            relations = [(k, rel, k + 1) for k in range(len(mentions) - 1)]
-        else:
-            for k in range(len(positions) - 1):
-                between = tokens[positions[k] + 1: positions[k + 1]]
-                if "left" in between:
-                    relations.append((k, "left_of", k + 1))
-                elif "right" in between:
-                    relations.append((k, "right_of", k + 1))
-    return CaptionParse(tuple(mentions), tuple(relations))
-
-
-def _matching(scene: Scene, m: Mention) -> list[int]:
-    return [i for i, o in enumerate(scene.objects) if o.shape == m.shape
-            and (m.color is None or o.color == m.color) and (m.size is None or o.size == m.size)]
-
-
-def caption_matches(scene: Scene, caption: str | CaptionParse, require_all: bool = True) -> bool:
-    """Does ``caption`` describe ``scene`` correctly?
-
-    Every mention must name objects of the scene with the right shape, colour, size (when given) and count,
-    every left/right relation must hold, and with ``require_all`` every object must be mentioned. A caption
-    naming no object never matches.
-    """
-    parsed = parse_caption(caption) if isinstance(caption, str) else caption
-    if not parsed.mentions:
-        return False
-    covered: set[int] = set()
-    chosen: list[list[int]] = []
-    for m in parsed.mentions:
-        idx = _matching(scene, m)
-        if len(idx) != m.count:
-            return False
-        chosen.append(idx)
-        covered.update(idx)
-    for a, rel, b in parsed.relations:
-        xa = [scene.objects[i].x for i in chosen[a]]
-        xb = [scene.objects[i].x for i in chosen[b]]
-        if rel == "left_of" and not max(xa) < min(xb):
-            return False
-        if rel == "right_of" and not min(xa) > max(xb):
-            return False
-    return not require_all or covered == set(range(len(scene.objects)))
 
 
 # --------------------------------------------------------------------------------------------------
