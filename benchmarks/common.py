@@ -1,10 +1,13 @@
-"""Helpers shared by the benchmarks: process memory, device timing, random pre-training batches and one step."""
+"""Helpers shared by the benchmarks: process memory, device timing, random pre-training batches and one step,
+a time limit for a section of checks and one-line error descriptions."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import resource
+import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -113,3 +116,33 @@ def fastest_alternating(runs: dict, repeats: int, device: torch.device | str) ->
             if side not in best or seconds < best[side][0]:
                 best[side] = (seconds, out)
     return best
+
+
+class CheckTimeout(Exception):
+    """A section ran past its share of the time budget."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise :class:`CheckTimeout` in this (main) thread after ``seconds``; elsewhere no limit is enforced."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise CheckTimeout(f"stopped at the section's time limit ({seconds:.0f} s)")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, at most 200 characters."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -40,10 +40,8 @@ import gc
 import math
 import os
 import platform
-import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,12 +52,15 @@ import torch
 
 from benchmarks import caption
 from benchmarks.common import (
+    CheckTimeout,
     bert_special_ids,
+    one_line,
     peak_rss_mib,
     pretrain_step,
     random_pretrain_batches,
     reset_peak_rss,
     sync,
+    time_limit,
 )
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, in TFLOP/s, matched in order against the device name.
@@ -103,36 +104,6 @@ class Row:
     status: str
     seconds: float
     result: str
-
-
-class CheckTimeout(Exception):
-    """A section ran past its share of the time budget."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raise :class:`CheckTimeout` in this (main) thread after ``seconds``; elsewhere no limit is enforced."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise CheckTimeout(f"stopped at the section's time limit ({seconds:.0f} s)")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``, at most 200 characters."""
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def peak_tflops(device: torch.device, precision: str, given: float | None) -> tuple[float | None, str]:

@@ -165,19 +165,25 @@ def fit_pos_embed(key: str, pos_embed: torch.Tensor, num_patches: int) -> tuple[
 
 
 def _check_keys(expected: dict[str, torch.Tensor], shapes: dict[str, tuple], source: str) -> None:
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = sorted(k for k in set(shapes) & set(expected) if shapes[k] != tuple(expected[k].shape))
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_names(unexpected)}")
-    if wrong:
-        problems.append("shape mismatches: " + ", ".join(
-            f"{k} {shapes[k]} vs model {tuple(expected[k].shape)}" for k in wrong[:10]))
+    missing, unexpected, wrong = compare_keys({k: tuple(t.shape) for k, t in expected.items()}, shapes)
+    shown = [f"{k} {shapes[k]} vs model {tuple(expected[k].shape)}" for k in wrong]
+    problems = key_problems([("missing keys", missing, 12), ("unexpected keys", unexpected, 12),
+                             ("shape mismatches", shown, 10)])
     if problems:
         raise UserError(f"{source}: weights do not match the model config ({'; '.join(problems)})")
+
+
+def compare_keys(expected: dict[str, tuple], given: dict[str, tuple]) -> tuple[list[str], list[str], list[str]]:
+    """The missing, unexpected and mis-shaped keys of ``given`` against ``expected`` (key -> shape), each sorted."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = sorted(k for k in set(given) & set(expected) if tuple(given[k]) != tuple(expected[k]))
+    return missing, unexpected, wrong
+
+
+def key_problems(groups: list[tuple[str, list[str], int]]) -> list[str]:
+    """``"<label>: <keys>"`` for each ``(label, keys, limit)`` group that has keys, naming at most ``limit``."""
+    return [f"{label}: {_names(keys, limit)}" for label, keys, limit in groups if keys]
 
 
 def _names(keys: list[str], limit: int = 12) -> str:

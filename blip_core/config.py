@@ -37,13 +37,13 @@ class ConfigError(UserError, ValueError):
 class VisionConfig:
     """ViT image encoder (timm ``VisionTransformer``)."""
 
-    image_size: int = 224
-    patch_size: int = 16
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
-    ln_eps: float = 1e-6
+    image_size: int = 224  # pixels per side
+    patch_size: int = 16  # pixels per side of a patch (one token)
+    width: int = 768  # token width
+    depth: int = 12  # transformer blocks
+    heads: int = 12  # attention heads per block
+    mlp_ratio: float = 4.0  # MLP hidden width / token width
+    ln_eps: float = 1e-6  # LayerNorm epsilon
     drop_path_rate: float = 0.0
     grad_ckpt_layers: int = 0  # checkpoint the last k blocks (0 = off)
     # "patch": the paper's linear patchify; "conv": 3x3 convolutions and 2x2 max-pools give the same token grid
@@ -107,11 +107,8 @@ def _preset(name: str) -> ModelConfig:
     if name == "base":  # ViT-B/16 + BERT-base, as the paper (252M parameters)
         return ModelConfig(preset="base", tokenizer="bert-base-uncased")
     if name == "large":  # ViT-L/16 (drop path 0.1 as the official code), BERT-base text with 1024-wide cross-attention
-        return ModelConfig(
-            preset="large",
-            vision=VisionConfig(width=1024, depth=24, heads=16, drop_path_rate=0.1),
-            tokenizer="bert-base-uncased",
-        )
+        return ModelConfig(preset="large", tokenizer="bert-base-uncased",
+                           vision=VisionConfig(width=1024, depth=24, heads=16, drop_path_rate=0.1))
     raise ConfigError(f"model.preset: unknown preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
 
 

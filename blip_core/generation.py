@@ -32,7 +32,7 @@ keys/values instead of an image's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,23 @@ from blip_core.models.text import CrossKV, KVCache
 
 Decoding = Literal["greedy", "beam", "nucleus"]
 LengthNorm = Literal["current", "hf415"]
+
+
+class DecodingOptions(TypedDict, total=False):
+    """The decoding keywords :func:`generate_captions` passes on to :func:`generate_ids`."""
+
+    decoding: Decoding
+    num_beams: int
+    max_length: int
+    min_length: int
+    top_p: float
+    top_k: int
+    temperature: float
+    repetition_penalty: float | None
+    length_penalty: float
+    length_norm: LengthNorm
+    num_return: int
+    generator: torch.Generator | None
 LENGTH_NORMS: tuple[str, ...] = ("current", "hf415")
 NEG_INF = float("-inf")
 _BEAM_NEG = -1.0e9
@@ -350,35 +367,16 @@ def generate_ids(
 
 
 @torch.no_grad()
-def generate_captions(
-    model: BlipModel,
-    tokenizer,
-    images: torch.Tensor,
-    *,
-    decoding: Decoding = "beam",
-    num_beams: int = 3,
-    max_length: int = 20,
-    min_length: int = 5,
-    top_p: float = 0.9,
-    top_k: int = 50,
-    temperature: float = 1.0,
-    repetition_penalty: float | None = None,
-    length_penalty: float = 1.0,
-    length_norm: LengthNorm = "current",
-    prompt: str = DEFAULT_PROMPT,
-    generator: torch.Generator | None = None,
-    num_return: int = 1,
-) -> list[str]:
+def generate_captions(model: BlipModel, tokenizer, images: torch.Tensor, *, prompt: str = DEFAULT_PROMPT,
+                      **options: Unpack[DecodingOptions]) -> list[str]:
     """Caption ``images`` ``(B, 3, H, W)``; returns ``B * num_return`` strings with the prompt removed.
 
-    Defaults are the paper's evaluation setting (beam 3, max length 20, min length 5, prompt
-    "a picture of "); CapFilt uses ``decoding="nucleus", top_p=0.9``.
+    ``options`` are :func:`generate_ids`'s decoding keywords, with its defaults: the paper's evaluation setting
+    (beam 3, max length 20, min length 5; the prompt "a picture of "); CapFilt uses
+    ``decoding="nucleus", top_p=0.9``.
     """
     ids = generate_ids(model, images, prompt_token_ids(tokenizer, prompt), eos_id=tokenizer.sep_id,
-                       pad_id=tokenizer.pad_id, decoding=decoding, num_beams=num_beams, max_length=max_length,
-                       min_length=min_length, top_p=top_p, top_k=top_k, temperature=temperature,
-                       repetition_penalty=repetition_penalty, length_penalty=length_penalty,
-                       length_norm=length_norm, num_return=num_return, generator=generator)
+                       pad_id=tokenizer.pad_id, **options)
     return [strip_prompt(tokenizer.decode(row), prompt) for row in ids]
 
 

@@ -141,16 +141,8 @@ def rerank_i2t(model: BlipModel, image_embeds: torch.Tensor, sim: torch.Tensor, 
     This is the unblocked form (the whole ``sim`` in memory); :func:`retrieval_scores` computes the same
     scores block by block.
     """
-    n_img, n_txt = sim.shape
-    k = min(k, n_txt)
-    scores = torch.full((n_img, n_txt), OUTSIDE_TOP_K, device=sim.device, dtype=sim.dtype)
-    enc_ids = with_first_token(input_ids, enc_id)
-    step = _pairs_per_step(batch_size, k)
-    for s in range(0, n_img, step):
-        top_sim, top_idx = sim[s:s + step].topk(k, dim=1)  # (b, k)
-        logits = _itm_i2t(model, image_embeds, s, top_idx, enc_ids, attention_mask)
-        scores[s:s + top_idx.shape[0]].scatter_(1, top_idx, logits.to(sim.dtype) + top_sim)
-    return scores
+    return _rerank_rows(model, image_embeds, sim, with_first_token(input_ids, enc_id), attention_mask, k=k,
+                        batch_size=batch_size, itm=_itm_i2t)
 
 
 @torch.no_grad()
@@ -160,16 +152,22 @@ def rerank_t2i(model: BlipModel, image_embeds: torch.Tensor, sim: torch.Tensor, 
 
     The K/V of the distinct candidate images of a chunk of texts are computed once and selected by index.
     """
-    sim_t = sim.T  # (N_txt, N_img)
-    n_txt, n_img = sim_t.shape
-    k = min(k, n_img)
-    scores = torch.full((n_txt, n_img), OUTSIDE_TOP_K, device=sim.device, dtype=sim.dtype)
-    enc_ids = with_first_token(input_ids, enc_id)
+    return _rerank_rows(model, image_embeds, sim.T, with_first_token(input_ids, enc_id), attention_mask, k=k,
+                        batch_size=batch_size, itm=_itm_t2i)
+
+
+def _rerank_rows(model: BlipModel, image_embeds: torch.Tensor, sim_rows: torch.Tensor, enc_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, *, k: int, batch_size: int, itm) -> torch.Tensor:
+    """Scores ``(rows, cols)`` of one direction: each row's ITC top-k (of ``sim_rows``) re-ranked with
+    ``itm(model, image_embeds, first_row, top_idx, enc_ids, attention_mask)``, -100 elsewhere."""
+    n_rows, n_cols = sim_rows.shape
+    k = min(k, n_cols)
+    scores = torch.full((n_rows, n_cols), OUTSIDE_TOP_K, device=sim_rows.device, dtype=sim_rows.dtype)
     step = _pairs_per_step(batch_size, k)
-    for s in range(0, n_txt, step):
-        top_sim, top_idx = sim_t[s:s + step].topk(k, dim=1)  # (b, k)
-        logits = _itm_t2i(model, image_embeds, s, top_idx, enc_ids, attention_mask)
-        scores[s:s + top_idx.shape[0]].scatter_(1, top_idx, logits.to(sim.dtype) + top_sim)
+    for s in range(0, n_rows, step):
+        top_sim, top_idx = sim_rows[s:s + step].topk(k, dim=1)  # (b, k)
+        logits = itm(model, image_embeds, s, top_idx, enc_ids, attention_mask)
+        scores[s:s + top_idx.shape[0]].scatter_(1, top_idx, logits.to(sim_rows.dtype) + top_sim)
     return scores
 
 

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from webdataset.writer import TarWriter
 
 from blip_core.capfilt import caption_batch, choose_threshold, decide, filter_batch, filter_scores
-from blip_core.config import Config, load_config, to_dict
+from blip_core.config import Config, to_dict
 from blip_core.data.samples import ShardLost, dataset_shards, decode_image, sample_captions
 from blip_core.data.splits import load_eval_split
 from blip_core.data.transforms import EvalTransform
@@ -69,7 +69,7 @@ from blip_core.errors import UserError
 from blip_core.seeding import derive_seed, make_generator
 from blip_core.train import distributed as D
 from components import storage, training
-from components.cli import add_config_args
+from components.cli import add_config_args, run_distributed_main
 
 log = logging.getLogger(__name__)
 
@@ -402,15 +402,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="labelled web pairs (dataset directories; sample json 'noise': null = right caption) on "
                         "which to choose the filter threshold for capfilt.target_precision")
     add_config_args(p)
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    res = run(cfg, args.captioner, args.filter, args.web, args.human, args.output, calibration=args.calibration,
-              parent_run_id=args.parent_run_id)
-    if D.rank() == 0:
+
+    def go(args, cfg):
+        return run(cfg, args.captioner, args.filter, args.web, args.human, args.output,
+                   calibration=args.calibration, parent_run_id=args.parent_run_id)
+
+    def report(args, res):
         print(f"capfilt: web images {res.images_in} -> {res.images_out}; texts in {res.texts_in}, "
               f"kept {res.texts_out}; threshold {res.threshold:.4f} ({res.threshold_source}); output {res.output}")
-    D.destroy()
-    return 0
+
+    return run_distributed_main(p, argv, go, report)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,20 @@ def add_config_args(parser, *, tracking: bool = True) -> None:
                             help="MLflow parent run (default: $BLIP_PARENT_RUN_ID)")
 
 
+def run_distributed_main(parser, argv: list[str] | None, run, report) -> int:
+    """The rest of the ``main`` of a stage that may run under torchrun: parse ``argv``, load the config, call
+    ``run(args, cfg)``, let rank 0 ``report(args, result)``, then leave the process group; returns 0."""
+    from blip_core.config import load_config
+    from blip_core.train import distributed as D
+
+    args = parser.parse_args(argv)
+    res = run(args, load_config(args.config, args.overrides))
+    if D.rank() == 0:
+        report(args, res)
+    D.destroy()
+    return 0
+
+
 def _usage() -> str:
     lines = ["usage: blip <command> [options]", "", "commands:"]
     for name, (_, text) in COMMANDS.items():

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 
-from blip_core.config import Config, load_config
+from blip_core.config import Config
 from blip_core.errors import UserError
 from blip_core.train import distributed as D
 from components import training
+from components.cli import run_distributed_main
 from components.pretrain import _fmt, add_common_args
 from components.tasks import finetune_tasks, get_task
 from components.training import TrainStageResult
@@ -64,18 +65,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="validation dataset directories: score every epoch and keep the best one as model/")
     p.add_argument("--stage-name", default=None, help="name of the MLflow stage run (default: the task's section)")
     add_common_args(p)
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    res = run(cfg, args.task, args.init, args.data, args.output, resume=not args.no_resume,
-              parent_run_id=args.parent_run_id, val=args.val, stage=args.stage_name)
-    if D.rank() == 0:
+
+    def go(args, cfg):
+        return run(cfg, args.task, args.init, args.data, args.output, resume=not args.no_resume,
+                   parent_run_id=args.parent_run_id, val=args.val, stage=args.stage_name)
+
+    def report(args, res):
         print(f"finetune {args.task}: {res.steps} steps, losses {_fmt(res.losses)}, model at {res.model_uri}")
         if res.validation:
             best = res.validation["best"]
             print(f"finetune {args.task}: model of epoch {best['epoch']:g} (step {best['step']}), validation "
                   f"{res.validation['metric']} {best['score']:.4f}")
-    D.destroy()
-    return 0
+
+    return run_distributed_main(p, argv, go, report)
 
 
 if __name__ == "__main__":

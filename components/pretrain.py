@@ -16,11 +16,11 @@ import logging
 
 import torch
 
-from blip_core.config import Config, load_config
+from blip_core.config import Config
 from blip_core.pretrained import load_bert_weights, load_vit_weights
 from blip_core.train import distributed as D
 from components import storage, training
-from components.cli import add_config_args
+from components.cli import add_config_args, run_distributed_main
 from components.tasks import get_task
 from components.training import TrainStageResult
 
@@ -76,15 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-data", nargs="+", default=None, metavar="URI",
                    help="more dataset directories whose texts the corpus-built vocabulary covers (e.g. VQA data)")
     add_common_args(p)
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    res = run(cfg, args.data, args.output, init=args.init, vit_init=args.vit_init, bert_init=args.bert_init,
-              resume=not args.no_resume, parent_run_id=args.parent_run_id, stage=args.stage_name,
-              vocab_data=args.vocab_data)
-    if D.rank() == 0:
+
+    def go(args, cfg):
+        return run(cfg, args.data, args.output, init=args.init, vit_init=args.vit_init, bert_init=args.bert_init,
+                   resume=not args.no_resume, parent_run_id=args.parent_run_id, stage=args.stage_name,
+                   vocab_data=args.vocab_data)
+
+    def report(args, res):
         print(f"{args.stage_name}: {res.steps} steps, losses {_fmt(res.losses)}, model at {res.model_uri}")
-    D.destroy()
-    return 0
+
+    return run_distributed_main(p, argv, go, report)
 
 
 def _fmt(losses: dict[str, float]) -> str:

@@ -42,7 +42,7 @@ from blip_core.objectives import (
 )
 from blip_core.tokenizer import BlipTokenizer
 from blip_core.train import distributed as D
-from components.training import Validation
+from components.best_epoch import Validation
 
 
 class TrainLoader(Protocol):

@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,18 +48,19 @@ from blip_core.redact import redact
 from blip_core.tokenizer import BlipTokenizer
 from blip_core.train import distributed as D
 from blip_core.train.checkpoint import is_complete
-from blip_core.train.loop import TrainResult, run_identity, train
+from blip_core.train.loop import TrainResult, train
 from blip_core.train.optim import build_optimizer
 from components import storage
+from components.best_epoch import BestEpoch, Validation
 
 if TYPE_CHECKING:
+    from blip_core.objectives import Objective
     from components.tasks import Task
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
-VALIDATION_DIR = "validation"
 
 
 @dataclass
@@ -76,19 +77,6 @@ class TrainStageResult:
     run_id: str | None = None
     validation: dict | None = None  # with a validation split: the metric, chosen epoch and per-epoch scores
     tracking_lost: str | None = None  # why MLflow tracking stopped during the stage (see components.tracking)
-
-
-@dataclass
-class Validation:
-    """Best-epoch selection on a validation split.
-
-    ``evaluate(model)`` returns the metrics of the (eval-mode) model on ``data``; ``metric`` names the one
-    whose highest value picks the model.
-    """
-
-    data: str
-    metric: str
-    evaluate: Callable[[BlipModel], dict[str, float]]
 
 
 class LoaderSource:
@@ -334,17 +322,7 @@ def run_training(
         validation = task.validation(cfg, tokenizer, val, image_size)
     elif val:  # the other ranks wait while rank 0 scores; they only need to know that it does
         validation = Validation(data=",".join(val), metric="", evaluate=lambda m: {})
-    torch.manual_seed(tcfg.seed)
-    model = task.prepare_model(model, cfg)
-    model.to(info.device)
-    objective = task.objective(model, tokenizer, cfg, info).to(info.device)
-    if objective.keeps_momentum and momentum_state:
-        objective.load_momentum_state(momentum_state)
-    elif objective.keeps_momentum and info.is_main:
-        log.info("%s: momentum encoders start as copies of the model and the queues at random (the initial "
-                 "checkpoint has no momentum state)", stage)
-    if tcfg.compile:
-        task.compile(model)
+    model, objective = _trained_objective(cfg, task, model, tokenizer, info, stage, momentum_state)
     loader = task.loader(cfg, data, tokenizer, image_size=image_size, info=info)
     if len(loader) == 0:
         raise UserError(f"{stage}: no full batch of {tcfg.batch_size} pairs per rank in {data}; "
@@ -372,7 +350,7 @@ def run_training(
     with tracking.stage_run(stage, logged, parent_run_id=parent_run_id) as run:
         selector = None
         if validation is not None:
-            selector = _BestEpoch(validation, work, output, resume, info, model, save, run, config)
+            selector = BestEpoch(validation, work, output, resume, info, model, save, run, config)
         res: TrainResult = train(
             objective, optimizer, tcfg, LoaderSource(loader), checkpoint_dir=work / CHECKPOINT_DIR, info=info,
             alpha=cfg.model.alpha, config_dict=config, resume=resume, log_fn=log_fn,
@@ -394,108 +372,49 @@ def run_training(
                 selector.publish_best(work / MODEL_DIR)
             else:
                 save(work / MODEL_DIR)
-            metrics = {**{f"final_{k}": v for k, v in res.last_losses.items()}, "steps": res.position.step,
-                       "pairs_per_second": res.pairs_per_second, "data_time_share": res.data_time_share,
-                       "skipped_samples": loader.skipped, "lost_samples": loader.lost_samples,
-                       "lost_shards": len(loader.lost)}
-            if chosen is not None:
-                best = chosen["best"]
-                metrics.update({"val_best_epoch": best["epoch"], "val_best_step": best["step"],
-                                **{f"val_{k}": v for k, v in best["metrics"].items()}})
-            (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            (work / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
-            run.log_metrics(res.position.step, {k: v for k, v in metrics.items() if k != "steps"})
-            run.log_artifact(work / "train_log.json")
-            run.log_blip_model(work / MODEL_DIR, registered_name=task.registered_name)
-            publish(work, output, [MODEL_DIR, "metrics.json", "train_log.json"])
-            result.tracking_lost = run.lost
-            write_result(output, work, {"stage": stage, **dataclasses.asdict(result)})
+            _publish_stage(work, output, stage, task, run, res, loader, history, result)
         D.barrier()
     return result
 
 
-class _BestEpoch:
-    """Scores the model on the validation split (rank 0) and keeps the best one under ``validation/``.
+def _trained_objective(cfg: Config, task: Task, model: BlipModel, tokenizer: BlipTokenizer, info: D.DistInfo,
+                       stage: str, momentum_state: dict | None) -> tuple[torch.nn.Module, Objective]:
+    """The module ``task`` trains (on the training device) and its objective, with the initial momentum state."""
+    tcfg = task.train_config(cfg)
+    torch.manual_seed(tcfg.seed)
+    model = task.prepare_model(model, cfg)
+    model.to(info.device)
+    objective = task.objective(model, tokenizer, cfg, info).to(info.device)
+    if objective.keeps_momentum and momentum_state:
+        objective.load_momentum_state(momentum_state)
+    elif objective.keeps_momentum and info.is_main:
+        log.info("%s: momentum encoders start as copies of the model and the queues at random (the initial "
+                 "checkpoint has no momentum state)", stage)
+    if tcfg.compile:
+        task.compile(model)
+    return model, objective
 
-    ``history.json`` holds the run's config and one entry per scored step; ``best.json`` names the entry whose
-    weights ``best/`` holds. They are reused only by a run that may resume the same training (same config and
-    data). Training is sequential, so a new entry replaces every entry at or after its step (left by an
-    interrupted run); a resumed run reproduces the same weights, hence the same entries.
-    """
 
-    def __init__(self, validation: Validation, work: Path, output: str, resume: bool, info: D.DistInfo,
-                 model: BlipModel, save: Callable[[Path], None], run, config: dict) -> None:
-        self.v, self.output, self.info, self.model, self.save, self.run = validation, output, info, model, save, run
-        self.dir = work / VALIDATION_DIR
-        self.history: list[dict] = []
-        self.best: dict | None = None
-        if not info.is_main:
-            return
-        if not resume:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        elif storage.is_s3(output) and not (self.dir / "best.json").is_file():
-            remote = storage.join(output, VALIDATION_DIR)
-            if storage.exists(storage.join(remote, "best.json")):
-                storage.download_dir(remote, self.dir)
-        self.identity = run_identity(config)
-        if resume and (self.dir / "best.json").is_file() and (self.dir / "best").is_dir():
-            saved = json.loads((self.dir / "history.json").read_text())
-            if run_identity(saved.get("config")) == self.identity:
-                self.history = saved["epochs"]
-                self.best = json.loads((self.dir / "best.json").read_text())
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.config = config
-
-    def validate(self, step: int, epoch: float, *, only_if_missing: bool = False) -> None:
-        """Score the model after ``step`` (``epoch`` epochs done); save it when it is the best so far."""
-        if self.info.is_main and not (only_if_missing and any(h["step"] == step for h in self.history)):
-            was_training = self.model.training
-            self.model.eval()
-            with torch.no_grad():
-                metrics = {k: float(v) for k, v in self.v.evaluate(self.model).items()}
-            self.model.train(was_training)
-            if self.v.metric not in metrics:
-                raise ValueError(f"validation metrics {sorted(metrics)} lack the selection metric {self.v.metric!r}")
-            entry = {"epoch": epoch, "step": step, "score": metrics[self.v.metric], "metrics": metrics}
-            self.history = [h for h in self.history if h["step"] < step]
-            improved = all(entry["score"] > h["score"] for h in self.history)  # earliest best wins ties
-            self.history.append(entry)
-            if improved:
-                self.save(self.dir / "best")
-                self.best = entry
-                (self.dir / "best.json").write_text(json.dumps(entry, indent=1) + "\n")
-            (self.dir / "history.json").write_text(
-                json.dumps({"config": self.config, "epochs": self.history}, indent=1) + "\n")
-            log.info("validation after epoch %g (step %d): %s %.4f%s", epoch, step, self.v.metric, entry["score"],
-                     " (best)" if improved else "")
-            self.run.log_metrics(step, {f"val_{k}": v for k, v in metrics.items()})
-            if storage.is_s3(self.output):
-                remote = storage.join(self.output, VALIDATION_DIR)
-                if improved:
-                    storage.upload_dir(self.dir / "best", storage.join(remote, "best"))
-                storage.upload_file(self.dir / "best.json", storage.join(remote, "best.json"))
-                storage.upload_file(self.dir / "history.json", storage.join(remote, "history.json"))
-        D.barrier()
-
-    def record(self) -> dict | None:
-        """What the stage result says: the data, the metric, the chosen entry and every scored epoch."""
-        if not self.info.is_main:
-            return None
-        if self.best is None:
-            raise RuntimeError("validation: no model was scored")
-        top = max(h["score"] for h in self.history)
-        if self.best["score"] != top:  # only if a restarted run did not reproduce its earlier epochs
-            log.warning("validation: the saved best model (step %d, %s %.4f) is not the top entry (%.4f)",
-                        self.best["step"], self.v.metric, self.best["score"], top)
-        return {"data": self.v.data, "metric": self.v.metric, "best": self.best, "epochs": self.history}
-
-    def publish_best(self, dst: Path) -> None:
-        """Copy the chosen model to ``dst`` (the stage's ``model/``)."""
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(self.dir / "best", tmp)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)
+def _publish_stage(work: Path, output: str, stage: str, task: Task, run, res: TrainResult, loader,
+                   history: list[dict], result: TrainStageResult) -> None:
+    """Rank 0, once ``model/`` is written: the final metrics and training log, the MLflow records, the upload
+    of the outputs and ``result.json`` last."""
+    metrics = {**{f"final_{k}": v for k, v in res.last_losses.items()}, "steps": res.position.step,
+               "pairs_per_second": res.pairs_per_second, "data_time_share": res.data_time_share,
+               "skipped_samples": loader.skipped, "lost_samples": loader.lost_samples,
+               "lost_shards": len(loader.lost)}
+    if result.validation is not None:
+        best = result.validation["best"]
+        metrics.update({"val_best_epoch": best["epoch"], "val_best_step": best["step"],
+                        **{f"val_{k}": v for k, v in best["metrics"].items()}})
+    (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (work / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
+    run.log_metrics(res.position.step, {k: v for k, v in metrics.items() if k != "steps"})
+    run.log_artifact(work / "train_log.json")
+    run.log_blip_model(work / MODEL_DIR, registered_name=task.registered_name)
+    publish(work, output, [MODEL_DIR, "metrics.json", "train_log.json"])
+    result.tracking_lost = run.lost
+    write_result(output, work, {"stage": stage, **dataclasses.asdict(result)})
 
 
 def prepare_work(output: str, resume: bool, info: D.DistInfo) -> Path:

@@ -16,9 +16,9 @@ from blip_core.config import load_config
 from blip_core.data.splits import load_eval_split
 from blip_core.tokenizer import BlipTokenizer
 from components import evaluate, finetune, training
+from components.best_epoch import Validation
 from components.cli import main as blip
 from components.tasks import FilterTask
-from components.training import Validation
 
 SETS = TINY + ["evaluate.k_test=4", "evaluate.batch_size=12", "evaluate.max_length=10", "evaluate.min_length=3",
                "finetune_captioner.lr=3e-4", "finetune_filter.lr=3e-4"]

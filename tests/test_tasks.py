@@ -20,8 +20,8 @@ from blip_core.errors import UserError
 from blip_core.objectives import Objective, ObjectiveOutput
 from blip_core.tokenizer import BlipTokenizer
 from components import pretrain, tasks, training
+from components.best_epoch import Validation
 from components.cli import main as blip
-from components.training import Validation
 
 
 class BrightnessModel(nn.Module):

@@ -103,26 +103,12 @@ def train(
     info = info or D.DistInfo()
     inner = objective
     ckpt_root = Path(checkpoint_dir)
-    position = TrainPosition()
-    resumed_from = None
-    if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
-        if _same_config(latest, config_dict):
-            position, _ = load_training_state(latest, inner, optimizer)
-            resumed_from = latest
-        else:
-            log.warning("not resuming from %s: it was written with another config or other data; starting over",
-                        latest)
+    position, resumed_from = _resume_position(ckpt_root, inner, optimizer, resume, config_dict)
     trainable = [p for p in inner.parameters() if p.requires_grad]
     ddp = D.wrap_ddp(inner, info)
 
     per_epoch = data.batches_per_epoch
-    if per_epoch < cfg.grad_accum:
-        raise UserError(f"{per_epoch} batches per epoch per rank: fewer than grad_accum={cfg.grad_accum}; "
-                        "use more data or a smaller batch size")
-    steps_per_epoch = per_epoch // cfg.grad_accum
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    steps_per_epoch, total_steps = _step_counts(cfg, per_epoch)
     # bf16 autocast on the training device (CUDA or CPU); weights, optimizer state and losses stay fp32.
     autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
                 if cfg.precision == "bf16" else contextlib.nullcontext())
@@ -134,9 +120,7 @@ def train(
 
     last_ckpt: Path | None = resumed_from
     last_losses: dict[str, float] = {}
-    compute_time = data_time = 0.0
-    pairs = 0
-    t_start = time.perf_counter()
+    meter = _Throughput()
     ddp.train()
     while position.step < total_steps and position.epoch < cfg.epochs:
         epoch = position.epoch
@@ -147,51 +131,20 @@ def train(
             set_learning_rate(optimizer, lr)
             a = alpha_at(alpha, cfg.alpha_ramp_epochs, epoch, position.step - epoch * steps_per_epoch,
                          steps_per_epoch)
-            optimizer.zero_grad(set_to_none=True)
-            parts_sum: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                t0 = time.perf_counter()
-                batch = next(it)
-                t1 = time.perf_counter()
-                data_time += t1 - t0
-                batch = _to_device(batch, info.device)
-                micro_index = epoch * per_epoch + position.batch_in_epoch
-                gen = _seed_step(cfg.seed, micro_index, info.rank, info.device)
-                sync = micro == cfg.grad_accum - 1
-                ctx = ddp.no_sync() if (info.distributed and not sync) else contextlib.nullcontext()
-                with ctx:
-                    with autocast:
-                        out = ddp(**inner.inputs(batch, alpha=a, generator=gen))
-                    if not torch.isfinite(out.loss):
-                        where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                        raise TrainingDiverged(
-                            f"loss is {float(out.loss)} at step {position.step} (epoch {epoch}, batch "
-                            f"{position.batch_in_epoch}); {where}. Lower the learning rate or check the data.")
-                    (out.loss / cfg.grad_accum).backward()
-                inner.enqueue(out)
-                for k, v in out.parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-                position.batch_in_epoch += 1
-                pairs += out.samples
-                compute_time += time.perf_counter() - t1
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            inner.after_step()
-            position.step += 1
+            parts_sum = _optimizer_step(ddp, inner, optimizer, it, cfg, info, position, epoch=epoch,
+                                        per_epoch=per_epoch, alpha=a, autocast=autocast, trainable=trainable,
+                                        meter=meter, last_ckpt=last_ckpt)
             last_losses = {**parts_sum, "loss": sum(parts_sum.values())}
             if bar is not None:
-                elapsed = time.perf_counter() - t_start
-                bar.set_postfix(loss=f"{last_losses['loss']:.3f}", pairs_s=f"{pairs / max(elapsed, 1e-9):.1f}")
+                bar.set_postfix(loss=f"{last_losses['loss']:.3f}", pairs_s=f"{meter.pairs_per_second():.1f}")
                 bar.update(1)
             if log_fn is not None and info.is_main and (position.step % max(1, cfg.log_every) == 0
                                                         or position.step == total_steps):
-                elapsed = time.perf_counter() - t_start
                 log_fn(position.step, {**{f"loss_{k}": v for k, v in parts_sum.items()},
                                        "loss": last_losses["loss"], "lr": lr, "alpha": a,
                                        **inner.log_values(), "epoch": float(epoch),
-                                       "pairs_per_second": pairs * info.world_size / max(elapsed, 1e-9),
-                                       "data_time_share": data_time / max(data_time + compute_time, 1e-9)})
+                                       "pairs_per_second": meter.pairs_per_second(info.world_size),
+                                       "data_time_share": meter.data_time_share()})
             if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0 and position.step < total_steps:
                 last_ckpt = _checkpoint(ckpt_root, inner, optimizer, position, config_dict, info, on_checkpoint)
         if position.batch_in_epoch >= usable:
@@ -202,10 +155,90 @@ def train(
     if bar is not None:
         bar.close()
     last_ckpt = _checkpoint(ckpt_root, inner, optimizer, position, config_dict, info, on_checkpoint)
-    elapsed = time.perf_counter() - t_start
     return TrainResult(position=position, last_losses=last_losses, checkpoint=last_ckpt, resumed_from=resumed_from,
-                       pairs_per_second=pairs * info.world_size / max(elapsed, 1e-9),
-                       data_time_share=data_time / max(data_time + compute_time, 1e-9))
+                       pairs_per_second=meter.pairs_per_second(info.world_size),
+                       data_time_share=meter.data_time_share())
+
+
+@dataclass
+class _Throughput:
+    """Pairs trained since the start, and the time spent waiting for batches and computing."""
+
+    t_start: float = field(default_factory=time.perf_counter)
+    pairs: int = 0
+    data_time: float = 0.0
+    compute_time: float = 0.0
+
+    def pairs_per_second(self, world_size: int = 1) -> float:
+        return self.pairs * world_size / max(time.perf_counter() - self.t_start, 1e-9)
+
+    def data_time_share(self) -> float:
+        return self.data_time / max(self.data_time + self.compute_time, 1e-9)
+
+
+def _resume_position(ckpt_root: Path, objective: Objective, optimizer: torch.optim.Optimizer, resume: bool,
+                     config_dict: dict | None) -> tuple[TrainPosition, Path | None]:
+    """The position to start from, and the checkpoint it was loaded from (None: a fresh start)."""
+    if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
+        if _same_config(latest, config_dict):
+            position, _ = load_training_state(latest, objective, optimizer)
+            return position, latest
+        log.warning("not resuming from %s: it was written with another config or other data; starting over",
+                    latest)
+    return TrainPosition(), None
+
+
+def _step_counts(cfg: TrainConfig, per_epoch: int) -> tuple[int, int]:
+    """Optimizer steps per epoch and in all, from the batches per epoch of one rank."""
+    if per_epoch < cfg.grad_accum:
+        raise UserError(f"{per_epoch} batches per epoch per rank: fewer than grad_accum={cfg.grad_accum}; "
+                        "use more data or a smaller batch size")
+    steps_per_epoch = per_epoch // cfg.grad_accum
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    return steps_per_epoch, total_steps
+
+
+def _optimizer_step(ddp, inner: Objective, optimizer: torch.optim.Optimizer, it: Iterator[dict], cfg: TrainConfig,
+                    info: D.DistInfo, position: TrainPosition, *, epoch: int, per_epoch: int, alpha: float,
+                    autocast, trainable: list[torch.nn.Parameter], meter: _Throughput,
+                    last_ckpt: Path | None) -> dict[str, float]:
+    """One optimizer step over ``cfg.grad_accum`` micro-batches of ``it``; returns the loss parts averaged over
+    them. Advances ``position`` (batch in epoch, step) and ``meter``."""
+    optimizer.zero_grad(set_to_none=True)
+    parts_sum: dict[str, float] = {}
+    for micro in range(cfg.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(it)
+        t1 = time.perf_counter()
+        meter.data_time += t1 - t0
+        batch = _to_device(batch, info.device)
+        micro_index = epoch * per_epoch + position.batch_in_epoch
+        gen = _seed_step(cfg.seed, micro_index, info.rank, info.device)
+        sync = micro == cfg.grad_accum - 1
+        ctx = ddp.no_sync() if (info.distributed and not sync) else contextlib.nullcontext()
+        with ctx:
+            with autocast:
+                out = ddp(**inner.inputs(batch, alpha=alpha, generator=gen))
+            if not torch.isfinite(out.loss):
+                where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise TrainingDiverged(
+                    f"loss is {float(out.loss)} at step {position.step} (epoch {epoch}, batch "
+                    f"{position.batch_in_epoch}); {where}. Lower the learning rate or check the data.")
+            (out.loss / cfg.grad_accum).backward()
+        inner.enqueue(out)
+        for k, v in out.parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        position.batch_in_epoch += 1
+        meter.pairs += out.samples
+        meter.compute_time += time.perf_counter() - t1
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+    optimizer.step()
+    inner.after_step()
+    position.step += 1
+    return parts_sum
 
 
 def _same_config(checkpoint: Path, config_dict: dict | None) -> bool:
