@@ -137,22 +137,45 @@ def long_files(limit: int = MAX_LINES) -> dict[str, int]:
 
 
 def group(module: str) -> str:
-    """The diagram node of a module: its sub-package (``blip_core.data``) or its top package."""
+    """The diagram node of a module: a top-level module of blip_core, a sub-package of it (``blip_core.data``),
+    or the whole of ``components`` or ``pipelines``."""
     parts = module.split(".")
-    if len(parts) > 2 or (len(parts) == 2 and (ROOT / parts[0] / parts[1]).is_dir()):
-        return ".".join(parts[:2])
-    return parts[0]
+    if parts[0] != "blip_core" or len(parts) == 1:
+        return parts[0]
+    return ".".join(parts[:2])
+
+
+def diagram_edges(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """The imports between diagram nodes, less those implied by others (the transitive reduction, which is
+    unique while the node graph has no cycle; with a cycle every edge is kept)."""
+    nodes: dict[str, set[str]] = {}
+    for a, targets in graph.items():
+        nodes.setdefault(group(a), set()).update(group(b) for b in targets if group(b) != group(a))
+    if cycles(nodes):
+        return sorted((a, b) for a, bs in nodes.items() for b in bs)
+
+    def reachable(start: str, without: tuple[str, str]) -> set[str]:
+        seen: set[str] = set()
+        todo = [b for b in nodes.get(start, ()) if (start, b) != without]
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo += nodes.get(n, ())
+        return seen
+
+    return sorted((a, b) for a, bs in nodes.items() for b in bs if b not in reachable(a, (a, b)))
 
 
 def mermaid(graph: dict[str, set[str]] | None = None) -> str:
-    """A Mermaid flowchart of the imports between packages and sub-packages (an arrow points to the imported)."""
+    """A Mermaid flowchart of the imports (an arrow points to what a module imports, directly or through the
+    modules it points to)."""
     graph = graph if graph is not None else import_graph()
-    edges = sorted({(group(a), group(b)) for a, targets in graph.items() for b in targets if group(a) != group(b)})
     nodes = sorted({group(m) for m in graph})
     ident = {n: n.replace(".", "_") for n in nodes}
     lines = ["flowchart TD"]
     lines += [f"    {ident[n]}[\"{n}\"]" for n in nodes]
-    lines += [f"    {ident[a]} --> {ident[b]}" for a, b in edges]
+    lines += [f"    {ident[a]} --> {ident[b]}" for a, b in diagram_edges(graph)]
     return "\n".join(lines)
 
 
@@ -182,6 +205,12 @@ def test_blip_core_imports_no_stage_or_pipeline():
     bad = sorted(f"{m} -> {t}" for m, targets in graph.items() if m.split(".")[0] == "blip_core"
                  for t in targets if t.split(".")[0] != "blip_core")
     assert not bad, bad
+
+
+def test_the_documented_diagram_is_the_current_one():
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    assert mermaid() in doc, ("docs/architecture.md (Modules and imports) shows another import diagram; "
+                              "paste the output of `python tests/test_architecture.py` there")
 
 
 @pytest.mark.parametrize("limit", [MAX_LINES])
