@@ -19,8 +19,9 @@ cosine matrix nor any ITM input for all pairs is held at once. The rows of each 
 ranks (each re-ranks its share, a reduce function sums them, as the official code does) and finished blocks
 can be saved to a directory so an interrupted evaluation resumes where it stopped.
 
-Metrics (:func:`blip_core.eval.retrieval.recall_at_k`): TR@K counts an image as retrieved when the best-ranked of its ground-truth
-captions is in the top K; IR@K uses the rank of each text's image. Values are percentages, as in the paper.
+Metrics (:func:`blip_core.eval.retrieval.recall_at_k`): TR@K counts an image as retrieved when the best-ranked
+of its ground-truth captions is in the top K; IR@K uses the rank of each text's image. Values are percentages,
+as in the paper.
 """
 
 from __future__ import annotations

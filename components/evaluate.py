@@ -256,45 +256,15 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
     """
     from components import tracking
 
-    if not models:
-        raise UserError("evaluate: give at least one model (--model NAME=URI)")
-    for name in models:
-        if not _NAME.match(name):
-            raise UserError(f"evaluate: model name {name!r} may hold only letters, digits, '_', '-' and '.'")
-    if bool(vqa) != bool(vqa_test):
-        raise UserError("evaluate: --vqa and --vqa-test go together")
-    for name in vqa or {}:
-        if not _NAME.match(name):
-            raise UserError(f"evaluate: VQA model name {name!r} may hold only letters, digits, '_', '-' and '.'")
-    if vqa:
-        vqa_eval.check_vqa_models(vqa)
+    _check_names(models, vqa, vqa_test)
     ecfg = cfg.evaluate
     records = read_provenance(capfilt) if capfilt else None
     capfilt_summary = read_capfilt_summary(capfilt) if capfilt else {}
     device = _device()
-    splits: dict[int, EvalSplit] = {}
     config = {**to_dict(cfg), "inputs": {"models": dict(models), "test": test, "capfilt": capfilt}}
     with tracking.stage_run("evaluate", config, parent_run_id=parent_run_id) as run_, \
             tempfile.TemporaryDirectory(prefix="blip-eval-") as tmp:
-        model_metrics: dict[str, dict[str, float]] = {}
-        captions: dict[str, list[str]] = {}
-        timings: dict[str, dict[str, float]] = {}
-        split = None
-        for name, uri in models.items():
-            with training.local_checkpoint(training.resolve_model_dir(uri)) as d:
-                ckpt = load_model_dir(d, with_momentum=False, image_size=cfg.data.image_size or None)
-            if ckpt.tokenizer is None:
-                raise UserError(f"{uri}: the checkpoint has no tokenizer/ directory")
-            model = ckpt.model.to(device).eval()
-            size = model.cfg.vision.image_size  # data.image_size when set: position embeddings interpolated
-            if size not in splits:
-                splits[size] = load_eval_split(test, size, cfg.data.max_words)
-            split = splits[size]
-            log.info("evaluate %s (%s) on %d images / %d captions", name, uri, len(split.samples), len(split.texts))
-            model_metrics[name], captions[name] = evaluate_model(model, ckpt.tokenizer, split, ecfg)
-            timings[name] = {k: model_metrics[name].pop(k) for k in ("retrieval_seconds", "captioning_seconds")}
-            del model, ckpt
-        assert split is not None
+        model_metrics, captions, timings, split = _score_models(cfg, models, test, device)
         vqa_metrics, vqa_answers, vqa_split = ({}, {}, None)
         if vqa:
             vqa_metrics, vqa_answers, vqa_split = vqa_eval.evaluate_vqa(cfg, vqa, vqa_test, device)
@@ -340,18 +310,66 @@ def run(cfg: Config, models: dict[str, str], test: str, output: str, *, capfilt:
         for fname in files:
             run_.log_artifact(Path(tmp) / fname, "report")
         log_comparison_to_parent(run_, metrics, table, Path(tmp))
-        n = min(ecfg.log_samples, len(split.samples))
-        if n and run_.enabled:
-            images = _pil_images(split.images[:n])
-            refs = [split.texts[split.img2txt[i][0]] for i in range(n)]
-            for name, caps in captions.items():
-                run_.log_image_captions(images, caps[:n], step=0, key=f"captions_{name}", references=refs)
-        if vqa_split is not None and run_.enabled:
-            rows = vqa_eval.examples(vqa_split, vqa_answers, ecfg.log_samples * 4)
-            pics = _pil_images(vqa_split.images[vqa_split.image_index[:len(rows)]])
-            run_.log_table([{"image": p, **r} for p, r in zip(pics, rows, strict=True)], "vqa_examples.json")
+        if run_.enabled:
+            _log_examples(run_, ecfg.log_samples, split, captions, vqa_split, vqa_answers)
         run_id = run_.run_id
     return EvalResult(output=output, metrics=metrics, table=table, report=files[REPORT_MD], run_id=run_id)
+
+
+def _check_names(models: dict[str, str], vqa: dict[str, str] | None, vqa_test: str | None) -> None:
+    if not models:
+        raise UserError("evaluate: give at least one model (--model NAME=URI)")
+    for name in models:
+        if not _NAME.match(name):
+            raise UserError(f"evaluate: model name {name!r} may hold only letters, digits, '_', '-' and '.'")
+    if bool(vqa) != bool(vqa_test):
+        raise UserError("evaluate: --vqa and --vqa-test go together")
+    for name in vqa or {}:
+        if not _NAME.match(name):
+            raise UserError(f"evaluate: VQA model name {name!r} may hold only letters, digits, '_', '-' and '.'")
+    if vqa:
+        vqa_eval.check_vqa_models(vqa)
+
+
+def _score_models(cfg: Config, models: dict[str, str], test: str, device: torch.device):
+    """Each model's metrics and captions on the test split (loaded once per image size), the seconds its parts
+    took, and the split; returns ``(metrics, captions, timings, split)``, each by model name but the split."""
+    splits: dict[int, EvalSplit] = {}
+    model_metrics: dict[str, dict[str, float]] = {}
+    captions: dict[str, list[str]] = {}
+    timings: dict[str, dict[str, float]] = {}
+    split = None
+    for name, uri in models.items():
+        with training.local_checkpoint(training.resolve_model_dir(uri)) as d:
+            ckpt = load_model_dir(d, with_momentum=False, image_size=cfg.data.image_size or None)
+        if ckpt.tokenizer is None:
+            raise UserError(f"{uri}: the checkpoint has no tokenizer/ directory")
+        model = ckpt.model.to(device).eval()
+        size = model.cfg.vision.image_size  # data.image_size when set: position embeddings interpolated
+        if size not in splits:
+            splits[size] = load_eval_split(test, size, cfg.data.max_words)
+        split = splits[size]
+        log.info("evaluate %s (%s) on %d images / %d captions", name, uri, len(split.samples), len(split.texts))
+        model_metrics[name], captions[name] = evaluate_model(model, ckpt.tokenizer, split, cfg.evaluate)
+        timings[name] = {k: model_metrics[name].pop(k) for k in ("retrieval_seconds", "captioning_seconds")}
+        del model, ckpt
+    assert split is not None
+    return model_metrics, captions, timings, split
+
+
+def _log_examples(run_, log_samples: int, split: EvalSplit, captions: dict[str, list[str]], vqa_split,
+                  vqa_answers) -> None:
+    """Sample test images with each model's caption and, with VQA, sample questions with their answers."""
+    n = min(log_samples, len(split.samples))
+    if n:
+        images = _pil_images(split.images[:n])
+        refs = [split.texts[split.img2txt[i][0]] for i in range(n)]
+        for name, caps in captions.items():
+            run_.log_image_captions(images, caps[:n], step=0, key=f"captions_{name}", references=refs)
+    if vqa_split is not None:
+        rows = vqa_eval.examples(vqa_split, vqa_answers, log_samples * 4)
+        pics = _pil_images(vqa_split.images[vqa_split.image_index[:len(rows)]])
+        run_.log_table([{"image": p, **r} for p, r in zip(pics, rows, strict=True)], "vqa_examples.json")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,7 +194,7 @@ def corpus_captions(data_uris: list[str], max_words: int, allow_partial: bool = 
     """Every cleaned text (captions; VQA questions and answers) of the given dataset directories (to build a
     WordPiece vocabulary).
 
-    Missing or damaged shards raise :class:`~blip_core.data.loader.ShardLost` unless ``allow_partial`` (then
+    Missing or damaged shards raise :class:`~blip_core.data.samples.ShardLost` unless ``allow_partial`` (then
     they are left out; the loader counts them).
     """
     fs = s3_filesystem() if any(is_s3(u) for u in data_uris) else None

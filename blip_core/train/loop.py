@@ -140,11 +140,8 @@ def train(
                 bar.update(1)
             if log_fn is not None and info.is_main and (position.step % max(1, cfg.log_every) == 0
                                                         or position.step == total_steps):
-                log_fn(position.step, {**{f"loss_{k}": v for k, v in parts_sum.items()},
-                                       "loss": last_losses["loss"], "lr": lr, "alpha": a,
-                                       **inner.log_values(), "epoch": float(epoch),
-                                       "pairs_per_second": meter.pairs_per_second(info.world_size),
-                                       "data_time_share": meter.data_time_share()})
+                log_fn(position.step, _logged_values(parts_sum, last_losses["loss"], lr=lr, alpha=a, objective=inner,
+                                                     epoch=epoch, meter=meter, world_size=info.world_size))
             if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0 and position.step < total_steps:
                 last_ckpt = _checkpoint(ckpt_root, inner, optimizer, position, config_dict, info, on_checkpoint)
         if position.batch_in_epoch >= usable:
@@ -174,6 +171,15 @@ class _Throughput:
 
     def data_time_share(self) -> float:
         return self.data_time / max(self.data_time + self.compute_time, 1e-9)
+
+
+def _logged_values(parts: dict[str, float], loss: float, *, lr: float, alpha: float, objective: Objective,
+                   epoch: int, meter: _Throughput, world_size: int) -> dict[str, float]:
+    """What ``log_fn`` gets after a step: each loss part (``loss_<part>``) and their sum, the learning rate,
+    alpha, the objective's own values, the epoch and the throughput."""
+    return {**{f"loss_{k}": v for k, v in parts.items()}, "loss": loss, "lr": lr, "alpha": alpha,
+            **objective.log_values(), "epoch": float(epoch), "pairs_per_second": meter.pairs_per_second(world_size),
+            "data_time_share": meter.data_time_share()}
 
 
 def _resume_position(ckpt_root: Path, objective: Objective, optimizer: torch.optim.Optimizer, resume: bool,
