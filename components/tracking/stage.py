@@ -364,7 +364,8 @@ class NullStageRun:
 def stage_run(stage: str, config: Any = None, parent_run_id: str | None = None, experiment: str | None = None,
               tags: Mapping[str, Any] | None = None, *, uri: str | None = None, run_name: str | None = None,
               log_system_metrics: bool = True) -> Iterator[StageRunLike]:
-    """A nested run for one stage under the pipeline's parent run; yields a :class:`StageRun`.
+    """A nested run for one stage under the pipeline's parent run; yields a :class:`StageRun` (with tracking off,
+    a :class:`NullStageRun`).
 
     ``config`` (a dict or config dataclass, e.g. the resolved :class:`blip_core.Config`) is logged as dotted
     params and as ``config.json``. The run is the active MLflow run inside the block. On an exception the run
