@@ -131,13 +131,12 @@ def run(cfg: Config, model: str, metrics: str, candidate: str, name: str = "blip
     config = {**to_dict(cfg), "inputs": {"model": model, "metrics": metrics, "candidate": candidate, "name": name,
                                          "alias": alias, "metric": metric}}
     with tracking.stage_run("register", config, parent_run_id=parent_run_id) as run_:
-        client = run_.client
         holder = tracking.get_alias_version(name, alias, uri=run_.tracking_uri)
         champion_version = champion_value = None
         if holder is not None:
             champion_version = str(holder[0])
-            mv = client.get_model_version(name, champion_version)
-            champion_value = _recorded(dict(mv.tags or {}), metric)
+            champion_value = _recorded(tracking.get_version_tags(name, champion_version, uri=run_.tracking_uri),
+                                       metric)
             if champion_value is None:  # an older version registered another way: its run's metric, if any
                 run_value = holder[1].get(metric)
                 champion_value = None if run_value is None or math.isnan(run_value) else float(run_value)
@@ -152,7 +151,7 @@ def run(cfg: Config, model: str, metrics: str, candidate: str, name: str = "blip
         promoted, reason = decide(value, champion_version, champion_value, metric, alias, force)
         if promoted:
             tracking.set_alias(name, alias, version, uri=run_.tracking_uri)
-        client.set_model_version_tag(name, version, "blip.promoted", str(promoted).lower())
+        tracking.set_version_tag(name, version, "blip.promoted", str(promoted).lower(), uri=run_.tracking_uri)
         result = RegisterResult(promoted=promoted, version=version, reason=reason, champion_version=champion_version,
                                 champion_value=champion_value, model_uri=model_uri, run_id=run_.run_id, **base)
         run_.set_tags({"blip.register.promoted": str(promoted).lower(), "blip.register.reason": reason,

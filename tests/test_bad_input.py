@@ -250,7 +250,7 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path):
 @pytest.fixture(scope="module")
 def served(files):
     """The MLflow pyfunc model class, loaded the way MLflow loads it (load_context with the artifact)."""
-    from components.mlflow_model import BlipPyfunc
+    from components.tracking.mlflow_model import BlipPyfunc
 
     model = BlipPyfunc()
     model.load_context(SimpleNamespace(artifacts={"checkpoint": files["ck"]}, model_config={"device": "cpu"}))

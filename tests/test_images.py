@@ -194,7 +194,8 @@ def test_exif_orientation_is_applied_at_every_decode(tmp_path):
     assert _upright_top_is_red(decode_image(data))  # shard loader
     seen = infer.load_image(path, lambda img, cap: (np.asarray(img), cap))  # blip caption / blip itm
     assert seen.shape == (W, H, 3) and _upright_top_is_red(seen)
-    mlflow_model = pytest.importorskip("components.mlflow_model", reason="mlflow is not installed (the workflow extra)")
+    mlflow_model = pytest.importorskip("components.tracking.mlflow_model",
+                                       reason="mlflow is not installed (the workflow extra)")
     assert _upright_top_is_red(mlflow_model.decode_image(data))  # MLflow model, raw bytes
     assert _upright_top_is_red(mlflow_model.decode_image(base64.b64encode(data).decode()))  # and base64 text
     with Image.open(io.BytesIO(data)) as im:  # the transforms, given the file as decoded

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from blip_core.errors import UserError
 from components import tracking
 from components.tracking import (
     NullStageRun,
+    StageRun,
+    StageRunLike,
     TrackingError,
     check_tracking,
     get_alias_version,
@@ -248,6 +252,35 @@ def test_tracking_off_and_non_zero_rank_log_nothing(tmp_path, monkeypatch):
     with stage_run("pretrain") as run:
         assert run.run_id is None
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def _members(cls: type) -> dict[str, inspect.Signature | str]:
+    """Public methods (with their signatures) and properties of ``cls``, without ``object``'s."""
+    out: dict[str, inspect.Signature | str] = {}
+    for name in dir(cls):
+        attr = inspect.getattr_static(cls, name)
+        if name.startswith("_") or hasattr(object, name):
+            continue
+        if isinstance(attr, property):
+            out[name] = "property"
+        elif inspect.isfunction(attr):
+            out[name] = inspect.signature(attr)
+    return out
+
+
+def test_stage_run_and_null_stage_run_implement_the_protocol_alike():
+    """What stage_run yields with and without tracking: the same public methods, with the same signatures, as
+    StageRunLike, and the same attributes; the null object is no StageRun (nothing inherited can log)."""
+    protocol = _members(StageRunLike)
+    assert {"log_metrics", "log_blip_model", "parent", "enabled"} <= set(protocol)
+    assert _members(StageRun) == protocol
+    assert _members(NullStageRun) == protocol
+    assert not issubclass(NullStageRun, StageRun)
+    null = NullStageRun("pretrain")
+    assert isinstance(null, StageRunLike)
+    for name in typing.get_type_hints(StageRunLike):
+        assert hasattr(null, name), name
+    assert null.parent() is null and not null.enabled
 
 
 def test_check_tracking_sqlite_creates_store_and_rejects_bad_path(tmp_path, monkeypatch):

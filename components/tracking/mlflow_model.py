@@ -1,9 +1,12 @@
-"""MLflow pyfunc model for a BLIP checkpoint: captions images and scores image-text pairs (a VQA checkpoint:
-answers questions about images).
+"""The MLflow model of a BLIP checkpoint: the pyfunc that captions images and scores image-text pairs (a VQA
+checkpoint: answers questions about images), and how it is packaged (signature, requirements, code).
 
-This file is logged as MLflow "models from code" (see :func:`components.tracking.StageRun.log_blip_model`):
-MLflow copies it next to the checkpoint artifact and runs it when the model is loaded, so nothing is pickled.
-It imports only ``blip_core`` (shipped with the model as code), torch, PIL, numpy and pandas.
+This file is logged as MLflow "models from code" by :func:`log_pyfunc` (called by
+:meth:`components.tracking.StageRun.log_blip_model`): MLflow copies it next to the checkpoint artifact, as
+``mlflow_model.py``, and runs it when the model is loaded, so nothing is pickled. Run that way it imports only
+``blip_core`` (shipped with the model as code), mlflow, torch, PIL, numpy and pandas, and registers
+:class:`BlipPyfunc` with ``mlflow.models.set_model``; imported as ``components.tracking.mlflow_model`` it only
+defines it.
 
 Input: a pandas DataFrame (or a list of dicts / a dict of lists) with
 
@@ -31,7 +34,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -40,6 +50,7 @@ from mlflow.pyfunc import PythonModel
 
 from blip_core.constants import DEFAULT_PROMPT
 
+MODEL_CODE = Path(__file__)  # this file, logged as the model's code
 CHECKPOINT_ARTIFACT = "checkpoint"
 DEFAULT_PARAMS: dict[str, Any] = {
     "decoding": "beam",
@@ -211,4 +222,96 @@ class BlipPyfunc(PythonModel):
         return pd.DataFrame({"answer": answers})
 
 
-mlflow.models.set_model(BlipPyfunc())
+# --------------------------------------------------------------------------------------------------
+# Packaging
+# --------------------------------------------------------------------------------------------------
+
+
+def _copy_package(package: str, dest: Path) -> str:
+    module = sys.modules.get(package) or __import__(package)
+    src = Path(module.__file__).parent
+    target = dest / package
+    shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(target)
+
+
+def model_requirements() -> list[str]:
+    """Pinned pip requirements of the pyfunc (given explicitly: MLflow's inference would load the model)."""
+    from importlib import metadata
+
+    out = []
+    for dist in ("mlflow", "torch", "torchvision", "timm", "transformers", "tokenizers", "safetensors",
+                 "pillow", "numpy", "pandas", "pyyaml"):
+        try:
+            out.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _is_vqa_checkpoint(ckpt: Path) -> bool:
+    try:
+        return json.loads((ckpt / "config.json").read_text()).get("architecture") == "blip_vqa"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def model_signature(vqa: bool = False):
+    """Input ``image`` (string: base64-encoded image bytes) and optional ``text``; decoding options as params.
+
+    ``vqa``: the signature of a VQA model: ``image`` and ``question``, answer decoding options."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    if vqa:
+        return ModelSignature(
+            inputs=Schema([ColSpec("string", "image"), ColSpec("string", "question")]),
+            params=ParamSchema([
+                ParamSpec("decoding", "string", "beam"),
+                ParamSpec("num_beams", "long", 3),
+                ParamSpec("max_length", "long", 10),
+                ParamSpec("min_length", "long", 1),
+                ParamSpec("batch_size", "long", 16),
+            ]),
+        )
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image"), ColSpec("string", "text", required=False)]),
+        params=ParamSchema([
+            ParamSpec("decoding", "string", "beam"),
+            ParamSpec("num_beams", "long", 3),
+            ParamSpec("max_length", "long", 20),
+            ParamSpec("min_length", "long", 5),
+            ParamSpec("prompt", "string", DEFAULT_PROMPT),
+            ParamSpec("batch_size", "long", 16),
+        ]),
+    )
+
+
+def log_pyfunc(checkpoint: Path, name: str = "model", registered_name: str | None = None, *,
+               model_config: Mapping[str, Any] | None = None, include_code: bool = True,
+               tags: Mapping[str, Any] | None = None):
+    """Log the local checkpoint directory ``checkpoint`` as this pyfunc in the active run; return the ModelInfo.
+
+    With ``include_code`` the ``blip_core`` package travels with the model; with ``registered_name`` a new
+    version of that registered model is created.
+    """
+    with tempfile.TemporaryDirectory(prefix="blip-code-") as tmp:
+        code_paths = [_copy_package("blip_core", Path(tmp))] if include_code else None
+        with warnings.catch_warnings():  # the explicit signature stands in for an input example
+            warnings.filterwarnings("ignore", message=r".*input example", category=UserWarning)
+            return mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(MODEL_CODE),
+                artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+                code_paths=code_paths,
+                pip_requirements=model_requirements(),
+                signature=model_signature(vqa=_is_vqa_checkpoint(checkpoint)),
+                model_config=dict(model_config) if model_config else None,
+                registered_model_name=registered_name,
+                tags=dict(tags) if tags else None,
+            )
+
+
+if __name__ != "components.tracking.mlflow_model":  # run by MLflow as the model's code (logging, loading)
+    mlflow.models.set_model(BlipPyfunc())
