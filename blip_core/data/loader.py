@@ -55,14 +55,13 @@ from blip_core.data.webdataset_io import (
     ShardReadError,
     check_shards,
     decode_json,
-    is_s3,
     iter_shard,
     join_uri,
     read_manifest,
     read_uri_bytes,
-    s3_filesystem,
 )
 from blip_core.errors import UserError
+from blip_core.io import default_opener
 from blip_core.tokenizer import BlipTokenizer, pre_caption, pre_question
 
 log = logging.getLogger(__name__)
@@ -103,14 +102,14 @@ def open_datasets(data_uris: Sequence[str], *, allow_partial: bool = False,
     content) raises :class:`ShardLost` naming it, unless ``allow_partial``: then it is left out, logged, and
     returned in the second list.
     """
-    fs = s3_filesystem() if any(is_s3(u) for u in data_uris) else None
+    opener = default_opener()
     out: list[ShardRef] = []
     lost: list[LostShard] = []
     for uri in data_uris:
-        manifest = read_manifest(uri, fs)
+        manifest = read_manifest(uri, opener)
         need_hash = verify_sha256 and any((join_uri(uri, s.path), s.sha256) not in _VERIFIED
                                           for s in manifest.shards)
-        bad = {s.path: problem for s, problem in check_shards(uri, manifest, fs, sha256=need_hash)}
+        bad = {s.path: problem for s, problem in check_shards(uri, manifest, opener, sha256=need_hash)}
         for s in manifest.shards:
             ref = ShardRef(join_uri(uri, s.path), s.samples, s.captions, s.questions or 0)
             if s.path not in bad:
@@ -213,7 +212,7 @@ def read_answer_list(dataset_uri: str) -> list[str]:
     """``answer_list.json`` of a VQA data set (its distinct answers, most frequent first)."""
     uri = join_uri(dataset_uri, ANSWER_LIST_NAME)
     try:
-        answers = json.loads(read_uri_bytes(uri, s3_filesystem() if is_s3(uri) else None))
+        answers = json.loads(read_uri_bytes(uri))
     except FileNotFoundError:
         raise UserError(f"{dataset_uri}: no {ANSWER_LIST_NAME}: not a VQA data set") from None
     except (OSError, ValueError) as e:
@@ -262,6 +261,7 @@ class PairStream(IterableDataset):
         self.expand = expand_captions
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.allow_partial = allow_partial
+        self.opener = default_opener()  # taken to the DataLoader workers
         self.total_pairs = sum(self._shard_items(s) for s in self.shards)
         self.streams = world_size * self.workers
         self.quota = self.total_pairs // self.streams
@@ -288,7 +288,6 @@ class PairStream(IterableDataset):
 
     def _pairs(self, start: int, end: int, counter: list[int], count: bool) -> Iterator[tuple[Image.Image, str, str]]:
         """Pairs with global index in ``[start, end)``: ``(image, caption, image_id)``; bad ones skipped."""
-        fs = s3_filesystem(fresh=True) if any(is_s3(s.uri) for s in self.shards) else None
         offset = 0
         for shard in self._shard_order():
             n = self._shard_items(shard)
@@ -300,7 +299,7 @@ class PairStream(IterableDataset):
             g = offset  # global pair index of the next sample's first pair
             seen = 0  # samples of this shard read so far
             try:
-                for sample in iter_shard(shard.uri, fs):
+                for sample in iter_shard(shard.uri, self.opener):
                     if g >= end:
                         break
                     seen += 1
@@ -528,11 +527,11 @@ def _eval_samples(uris: list[str], what: str, parse: Callable[[dict[str, Any]], 
     silently on part of its split.
     """
     skipped = 0
-    fs = s3_filesystem() if any(is_s3(u) for u in uris) else None
+    opener = default_opener()
     for shard in dataset_shards(uris):
         try:
             seen = 0
-            for sample in iter_shard(shard.uri, fs):
+            for sample in iter_shard(shard.uri, opener):
                 seen += 1
                 try:
                     item = parse(sample)
