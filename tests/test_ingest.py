@@ -258,7 +258,7 @@ def test_s3_round_trip_through_loader_without_leaking_credentials(s3_bucket, mon
     for s in m.shards:
         data = storage.read_bytes(f"{out}/{s.path}")
         assert hashlib.sha256(data).hexdigest() == s.sha256 and len(data) == s.bytes
-    # read back through the loader (fsspec/s3fs): every sample exactly once in eval order
+    # read back through the loader (the S3 opener): every sample exactly once in eval order
     loader = make_loader([out], tokenizer, image_size=32, batch_size=9, train=False, max_length=16)
     batches = list(loader)
     assert len(batches) == len(loader) == 3 and loader.skipped == 0
@@ -532,7 +532,9 @@ def test_manifest_url_redirects_are_checked_and_responses_capped(image_server):
     with pytest.raises(ingest.Rejected) as err:  # a redirect to another scheme, even with private URLs allowed
         ingest.fetch_url(f"{image_server.url}/redirect-ftp", 1 << 20, allow_private=True)
     assert err.value.reason == "blocked_url"
-    handler = ingest._RedirectHandler(allow_private=False)  # a redirect to a private address
+    from components.url_fetch import _RedirectHandler
+
+    handler = _RedirectHandler(allow_private=False)  # a redirect to a private address
     with pytest.raises(ingest.Rejected) as err:
         handler.redirect_request(None, None, 302, "Found", {}, "http://127.0.0.1/admin")
     assert err.value.reason == "blocked_url"
