@@ -781,3 +781,46 @@ def test_parallel_ingest_of_vqa_data_keeps_questions_and_the_answer_list(tmp_pat
         assert sum(s.questions for s in merged.shards) == single.extra["questions_out"]
         assert _dataset_content(str(out)) == expected
         assert (out / ANSWER_LIST_NAME).read_text() == answers
+
+
+def test_a_new_kind_of_source_is_one_subclass(tmp_path):
+    """Defining a Source subclass registers it: ingest, its parts and the fingerprint then read its URIs."""
+    from components.ingest_parts import merge
+    from components.sources import SOURCES, RawSample, Source, source_class
+
+    class Numbered(Source):
+        name = "numbered-test"
+
+        def __init__(self, n: int) -> None:
+            self.n = self.total = n
+
+        @classmethod
+        def matches(cls, uri: str) -> bool:
+            return uri.startswith("numbered://")
+
+        @classmethod
+        def open(cls, uri, cfg):
+            return cls(int(uri.removeprefix("numbered://")))
+
+        @classmethod
+        def listing(cls, uri, image_root=""):
+            return [(uri, 0, "v1")]
+
+        def iter_samples(self):
+            for i in range(self.n):  # sample 3 repeats sample 2: a duplicate
+                j = 2 if i == 3 else i
+                yield RawSample(f"n{i}", "numbered", _jpeg(j), f"picture number {j}")
+
+    try:
+        assert source_class("numbered://5") is Numbered and source_class(str(tmp_path)) is ingest.ShardSource
+        m = ingest.run(_cfg("ingest.shard_size=2"), "numbered://5", str(tmp_path / "one"), progress=False).manifest
+        assert (m.samples_in, m.samples_out, m.rejected) == (5, 4, {"duplicate": 1})
+        parts = [str(tmp_path / f"p{i}") for i in range(2)]
+        for i, p in enumerate(parts):
+            ingest.run(_cfg("ingest.shard_size=2"), "numbered://5", p, progress=False, part=(i, 2))
+        merged = merge(parts, str(tmp_path / "merged"))
+        assert (merged.manifest.samples_out, merged.manifest.rejected) == (4, {"duplicate": 1})
+        assert ingest.source_fingerprint("numbered://5") != ingest.source_fingerprint("numbered://6")
+    finally:
+        SOURCES.remove(Numbered)
+    assert source_class("numbered://5") is ingest.ShardSource  # gone again: read as a shard directory
