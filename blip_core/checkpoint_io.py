@@ -24,14 +24,9 @@ crash never leaves a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import shutil
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +37,7 @@ from torch import nn
 
 from blip_core.config import ConfigError, ModelConfig, config_from_dict, to_dict
 from blip_core.errors import UserError
+from blip_core.io import atomic_directory
 from blip_core.models.blip import BlipModel
 from blip_core.models.vision import interpolate_pos_embed
 from blip_core.models.vqa import BlipVQA
@@ -244,40 +240,6 @@ def load_momentum_state(state: dict[str, torch.Tensor], momentum_encoders: nn.Mo
 def has_queues(state: dict[str, torch.Tensor] | None) -> bool:
     """Whether a momentum state holds the ITC feature queues."""
     return bool(state) and all(k in state for k in FEATURE_QUEUE_KEYS)
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic directory writes
-# --------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``dst`` when the block succeeds.
-
-    An existing ``dst`` is moved aside first and deleted only after the new directory is in place.
-    On failure the temporary directory is removed and ``dst`` is left as it was.
-    """
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = dst.parent / f".{dst.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if dst.exists():
-        if not dst.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"{dst} exists and is not a directory")
-        old = dst.parent / f".{dst.name}.old-{tag}"
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,8 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +39,9 @@ from typing import Any
 from blip_core.config import IngestConfig
 from blip_core.data.checks import Rejected
 from blip_core.errors import UserError
+from blip_core.redact import redact
 from components import storage
-from components.ingest import RawSample, Source, redact
+from components.sources import FetchingSource, RawSample, file_listing
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +89,10 @@ def _strip_ext(ref: str) -> str:
     return stem if dot and "/" not in ext else ref
 
 
-class AnnotationSource(Source):
+class AnnotationSource(FetchingSource):
     """A BLIP annotation file (caption list or VQA list), see the module docstring."""
+
+    name = "annotations"
 
     def __init__(self, uri: str, cfg: IngestConfig) -> None:
         self.uri = uri
@@ -109,9 +110,23 @@ class AnnotationSource(Source):
         entries = _load_entries(uri)
         self.kind = "vqa" if "question" in entries[0] else "captions"
         self.items = self._vqa(entries) if self.kind == "vqa" else self._captions(entries)
-        self.entries = len(entries)
+        self.entries = self.items
         self.total = len(self.items)
         log.info("%s: %d %s entries -> %d samples", self.where, len(entries), self.kind, len(self.items))
+
+    @classmethod
+    def matches(cls, uri: str) -> bool:
+        return uri.endswith(".json")
+
+    @classmethod
+    def open(cls, uri: str, cfg: IngestConfig) -> AnnotationSource:
+        return cls(uri, cfg)
+
+    @classmethod
+    def listing(cls, uri: str, image_root: str = "") -> list[tuple[str, int, str]]:
+        """The files under the annotation file's directory, and under ``image_root`` when one is given."""
+        listing = file_listing(uri)
+        return [*listing, *storage.list_versions(image_root)] if image_root else listing
 
     # ---------------------------------------------------------------------------------------------- parsing
 
@@ -220,7 +235,7 @@ class AnnotationSource(Source):
                            "(ingest.allow_paths_outside)")
         return loc
 
-    def _fetch(self, ref: str) -> tuple[bytes | None, Rejected | None]:
+    def fetch(self, ref: str) -> tuple[bytes | None, Rejected | None]:
         try:
             loc = self.location(ref)
             return storage.read_bytes(loc), None
@@ -230,28 +245,9 @@ class AnnotationSource(Source):
             reason = "not found" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
             return None, Rejected("missing_image", f"{redact(ref)}: {reason}")
 
-    def _raw(self, item: _Item, data: bytes | None, err: Rejected | None) -> RawSample:
-        captions = item.captions
+    def prepare(self, entry: _Item) -> tuple[RawSample, str | None]:
         if self.kind == "vqa":
-            meta, txt = dict(item.meta), None
+            meta, txt = dict(entry.meta), None
         else:
-            meta, txt = {**item.meta, "captions": captions[1:]}, captions[0]
-        raw = RawSample(item.key, f"entry {item.index}", data, txt, meta, default_image_id=item.ref)
-        if data is None:
-            raw.error = err or Rejected("missing_image", f"{item.ref}: no image")
-        return raw
-
-    def __iter__(self) -> Iterator[RawSample]:
-        for raw, _ in self.select(lambda raw: True):
-            yield raw
-
-    def select(self, want: Callable[[RawSample], bool]) -> Iterator[tuple[RawSample, bool]]:
-        """As :meth:`Source.select`: only the images of wanted samples are read."""
-        chunk = 8 * self.threads
-        with ThreadPoolExecutor(self.threads) as pool:
-            for start in range(0, len(self.items), chunk):
-                items = self.items[start:start + chunk]
-                mine = [want(self._raw(it, b"", None)) for it in items]
-                fetched = pool.map(lambda it, m: self._fetch(it.ref) if m else (None, None), items, mine)
-                for item, m, (data, err) in zip(items, mine, fetched):
-                    yield (self._raw(item, data, err) if m else self._raw(item, b"", None)), m
+            meta, txt = {**entry.meta, "captions": entry.captions[1:]}, entry.captions[0]
+        return RawSample(entry.key, f"entry {entry.index}", None, txt, meta, default_image_id=entry.ref), entry.ref

@@ -45,7 +45,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from webdataset.writer import TarWriter
 
 from blip_core.capfilt import caption_batch, choose_threshold, decide, filter_batch, filter_scores
 from blip_core.config import Config, to_dict
@@ -56,13 +55,12 @@ from blip_core.data.webdataset_io import (
     DATASET_FORMAT,
     IMAGE_EXTS,
     MANIFEST_NAME,
+    DatasetWriter,
     Manifest,
     ShardInfo,
     ShardReadError,
     decode_json,
-    is_s3,
     iter_shard,
-    s3_filesystem,
     sha256_file,
 )
 from blip_core.errors import UserError
@@ -150,9 +148,10 @@ def calibrate(models: _Models, cfg: Config, uris: list[str]) -> dict:
     return info
 
 
-def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, work: Path, fs,
+def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, work: Path, writer: DatasetWriter,
                    examples: list, threshold: float) -> dict:
-    """Caption and filter one web shard; write ``capfilt-<index>.tar`` and its provenance; return stats."""
+    """Caption and filter one web shard; add its kept samples to ``writer`` (the shard ``capfilt-<index>.tar``,
+    published by the caller) and write its provenance under ``work``; return stats."""
     c = cfg.capfilt
     name = f"capfilt-{index:06d}.tar"
     prov_lines: list[str] = []
@@ -161,75 +160,69 @@ def _process_shard(models: _Models, cfg: Config, shard_uri: str, index: int, wor
     images_in = images_out = captions_out = 0
     unreadable = 0
     gen = make_generator(models.device, derive_seed(c.seed) + index)  # on the captioner's device
-    tar_path = work / name
-    with open(tar_path, "wb") as f:
-        tar = TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False)
-        batch: list[tuple[str, str, bytes, dict, Image.Image, list[str]]] = []
+    batch: list[tuple[str, str, bytes, dict, Image.Image, list[str]]] = []
 
-        def flush() -> None:
-            nonlocal images_out, captions_out
-            if not batch:
-                return
-            cap_images = torch.stack([models.cap_tf(b[4])[0] for b in batch]).to(models.device, non_blocking=True)
-            synthetic = caption_batch(models.captioner, models.tokenizer, cap_images, c, gen)
-            fil_images = torch.stack([models.fil_tf(b[4])[0] for b in batch]).to(models.device, non_blocking=True)
-            # Every web caption of an image is a candidate of its own, then the synthetic ones.
-            candidates = [web + syn for (*_, web), syn in zip(batch, synthetic)]
-            scores, cosines = filter_scores(models.filter, models.filter_tokenizer, fil_images, candidates)
-            for (key, ext, img_bytes, meta, img, web), texts, sc, cos in zip(batch, candidates, scores, cosines):
-                kept = []
-                record_meta = {"image_id": meta.get("image_id", key), "key": key, "shard": name}
-                # The sample's known-noise labels (toy-web) describe its web captions, never the synthetic ones.
-                web_labels = {"noise": meta.get("noise"),
-                              **({"noise_detail": meta["noise_detail"]} if meta.get("noise_detail") else {})}
-                decisions = []
-                for j, (text, s, c_itc) in enumerate(zip(texts, sc, cos)):
-                    source = "web" if j < len(web) else "synthetic"
-                    ok = decide(s, threshold)
-                    counts_in[source] += 1
-                    if ok:
-                        counts_out[source] += 1
-                        kept.append(text)
-                    decisions.append({"source": source, "caption": text, "itm_score": round(s, 6), "kept": ok})
-                    labels = web_labels if source == "web" else {"noise": None}
-                    prov_lines.append(json.dumps({**record_meta, **labels, "source": source, "caption": text,
-                                                  "itm_score": round(s, 6), "itc_cosine": round(c_itc, 6),
-                                                  "kept": ok}))
-                if len(examples) < 16:
-                    examples.append((img, decisions))
-                if not kept:
-                    continue
-                out_meta = {**meta, "captions": kept, "source": "web", "capfilt": decisions}
-                tar.write({"__key__": key, ext: img_bytes, "txt": kept[0].encode("utf-8"),
-                           "json": json.dumps(out_meta, sort_keys=True, ensure_ascii=False).encode("utf-8")})
-                images_out += 1
-                captions_out += len(kept)
-            batch.clear()
-
-        for sample in iter_shard(shard_uri, fs):
-            images_in += 1
-            try:
-                ext, data = _image_of(sample)
-                img = decode_image(data)
-                meta = decode_json(sample.get("json"))
-                web_captions, _ = sample_captions(sample)  # txt first, then the other json captions
-            except Exception as e:  # noqa: BLE001 - a bad sample is counted, never fatal
-                unreadable += 1
-                prov_lines.append(json.dumps({"key": sample.get("__key__"), "shard": name, "source": "web",
-                                              "caption": None, "itm_score": None, "kept": False,
-                                              "error": f"unreadable: {type(e).__name__}"}))
+    def flush() -> None:
+        nonlocal images_out, captions_out
+        if not batch:
+            return
+        cap_images = torch.stack([models.cap_tf(b[4])[0] for b in batch]).to(models.device, non_blocking=True)
+        synthetic = caption_batch(models.captioner, models.tokenizer, cap_images, c, gen)
+        fil_images = torch.stack([models.fil_tf(b[4])[0] for b in batch]).to(models.device, non_blocking=True)
+        # Every web caption of an image is a candidate of its own, then the synthetic ones.
+        candidates = [web + syn for (*_, web), syn in zip(batch, synthetic)]
+        scores, cosines = filter_scores(models.filter, models.filter_tokenizer, fil_images, candidates)
+        for (key, ext, img_bytes, meta, img, web), texts, sc, cos in zip(batch, candidates, scores, cosines):
+            kept = []
+            record_meta = {"image_id": meta.get("image_id", key), "key": key, "shard": name}
+            # The sample's known-noise labels (toy-web) describe its web captions, never the synthetic ones.
+            web_labels = {"noise": meta.get("noise"),
+                          **({"noise_detail": meta["noise_detail"]} if meta.get("noise_detail") else {})}
+            decisions = []
+            for j, (text, s, c_itc) in enumerate(zip(texts, sc, cos)):
+                source = "web" if j < len(web) else "synthetic"
+                ok = decide(s, threshold)
+                counts_in[source] += 1
+                if ok:
+                    counts_out[source] += 1
+                    kept.append(text)
+                decisions.append({"source": source, "caption": text, "itm_score": round(s, 6), "kept": ok})
+                labels = web_labels if source == "web" else {"noise": None}
+                prov_lines.append(json.dumps({**record_meta, **labels, "source": source, "caption": text,
+                                              "itm_score": round(s, 6), "itc_cosine": round(c_itc, 6),
+                                              "kept": ok}))
+            if len(examples) < 16:
+                examples.append((img, decisions))
+            if not kept:
                 continue
-            batch.append((sample["__key__"], ext, data, meta, img, web_captions))
-            if len(batch) >= c.batch_size:
-                flush()
-        flush()
-        tar.close()
+            out_meta = {**meta, "captions": kept, "source": "web", "capfilt": decisions}
+            writer.add(key, img_bytes, ext, out_meta)
+            images_out += 1
+            captions_out += len(kept)
+        batch.clear()
+
+    for sample in iter_shard(shard_uri):
+        images_in += 1
+        try:
+            ext, data = _image_of(sample)
+            img = decode_image(data)
+            meta = decode_json(sample.get("json"))
+            web_captions, _ = sample_captions(sample)  # txt first, then the other json captions
+        except Exception as e:  # noqa: BLE001 - a bad sample is counted, never fatal
+            unreadable += 1
+            prov_lines.append(json.dumps({"key": sample.get("__key__"), "shard": name, "source": "web",
+                                          "caption": None, "itm_score": None, "kept": False,
+                                          "error": f"unreadable: {type(e).__name__}"}))
+            continue
+        batch.append((sample["__key__"], ext, data, meta, img, web_captions))
+        if len(batch) >= c.batch_size:
+            flush()
+    flush()
     prov_path = work / "provenance" / f"{name}.jsonl"
     prov_path.parent.mkdir(parents=True, exist_ok=True)
     prov_path.write_text("".join(line + "\n" for line in prov_lines))
     return {"shard": name, "images_in": images_in, "images_out": images_out, "captions_out": captions_out,
-            "unreadable": unreadable, "texts_in": dict(counts_in), "texts_out": dict(counts_out),
-            "bytes": tar_path.stat().st_size, "sha256": sha256_file(tar_path)}
+            "unreadable": unreadable, "texts_in": dict(counts_in), "texts_out": dict(counts_out)}
 
 
 def _fingerprint(cfg: Config, models: _Models, threshold: float) -> str:
@@ -272,9 +265,9 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
     human_shards = dataset_shards(human) if human else []
     if not web_shards:
         raise UserError(f"no web shards in {web}")
-    fs = s3_filesystem() if any(is_s3(u) for u in web + human) else None
     if info.is_main:
         storage.delete(storage.join(output, MANIFEST_NAME))  # an unfinished output never looks complete
+    sink = storage.dataset_sink(output)  # on every rank before any writes (a local sink clears stale files)
     D.barrier()
 
     calib = None
@@ -297,14 +290,19 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
                 bar.update(shard.samples)
                 continue
             with tempfile.TemporaryDirectory(prefix="blip-capfilt-") as tmp:
+                writer = DatasetWriter(sink, None, Path(tmp) / "staging", shard_prefix="capfilt-", first_shard=i,
+                                       fresh=False)
                 try:
-                    stats = _process_shard(models, cfg, shard.uri, i, Path(tmp), fs, examples, threshold)
+                    stats = _process_shard(models, cfg, shard.uri, i, Path(tmp), writer, examples, threshold)
+                    if stats["images_in"] != shard.samples:  # e.g. a zeroed tail reads as a shorter archive
+                        raise ShardLost(f"{shard.uri}: {stats['images_in']} samples read, the manifest says "
+                                        f"{shard.samples}; re-run the stage that wrote it")
+                    out = writer.end_shard()
                 except ShardReadError as e:
                     raise ShardLost(f"{shard.uri}: unreadable ({e}); re-run the stage that wrote it") from None
-                if stats["images_in"] != shard.samples:  # e.g. a zeroed tail reads as a shorter archive
-                    raise ShardLost(f"{shard.uri}: {stats['images_in']} samples read, the manifest says "
-                                    f"{shard.samples}; re-run the stage that wrote it")
-                storage.upload_file(Path(tmp) / stats["shard"], storage.join(output, stats["shard"]))
+                finally:
+                    writer.close()
+                stats.update(bytes=out.bytes, sha256=out.sha256)
                 storage.upload_file(Path(tmp) / "provenance" / f"{stats['shard']}.jsonl",
                                     storage.join(output, "parts", f"{stats['shard']}.provenance.jsonl"))
             stats["fingerprint"] = f"{fingerprint}:{shard.uri}"
@@ -315,7 +313,7 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
         D.barrier()
         result = None
         if info.is_main:
-            result = _merge(cfg, output, web_shards, human_shards, fs, done, skipped, threshold, calib)
+            result = _merge(cfg, output, web_shards, human_shards, done, skipped, threshold, calib)
             result.run_id = run_.run_id
             calib_metrics = {f"calibration_{k}": calib[k] for k in ("precision", "recall")
                              if calib and calib[k] is not None}
@@ -334,7 +332,7 @@ def run(cfg: Config, captioner: str, filter: str, web: list[str], human: list[st
     return result
 
 
-def _merge(cfg: Config, output: str, web_shards, human_shards, fs, done: int, skipped: int, threshold: float,
+def _merge(cfg: Config, output: str, web_shards, human_shards, done: int, skipped: int, threshold: float,
            calib: dict | None) -> CapFiltResult:
     """Rank 0: copy human shards, concatenate provenance, write summary.json and then manifest.json."""
     parts = [storage.read_json(storage.join(output, "parts", f"capfilt-{i:06d}.json")) for i in range(len(web_shards))]

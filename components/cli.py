@@ -143,9 +143,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def storage_error(e: BaseException) -> UserError | None:
-    """The one-line error for an S3 failure (no credentials, unreachable endpoint, denied) raised by any
-    reader, boto3 or s3fs; None when ``e`` is not one. Imports boto3 only when ``e`` comes from botocore."""
-    if not type(e).__module__.startswith(("botocore", "aiobotocore")):
+    """The one-line error for an S3 failure (no credentials, unreachable endpoint, denied) that escaped
+    :mod:`components.s3` unmapped; None when ``e`` is not one. Imports boto3 only when ``e`` comes from botocore."""
+    if not type(e).__module__.startswith("botocore"):
         return None
     from components.storage import s3_user_error
 

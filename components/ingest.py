@@ -29,68 +29,49 @@ rewrites byte-identical shards.
 A ``.json`` source is an annotation file in the formats of the official BLIP code (pre-training caption
 lists, COCO and Flickr Karpathy train/val/test, VQA) with its images under ``--image-root``
 (``ingest.image_root``): see :mod:`components.annotations`.
+
+Each kind of source is one :class:`components.sources.Source` subclass, found by the URI it matches (adding a
+kind of input is adding a subclass); image URLs are fetched by :mod:`components.url_fetch`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import http.client
-import io
-import ipaddress
 import json
 import logging
-import posixpath
 import re
-import socket
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
 from blip_core.config import Config, IngestConfig, load_config, to_dict
-from blip_core.data import toyweb
 from blip_core.data.checks import ImageRules, Rejected, check_image, clean_captions, clean_questions
-from blip_core.data.webdataset_io import (
-    IMAGE_EXTS,
-    OVERSIZE_KEY,
-    DatasetWriter,
-    Manifest,
-    ShardReadError,
-    decode_json,
-    iter_tar_samples,
-)
+from blip_core.data.webdataset_io import DatasetWriter, Manifest
 from blip_core.errors import UserError
 from blip_core.redact import redact
 from components import storage
 from components.cli import add_config_args
+from components.sources import (  # noqa: F401  (re-exported: the stage's public names)
+    SHARD_SUFFIXES,
+    SOURCES,
+    ManifestSource,
+    RawSample,
+    ShardSource,
+    Source,
+    ToyWebSource,
+    open_source,
+    source_fingerprint,
+)
+from components.url_fetch import check_url, fetch_url  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _CAPTION_SOURCES = ("web", "human", "synthetic")
-
-
-@dataclass
-class RawSample:
-    """One input sample before checks; ``error`` marks a sample already known to be bad."""
-
-    key: str
-    origin: str
-    image: bytes | None = None
-    txt: bytes | str | None = None
-    meta: dict | None = None
-    default_image_id: str = ""
-    error: Rejected | None = None
 
 
 @dataclass
@@ -105,350 +86,6 @@ class IngestResult:
     @property
     def samples_per_s(self) -> float:
         return self.manifest.samples_in / max(self.seconds, 1e-9)
-
-
-# --------------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------------
-
-
-class Source:
-    """An iterable of :class:`RawSample` with an optional known length (for the progress bar)."""
-
-    total: int | None = None
-
-    def __iter__(self) -> Iterator[RawSample]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def select(self, want: Callable[[RawSample], bool]) -> Iterator[tuple[RawSample, bool]]:
-        """Every sample in source order with ``want(sample)``; a sample not wanted may come without its image.
-
-        ``want`` sees only what is known before the image is read (key, origin, caption, json), so a source
-        that reads or fetches images lazily skips the images of the samples it is not asked for.
-        """
-        for raw in self:
-            yield raw, want(raw)
-
-
-class ToyWebSource(Source):
-    def __init__(self, uri: str) -> None:
-        self.spec = toyweb.parse_toyweb_uri(uri)
-        self.total = self.spec.n
-
-    def __iter__(self) -> Iterator[RawSample]:
-        for s in toyweb.generate(self.spec):
-            yield RawSample(s.key, "toyweb", s.jpg, s.txt, s.json, s.key)
-
-    def select(self, want: Callable[[RawSample], bool]) -> Iterator[tuple[RawSample, bool]]:
-        for i in range(self.spec.n):  # captions first: the image is drawn only for a wanted sample
-            s = toyweb.generate_sample(self.spec, i, render=False)
-            raw = RawSample(s.key, "toyweb", None, s.txt, s.json, s.key)
-            if want(raw):
-                raw.image = toyweb.generate_sample(self.spec, i).jpg
-                yield raw, True
-            else:
-                yield raw, False
-
-
-def _first_image(sample: dict) -> bytes | None:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    return None
-
-
-class ShardSource(Source):
-    """WebDataset shards under a directory / ``s3://`` prefix, or a single ``.tar``."""
-
-    def __init__(self, uri: str, max_member_bytes: int = 0) -> None:
-        self.max_member_bytes = max_member_bytes
-        if uri.endswith(SHARD_SUFFIXES):
-            if not storage.exists(uri):
-                raise UserError(f"source not found: {redact(uri)}")
-            self.shards = [uri]
-        else:
-            if storage.is_s3(uri):
-                storage.check_bucket(uri)
-            elif not Path(uri).is_dir():
-                raise UserError(f"source not found: {uri} (expected toyweb://..., a directory or s3:// prefix "
-                                "of .tar shards, or a .jsonl/.csv manifest)")
-            self.shards = storage.list_uris(uri, SHARD_SUFFIXES)
-            if not self.shards:
-                raise UserError(f"no WebDataset shards (*.tar, *.tar.gz, *.tgz) under {redact(uri)}")
-
-    def __iter__(self) -> Iterator[RawSample]:
-        for shard in self.shards:
-            name = shard.rsplit("/", 1)[-1]
-            with storage.local_copy(shard) as path, open(path, "rb") as f:
-                try:
-                    for s in iter_tar_samples(f, shard, self.max_member_bytes):
-                        raw = RawSample(s["__key__"], name, _first_image(s), s.get("txt"),
-                                        default_image_id=s["__key__"])
-                        if OVERSIZE_KEY in s:
-                            raw.error = Rejected("too_large", s[OVERSIZE_KEY])
-                            yield raw
-                            continue
-                        try:
-                            raw.meta = decode_json(s.get("json"))
-                        except ValueError as e:
-                            raw.error = Rejected("bad_metadata", f"json: {e}")
-                        yield raw
-                except ShardReadError as e:
-                    yield RawSample(f"{name}#rest", name, error=Rejected("unreadable_shard", str(e)))
-
-
-class _BlockedAddress(OSError):
-    """A connection reached an address that image URLs may not reach."""
-
-
-def _private(ip: str) -> bool:
-    """Whether ``ip`` is private, loopback, link-local, reserved, multicast or unspecified (v4 or v6)."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast
-            or addr.is_unspecified)
-
-
-def check_url(url: str, allow_private: bool = False) -> None:
-    """Raise :class:`Rejected` unless ``url`` is http(s) and (without ``allow_private``) every address its
-    host resolves to is public."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise Rejected("blocked_url", f"{redact(url)}: only http(s) URLs with a host are fetched")
-    if allow_private:
-        return
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
-                                   type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError, ValueError) as e:
-        raise Rejected("missing_image", f"{redact(url)}: cannot resolve the host ({e})") from None
-    if any(_private(info[4][0]) for info in infos):
-        raise Rejected("blocked_url", f"{redact(url)}: the host resolves to a private, loopback or link-local "
-                       "address (ingest.allow_private_urls)")
-
-
-class _PeerCheck:
-    """Mixin for http.client connections: refuse a connected peer at a private address (DNS rebinding)."""
-
-    check_peer = True
-
-    def connect(self) -> None:
-        super().connect()  # type: ignore[misc]
-        if self.check_peer and _private(self.sock.getpeername()[0]):  # type: ignore[attr-defined]
-            self.sock.close()  # type: ignore[attr-defined]
-            raise _BlockedAddress("connected to a private, loopback or link-local address")
-
-
-class _CheckedHTTP(_PeerCheck, http.client.HTTPConnection):
-    pass
-
-
-class _CheckedHTTPS(_PeerCheck, http.client.HTTPSConnection):
-    pass
-
-
-def _via_proxy(req: urllib.request.Request) -> bool:
-    return bool(getattr(req, "_tunnel_host", None)) or req.has_proxy()
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
-    def http_open(self, req):
-        cls = type("Conn", (_CheckedHTTP,), {"check_peer": not _via_proxy(req)})
-        return self.do_open(cls, req)
-
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def https_open(self, req):
-        cls = type("Conn", (_CheckedHTTPS,), {"check_peer": not _via_proxy(req)})
-        return self.do_open(cls, req, context=self._context)
-
-
-class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    def __init__(self, allow_private: bool) -> None:
-        self.allow_private = allow_private
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        check_url(newurl, self.allow_private)  # every hop is checked like the first URL
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def fetch_url(url: str, max_bytes: int, allow_private: bool = False, timeout: float = 20) -> bytes:
-    """GET an image URL: http(s) only, public addresses only (unless ``allow_private``; redirects and the
-    connected peer are checked too), at most ``max_bytes`` (streamed; more raises ``Rejected("too_large")``)."""
-    check_url(url, allow_private)
-    handlers: list = [_RedirectHandler(allow_private)]
-    if not allow_private:
-        handlers += [_HTTPHandler(), _HTTPSHandler()]
-    opener = urllib.request.build_opener(*handlers)
-    try:
-        with opener.open(url, timeout=timeout) as r:
-            length = r.headers.get("Content-Length")
-            if max_bytes and length and length.isdigit() and int(length) > max_bytes:
-                raise Rejected("too_large", f"{redact(url)}: {length} bytes > {max_bytes} (ingest.max_member_bytes)")
-            chunks, size = [], 0
-            while chunk := r.read(1 << 20):
-                chunks.append(chunk)
-                size += len(chunk)
-                if max_bytes and size > max_bytes:
-                    raise Rejected("too_large", f"{redact(url)}: more than {max_bytes} bytes (ingest.max_member_bytes)")
-            return b"".join(chunks)
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, _BlockedAddress):
-            raise Rejected("blocked_url", f"{redact(url)}: {e.reason} (ingest.allow_private_urls)") from None
-        raise
-
-
-class ManifestSource(Source):
-    """A ``.jsonl`` / ``.csv`` list of image locations and captions.
-
-    Image paths must stay inside the manifest's directory (or ``s3://`` prefix) unless
-    ``allow_paths_outside``; URLs may only reach public addresses unless ``allow_private_urls``; no image
-    larger than ``max_bytes`` is read.
-    """
-
-    def __init__(self, uri: str, threads: int, *, max_bytes: int = 0, allow_paths_outside: bool = False,
-                 allow_private_urls: bool = False) -> None:
-        self.uri = uri
-        self.threads = max(1, threads)
-        self.max_bytes = max_bytes
-        self.allow_outside = allow_paths_outside
-        self.allow_private = allow_private_urls
-        try:
-            data = storage.read_bytes(uri)
-        except FileNotFoundError:
-            raise UserError(f"source not found: {redact(uri)}") from None
-        text = data.decode("utf-8", errors="surrogateescape")
-        self.rows: list[tuple[int, dict | None, str]] = []  # (line, row or None, parse error)
-        if uri.endswith(".csv"):
-            reader = csv.DictReader(io.StringIO(text, newline=""))
-            for i, row in enumerate(reader, start=2):
-                self.rows.append((i, dict(row), ""))
-        else:
-            for i, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    self.rows.append((i, obj if isinstance(obj, dict) else None, "" if isinstance(obj, dict)
-                                      else "line is not a JSON object"))
-                except ValueError as e:
-                    self.rows.append((i, None, str(e)))
-        self.total = len(self.rows)
-        self.base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).resolve().parent)
-
-    def _location(self, ref: str) -> str:
-        """Where ``ref`` points; raises ``Rejected("outside_root")`` (the same whether or not it exists)."""
-        if ref.startswith(("http://", "https://")):
-            return ref
-        if storage.is_s3(ref) or storage.is_s3(self.base):
-            absolute = storage.is_s3(ref) or Path(ref).is_absolute()
-            loc = ref if absolute else storage.join(self.base, ref)
-            inside = False
-            if storage.is_s3(self.base) and storage.is_s3(loc):
-                bucket, key = storage.split_s3(loc)
-                base_bucket, base_key = storage.split_s3(self.base)
-                norm = posixpath.normpath("/" + key)[1:]
-                inside = bucket == base_bucket and (not base_key or norm.startswith(base_key.rstrip("/") + "/"))
-        else:
-            loc = str(Path(self.base) / ref)
-            inside = Path(loc).resolve().is_relative_to(self.base)
-        if not inside and not self.allow_outside:
-            raise Rejected("outside_root", f"{ref}: outside the manifest's directory (ingest.allow_paths_outside)")
-        return loc
-
-    def _fetch(self, ref: str) -> tuple[bytes | None, Rejected | None]:
-        try:
-            loc = self._location(ref)
-        except Rejected as r:
-            return None, r
-        try:
-            if loc.startswith(("http://", "https://")):
-                return fetch_url(loc, self.max_bytes, self.allow_private), None
-            return storage.read_bytes(loc, max_bytes=self.max_bytes), None
-        except Rejected as r:
-            return None, r
-        except storage.TooLarge:
-            return None, Rejected("too_large", f"{redact(loc)}: larger than {self.max_bytes} bytes "
-                                  "(ingest.max_member_bytes)")
-        except (OSError, ValueError, http.client.HTTPException, storage.StorageError) as e:
-            return None, Rejected("missing_image", f"{redact(loc)}: {type(e).__name__}: {e}")
-
-    def _raw(self, line: int, row: dict | None, err: str) -> tuple[RawSample, str | None]:
-        key = f"{line:09d}"
-        if row is None:
-            return RawSample(key, f"line {line}", error=Rejected("bad_metadata", err)), None
-        key = str(row.get("key") or row.get("id") or key)
-        ref = row.get("image") or row.get("image_path") or row.get("path") or row.get("url")
-        caption = row.get("caption", row.get("text", row.get("txt")))
-        if caption is not None and not isinstance(caption, str):
-            caption = str(caption)
-        meta = {k: v for k, v in row.items() if k not in ("image", "image_path", "path", "url", "caption",
-                                                          "text", "txt", "key", "id")}
-        raw = RawSample(key, f"line {line}", txt=caption, meta=meta, default_image_id=str(ref or key))
-        if not isinstance(ref, str) or not ref:
-            raw.error = Rejected("missing_image", "row has no image path")
-            return raw, None
-        return raw, ref
-
-    def __iter__(self) -> Iterator[RawSample]:
-        for raw, _ in self.select(lambda raw: True):
-            yield raw
-
-    def select(self, want: Callable[[RawSample], bool]) -> Iterator[tuple[RawSample, bool]]:
-        chunk = 8 * self.threads
-        with ThreadPoolExecutor(self.threads) as pool:
-            for start in range(0, len(self.rows), chunk):
-                items = [(raw, ref, want(raw)) for raw, ref in (self._raw(*r) for r in self.rows[start:start + chunk])]
-                fetched = pool.map(lambda it: self._fetch(it[1]) if it[1] and it[2] else (None, None), items)
-                for (raw, _, mine), (data, err) in zip(items, fetched):
-                    if mine and raw.error is None and data is None:
-                        raw.error = err or Rejected("missing_image", "no image")
-                    raw.image = data
-                    yield raw, mine
-
-
-def open_source(uri: str, cfg: IngestConfig) -> Source:
-    """The reader for a source URI; a missing or unreachable source raises a one-line UserError."""
-    if toyweb.is_toyweb(uri):
-        return ToyWebSource(uri)
-    if uri.endswith(".json"):
-        from components.annotations import AnnotationSource  # imports this module
-
-        return AnnotationSource(uri, cfg)
-    if uri.endswith((".jsonl", ".csv")):
-        return ManifestSource(uri, cfg.fetch_threads, max_bytes=cfg.max_member_bytes,
-                              allow_paths_outside=cfg.allow_paths_outside,
-                              allow_private_urls=cfg.allow_private_urls)
-    return ShardSource(uri, cfg.max_member_bytes)
-
-
-def source_fingerprint(uri: str, image_root: str = "") -> str:
-    """A hash of what ``uri`` holds now, to key cached ingest outputs: it changes when the data does.
-
-    ``toyweb://``: the URI (the generator is deterministic). Shards (a file, a directory or an ``s3://``
-    prefix): every shard's name, size and version (S3 ETag, local modification time). A JSONL/CSV manifest:
-    the same for every file under the manifest's directory (the manifest itself and the images it may
-    reference without ``ingest.allow_paths_outside``); images fetched by URL or from outside that directory
-    are not covered. A ``.json`` annotation file: the same for the files under its directory and under
-    ``image_root`` (``ingest.image_root``) when one is given.
-    """
-    h = hashlib.sha256(redact(uri).encode())
-    if toyweb.is_toyweb(uri):
-        return h.hexdigest()
-    if uri.endswith((".jsonl", ".csv", ".json")):
-        if not storage.exists(uri):
-            raise UserError(f"source not found: {redact(uri)}")
-        listing = storage.list_versions(uri.rsplit("/", 1)[0] if storage.is_s3(uri) else str(Path(uri).parent))
-        if uri.endswith(".json") and image_root:
-            listing = [*listing, *storage.list_versions(image_root)]
-    else:
-        listing = storage.list_versions(uri, SHARD_SUFFIXES)
-        if not listing:
-            raise UserError(f"no WebDataset shards (*.tar, *.tar.gz, *.tgz) under {redact(uri)}")
-    for name, size, version in listing:
-        h.update(f"\n{name}\t{size}\t{version}".encode())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from blip_core import build_model
 from blip_core.checkpoint_io import load_model_dir
 from blip_core.config import Config, to_dict
 from blip_core.data.samples import ShardLost, dataset_shards, sample_texts
-from blip_core.data.webdataset_io import ShardReadError, is_s3, iter_shard, s3_filesystem
+from blip_core.data.webdataset_io import ShardReadError, iter_shard
 from blip_core.errors import UserError
 from blip_core.models.blip import BlipModel
 from blip_core.redact import redact
@@ -197,10 +197,9 @@ def corpus_captions(data_uris: list[str], max_words: int, allow_partial: bool = 
     Missing or damaged shards raise :class:`~blip_core.data.samples.ShardLost` unless ``allow_partial`` (then
     they are left out; the loader counts them).
     """
-    fs = s3_filesystem() if any(is_s3(u) for u in data_uris) else None
     for shard in dataset_shards(data_uris, allow_partial=allow_partial, verify_sha256=verify_sha256):
         try:
-            for sample in iter_shard(shard.uri, fs):
+            for sample in iter_shard(shard.uri):
                 try:
                     texts = sample_texts(sample, max_words)
                 except Exception:  # noqa: BLE001 - unreadable samples are counted by the loader, not here

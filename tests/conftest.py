@@ -71,7 +71,8 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
-    """Point boto3, s3fs and :mod:`components.storage` at the moto server for one test; yields the URL."""
+    """Point boto3 (:mod:`components.storage`, and the dataset reader through its opener) at the moto server for
+    one test; yields the URL."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
     return s3_server

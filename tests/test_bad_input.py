@@ -299,7 +299,7 @@ def test_tokenizer_larger_than_vocabulary_is_refused_at_load(files):
 
 
 # --------------------------------------------------------------------------------------------------
-# S3 reads through the dataset reader (s3fs): one line, exit 2, like the boto3 path
+# S3 reads through the dataset reader (the S3 opener): one line, exit 2, like the other storage calls
 # --------------------------------------------------------------------------------------------------
 
 

@@ -369,9 +369,9 @@ def test_missing_shard_on_s3_is_refused_naming_it(s3_bucket, tokenizer):
 @pytest.mark.parametrize("status", [500, 503])
 def test_s3_error_storm_while_streaming_is_retried_and_loses_nothing(s3_bucket, flaky_s3, web_dir, tokenizer,
                                                                       status):
-    """5xx answers to the loader's s3fs requests (listing, manifest, shard reads, in DataLoader workers too)
-    are retried: every sample is read exactly once, as from the local copy. s3fs itself retries only
-    SlowDown; 500 InternalError is retried by botocore (``s3_filesystem``'s retry config)."""
+    """5xx answers to the loader's S3 requests (listing, manifest, shard reads, in DataLoader workers too)
+    are retried (botocore's standard mode inside :mod:`components.s3`'s backoff loop): every sample is read
+    exactly once, as from the local copy."""
     from components import storage
 
     out = f"s3://{s3_bucket}/web"

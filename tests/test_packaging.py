@@ -33,7 +33,7 @@ import blip_core
 from blip_core import build_model, model_preset
 from blip_core.data.loader import make_loader
 from blip_core.errors import UserError
-from blip_core.data.webdataset_io import s3_filesystem
+from blip_core.data.webdataset_io import read_manifest
 
 torch.manual_seed(0)
 model = build_model(model_preset("tiny"), vocab_size=100)
@@ -44,7 +44,7 @@ cross = model.cross_kv(model.encode_image(image))
 logits, _ = model.decode(ids, mask, cross)
 logits.sum().backward()
 try:
-    s3_filesystem()
+    read_manifest("s3://bucket/dataset")
     s3 = "no error"
 except UserError as e:
     s3 = str(e)

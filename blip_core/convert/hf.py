@@ -8,15 +8,11 @@ from pathlib import Path
 
 import torch
 
-from blip_core.checkpoint_io import (
-    Checkpoint,
-    atomic_directory,
-    fit_pos_embed,
-    with_image_size,
-)
+from blip_core.checkpoint_io import Checkpoint, fit_pos_embed, with_image_size
 from blip_core.config import ModelConfig, TextConfig, VisionConfig, model_preset
 from blip_core.convert.keys import assign_state, check_task, hf_to_official_key, official_to_hf_key
 from blip_core.errors import UserError
+from blip_core.io import atomic_directory
 from blip_core.models.blip import BlipModel
 from blip_core.models.vqa import BlipVQA
 from blip_core.tokenizer import BlipTokenizer

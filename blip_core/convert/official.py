@@ -176,11 +176,9 @@ def official_state_dict(model: BlipModel | BlipVQA, task: str = "pretrain",
 def save_official(model: BlipModel | BlipVQA, dst: str | Path, task: str = "pretrain",
                   momentum_state: dict[str, torch.Tensor] | None = None) -> Path:
     """``torch.save({'model': official_state_dict(...)}, dst)``, written to a temporary name then renamed."""
-    import os
+    from blip_core.io import atomic_path
 
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    torch.save({"model": official_state_dict(model, task, momentum_state)}, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        torch.save({"model": official_state_dict(model, task, momentum_state)}, tmp)
     return dst

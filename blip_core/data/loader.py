@@ -53,8 +53,9 @@ from blip_core.data.samples import (
     sample_captions,
 )
 from blip_core.data.transforms import EvalTransform, TrainTransform
-from blip_core.data.webdataset_io import OVERSIZE_KEY, ShardReadError, is_s3, iter_shard, s3_filesystem
+from blip_core.data.webdataset_io import OVERSIZE_KEY, ShardReadError, iter_shard
 from blip_core.errors import UserError
+from blip_core.io import default_opener
 from blip_core.tokenizer import BlipTokenizer, pre_caption
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class PairStream(IterableDataset):
         self.expand = expand_captions
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.allow_partial = allow_partial
+        self.opener = default_opener()  # taken to the DataLoader workers
         self.total_pairs = sum(self._shard_items(s) for s in self.shards)
         self.streams = world_size * self.workers
         self.quota = self.total_pairs // self.streams
@@ -118,7 +120,6 @@ class PairStream(IterableDataset):
 
     def _pairs(self, start: int, end: int, counter: list[int], count: bool) -> Iterator[tuple[Image.Image, str, str]]:
         """Pairs with global index in ``[start, end)``: ``(image, caption, image_id)``; bad ones skipped."""
-        fs = s3_filesystem(fresh=True) if any(is_s3(s.uri) for s in self.shards) else None
         offset = 0
         for shard in self._shard_order():
             n = self._shard_items(shard)
@@ -130,7 +131,7 @@ class PairStream(IterableDataset):
             g = offset  # global pair index of the next sample's first pair
             seen = 0  # samples of this shard read so far
             try:
-                for sample in iter_shard(shard.uri, fs):
+                for sample in iter_shard(shard.uri, self.opener):
                     if g >= end:
                         break
                     seen += 1

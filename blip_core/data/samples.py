@@ -25,13 +25,12 @@ from blip_core.data.webdataset_io import (
     ShardReadError,
     check_shards,
     decode_json,
-    is_s3,
     join_uri,
     read_manifest,
     read_uri_bytes,
-    s3_filesystem,
 )
 from blip_core.errors import UserError
+from blip_core.io import default_opener
 from blip_core.tokenizer import pre_caption, pre_question
 
 log = logging.getLogger(__name__)
@@ -72,14 +71,14 @@ def open_datasets(data_uris: Sequence[str], *, allow_partial: bool = False,
     content) raises :class:`ShardLost` naming it, unless ``allow_partial``: then it is left out, logged, and
     returned in the second list.
     """
-    fs = s3_filesystem() if any(is_s3(u) for u in data_uris) else None
+    opener = default_opener()
     out: list[ShardRef] = []
     lost: list[LostShard] = []
     for uri in data_uris:
-        manifest = read_manifest(uri, fs)
+        manifest = read_manifest(uri, opener)
         need_hash = verify_sha256 and any((join_uri(uri, s.path), s.sha256) not in _VERIFIED
                                           for s in manifest.shards)
-        bad = {s.path: problem for s, problem in check_shards(uri, manifest, fs, sha256=need_hash)}
+        bad = {s.path: problem for s, problem in check_shards(uri, manifest, opener, sha256=need_hash)}
         for s in manifest.shards:
             ref = ShardRef(join_uri(uri, s.path), s.samples, s.captions, s.questions or 0)
             if s.path not in bad:
@@ -182,7 +181,7 @@ def read_answer_list(dataset_uri: str) -> list[str]:
     """``answer_list.json`` of a VQA data set (its distinct answers, most frequent first)."""
     uri = join_uri(dataset_uri, ANSWER_LIST_NAME)
     try:
-        answers = json.loads(read_uri_bytes(uri, s3_filesystem() if is_s3(uri) else None))
+        answers = json.loads(read_uri_bytes(uri))
     except FileNotFoundError:
         raise UserError(f"{dataset_uri}: no {ANSWER_LIST_NAME}: not a VQA data set") from None
     except (OSError, ValueError) as e:

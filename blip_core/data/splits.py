@@ -22,8 +22,9 @@ from blip_core.data.samples import (
     sample_questions,
 )
 from blip_core.data.transforms import EvalTransform
-from blip_core.data.webdataset_io import ShardReadError, decode_json, is_s3, iter_shard, s3_filesystem
+from blip_core.data.webdataset_io import ShardReadError, decode_json, iter_shard
 from blip_core.errors import UserError
+from blip_core.io import default_opener
 from blip_core.tokenizer import pre_caption, pre_question
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,11 @@ def _eval_samples(uris: list[str], what: str, parse: Callable[[dict[str, Any]], 
     silently on part of its split.
     """
     skipped = 0
-    fs = s3_filesystem() if any(is_s3(u) for u in uris) else None
+    opener = default_opener()
     for shard in dataset_shards(uris):
         try:
             seen = 0
-            for sample in iter_shard(shard.uri, fs):
+            for sample in iter_shard(shard.uri, opener):
                 seen += 1
                 try:
                     item = parse(sample)

@@ -9,9 +9,9 @@ A checkpoint is a directory ``<root>/step-XXXXXXXX/`` holding
   optimizer's param groups and scalar state, and the RNG scheme (random state is re-derived from
   ``(seed, step, rank)`` at every step, so a resumed run draws the same numbers as an uninterrupted one).
 
-Crash safety: a checkpoint is written into ``<root>/.step-XXXXXXXX.tmp-<pid>/``, every file and the directory
+Crash safety: a checkpoint is written into ``<root>/.step-XXXXXXXX.tmp-<tag>/``, every file and the directory
 are fsynced, and only then is it renamed to ``step-XXXXXXXX`` (an existing directory of that name is first
-renamed aside to ``.step-XXXXXXXX.old-<pid>``, and deleted only after the new one is in place).
+renamed aside to ``.step-XXXXXXXX.old-<tag>``, and deleted only after the new one is in place).
 ``<root>/latest.json`` is replaced atomically last, and names the newest complete checkpoint. Whatever the
 moment a run is killed, :func:`latest_checkpoint` finds a complete checkpoint: the one ``latest.json`` names,
 else (a crash between the steps) the newest complete ``step-*`` directory, restoring one that was renamed
@@ -32,8 +32,8 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from blip_core.data.webdataset_io import fsync_path
 from blip_core.errors import UserError
+from blip_core.io import atomic_directory, atomic_write
 
 FORMAT_VERSION = 1
 LATEST = "latest.json"
@@ -53,16 +53,6 @@ class TrainPosition:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def is_complete(path: Path) -> bool:
@@ -100,33 +90,23 @@ def save_training_state(root: str | Path, objective: nn.Module, optimizer: torch
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{position.step:08d}"
     final = root / name
-    tmp = root / f".{name}.tmp-{os.getpid()}"
     for stale in root.glob(".step-*.tmp-*"):  # left by a save that was killed (only rank 0 writes here)
         shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
-    save_model(objective, str(tmp / "objective.safetensors"))
-    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    state = {
-        "format_version": FORMAT_VERSION,
-        "position": asdict(position),
-        "optimizer": opt_meta,
-        "config": config,
-        "rng": "per-step: torch/python seeded from (train.seed, step, rank)",
-        "extra": extra or {},
-    }
-    (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
-    for f in _FILES:
-        fsync_path(tmp / f)
-    fsync_path(tmp)
-    aside = root / f".{name}.old-{os.getpid()}"
-    if final.exists():  # the same step written again: keep the old one until the new one is in place
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(final, aside)
-    os.replace(tmp, final)
-    fsync_path(root)
-    shutil.rmtree(aside, ignore_errors=True)
-    _atomic_write_text(root / LATEST, json.dumps({"checkpoint": name, **asdict(position)}))
+    with atomic_directory(final) as tmp:  # an existing step directory is renamed aside until this one is in
+        save_model(objective, str(tmp / "objective.safetensors"))
+        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        state = {
+            "format_version": FORMAT_VERSION,
+            "position": asdict(position),
+            "optimizer": opt_meta,
+            "config": config,
+            "rng": "per-step: torch/python seeded from (train.seed, step, rank)",
+            "extra": extra or {},
+        }
+        (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
+    with atomic_write(root / LATEST, "w") as f:
+        f.write(json.dumps({"checkpoint": name, **asdict(position)}))
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

@@ -278,7 +278,7 @@ class StageRun:
     @_tolerant("")
     def log_blip_model(self, checkpoint_dir: str | Path, name: str = "model", registered_name: str | None = None,
                        *, model_config: Mapping[str, Any] | None = None, include_code: bool = True) -> str:
-        """Log a BLIP checkpoint directory (``BlipModel.save``) as an MLflow pyfunc model; return its model URI.
+        """Log a BLIP checkpoint directory (``save_model_dir``) as an MLflow pyfunc model; return its model URI.
 
         The pyfunc (:mod:`components.tracking.mlflow_model`) captions images and scores image-text pairs, so
         ``mlflow models serve`` can serve it. With ``include_code`` the ``blip_core`` package travels with the
