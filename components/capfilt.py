@@ -405,7 +405,7 @@ SPEC = StageSpec(
                    "caption) on which to choose the filter threshold for capfilt.target_precision",
                    kind="input", nargs="*", default=[])),
     outputs=(Option("--output", "output dataset directory or s3:// prefix", kind="output", required=True),),
-    config=("capfilt", "data"))
+    config=("capfilt", "data.image_size"))
 
 
 def summary(info: dict, output: str) -> str:
