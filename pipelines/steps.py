@@ -7,6 +7,9 @@ Every function adapts KFP's artifacts and parameters to a stage of :mod:`compone
   metadata ``location`` holds that URI and the artifact's file is a small pointer; downstream steps read
   :func:`input_location`. An S3 location survives the step's pod, so a retried training step resumes from its
   newest checkpoint there (the stages resume by default), and TorchX jobs can write it.
+- **Stages.** A step calls its stage through the stage's spec (:func:`run_stage`, :mod:`components.spec`): the
+  same option values become ``run``'s arguments inline, or the argument list of a TorchX job
+  (``launcher=torchx``), and the step prints the stage's own summary line (the one ``blip <stage>`` prints).
 - **Run context.** :func:`start_run` creates the MLflow parent run of the pipeline run and returns a ``ctx``
   dict (environment for tracking and S3, ``run_root``, ``parent_run_id``) that every later step applies first.
 - **Errors.** A failing step prints one line ``blip pipeline step <stage>: error: ...`` and, when
