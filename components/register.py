@@ -113,7 +113,7 @@ def promotion_gate(per_model: dict[str, dict[str, Any]], candidate: str, baselin
     try:
         gain = float(per_model[candidate][key]) - float(per_model[baseline][key])
     except KeyError as e:
-        raise UserError(f"evaluate: no {key} for model {e} in {where}") from None
+        raise UserError(f"{where or 'metrics'}: no {key} for model {e}") from None
     return gain, gain > min_gain
 
 
