@@ -140,7 +140,7 @@ def _ingest_workers(rows: list, cfg, src: str, label: str, tmp: Path, counts: li
 
         def once(i: int, w: int = w, paths: list[float] = paths):
             before = os.times()
-            res = ingest_parts.run_workers(cfg, src, str(tmp / f"workers{w}-{i}-{len(rows)}"), w, progress=False)
+            res = ingest_parts.run_workers(ingest.run, cfg, src, str(tmp / f"workers{w}-{i}-{len(rows)}"), w, progress=False)
             after = os.times()
             own = after.user + after.system - before.user - before.system  # this process: all of it, or fork+merge
             paths.append(own + max(res.part_cpu_seconds, default=0.0))

@@ -30,7 +30,6 @@ own shards and rank 0 merges the manifest. Synthetic captions are sampled with a
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import html
@@ -67,7 +66,8 @@ from blip_core.errors import UserError
 from blip_core.seeding import derive_seed, make_generator
 from blip_core.train import distributed as D
 from components import storage, training
-from components.cli import add_config_args, run_distributed_main
+from components.cli import run_distributed_main
+from components.spec import Option, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,12 @@ class CapFiltResult:
     @property
     def threshold_source(self) -> str:
         return _threshold_source(self.calibration)
+
+    @property
+    def record(self) -> dict:
+        """The keys of ``summary.json`` this result holds."""
+        return {"web_images_in": self.images_in, "web_images_out": self.images_out, "texts_in": self.texts_in,
+                "texts_out": self.texts_out, "threshold": self.threshold, "threshold_source": self.threshold_source}
 
 
 def _threshold_source(calibration: dict | None) -> str:
@@ -389,27 +395,32 @@ def _merge(cfg: Config, output: str, web_shards, human_shards, done: int, skippe
                          threshold, calib)
 
 
+SPEC = StageSpec(
+    name="capfilt", module=__name__, description=__doc__.split("\n\n")[0],
+    inputs=(Option("--captioner", "fine-tuned captioner (checkpoint or stage output)", kind="input", required=True),
+            Option("--filter", "fine-tuned filter (checkpoint or stage output)", kind="input", required=True),
+            Option("--web", "web dataset directories to bootstrap", kind="input", nargs="+", required=True),
+            Option("--human", "human-annotated dataset directories (copied)", kind="input", nargs="*", default=[]),
+            Option("--calibration", "labelled web pairs (dataset directories; sample json 'noise': null = right "
+                   "caption) on which to choose the filter threshold for capfilt.target_precision",
+                   kind="input", nargs="*", default=[])),
+    outputs=(Option("--output", "output dataset directory or s3:// prefix", kind="output", required=True),),
+    config=("capfilt", "data.image_size"))
+
+
+def summary(info: dict, output: str) -> str:
+    """The final line of the stage, from its ``summary.json`` record (:meth:`CapFiltResult.record`): printed by
+    ``blip capfilt`` and by the pipeline's capfilt step."""
+    threshold = info.get("threshold")
+    threshold = f"{threshold:.4f}" if isinstance(threshold, int | float) else "?"
+    return (f"capfilt: web images {info.get('web_images_in', '?')} -> {info.get('web_images_out', '?')}; texts in "
+            f"{info.get('texts_in', {})}, kept {info.get('texts_out', {})}; threshold {threshold} "
+            f"({info.get('threshold_source', '?')}); output {output}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="blip capfilt", description=__doc__.split("\n\n")[0])
-    p.add_argument("--captioner", required=True, help="fine-tuned captioner (checkpoint or stage output)")
-    p.add_argument("--filter", required=True, help="fine-tuned filter (checkpoint or stage output)")
-    p.add_argument("--web", nargs="+", required=True, help="web dataset directories to bootstrap")
-    p.add_argument("--human", nargs="*", default=[], help="human-annotated dataset directories (copied)")
-    p.add_argument("--output", required=True, help="output dataset directory or s3:// prefix")
-    p.add_argument("--calibration", nargs="*", default=[],
-                   help="labelled web pairs (dataset directories; sample json 'noise': null = right caption) on "
-                        "which to choose the filter threshold for capfilt.target_precision")
-    add_config_args(p)
-
-    def go(args, cfg):
-        return run(cfg, args.captioner, args.filter, args.web, args.human, args.output,
-                   calibration=args.calibration, parent_run_id=args.parent_run_id)
-
-    def report(args, res):
-        print(f"capfilt: web images {res.images_in} -> {res.images_out}; texts in {res.texts_in}, "
-              f"kept {res.texts_out}; threshold {res.threshold:.4f} ({res.threshold_source}); output {res.output}")
-
-    return run_distributed_main(p, argv, go, report)
+    return run_distributed_main(SPEC.parser(), argv, lambda args, cfg: run(cfg, **SPEC.run_kwargs(args)),
+                                lambda args, res: print(summary(res.record, res.output)))
 
 
 if __name__ == "__main__":

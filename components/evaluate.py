@@ -33,7 +33,6 @@ Table-1 metrics as ``<name>/<metric>``), so it shows the result of the whole run
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -58,15 +57,16 @@ from blip_core.generation import generate_captions
 from blip_core.retrieval import retrieval_scores
 from blip_core.train import distributed as dist
 from components import storage, training, vqa_eval
-from components.cli import add_config_args
 from components.eval_report import (
     TABLE_COLUMNS,
+    _fmt,
     comparison_table,
     decoding_note,
     render_html,
     render_markdown,
     threshold_note,
 )
+from components.spec import Option, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -372,25 +372,35 @@ def _log_examples(run_, log_samples: int, split: EvalSplit, captions: dict[str, 
         run_.log_table([{"image": p, **r} for p, r in zip(pics, rows, strict=True)], "vqa_examples.json")
 
 
+SPEC = StageSpec(
+    name="evaluate", module=__name__, description=__doc__.split("\n\n")[0],
+    inputs=(Option("--model", "a model to evaluate: checkpoint directory or stage output, local or s3 (repeatable)",
+                   kind="input", action="append", required=True, metavar="NAME=URI", param="models",
+                   convert=lambda v: parse_models(v)),
+            Option("--test", "the clean test split (dataset directory, local or s3)", kind="input", required=True),
+            Option("--capfilt", "CapFilt output (with provenance.jsonl) to score the filter", kind="input"),
+            Option("--vqa", "a VQA model (blip finetune --task vqa output) to score on --vqa-test (repeatable); "
+                   "named as a --model, it fills that model's VQA column", kind="input", action="append",
+                   metavar="NAME=URI", convert=lambda v: parse_models(v) or None),
+            Option("--vqa-test", "the VQA test split (dataset directory, local or s3)", kind="input")),
+    outputs=(Option("--output", "output directory or s3:// prefix", kind="output", required=True),),
+    config=("evaluate", "data.image_size", "data.max_words"))
+
+
+def summary(metrics: dict, output: str) -> str:
+    """The final line of the stage, from its ``metrics.json``: printed by ``blip evaluate`` and by the
+    pipeline's evaluate step."""
+    models = metrics.get("models") or {}
+    scores = ", ".join(f"{name} mean_r1={_fmt(m.get('mean_r1'))}" for name, m in models.items())
+    return f"evaluate: {scores or 'no models'}; wrote {METRICS_FILE}, {REPORT_MD}, {REPORT_HTML} to {output}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="blip evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", action="append", required=True, metavar="NAME=URI",
-                   help="a model to evaluate: checkpoint directory or stage output, local or s3 (repeatable)")
-    p.add_argument("--test", required=True, help="the clean test split (dataset directory, local or s3)")
-    p.add_argument("--output", required=True, help="output directory or s3:// prefix")
-    p.add_argument("--capfilt", default=None, help="CapFilt output (with provenance.jsonl) to score the filter")
-    p.add_argument("--vqa", action="append", default=None, metavar="NAME=URI",
-                   help="a VQA model (blip finetune --task vqa output) to score on --vqa-test (repeatable); "
-                        "named as a --model, it fills that model's VQA column")
-    p.add_argument("--vqa-test", default=None, help="the VQA test split (dataset directory, local or s3)")
-    add_config_args(p)
-    args = p.parse_args(argv)
+    args = SPEC.parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    res = run(cfg, parse_models(args.model), args.test, args.output, capfilt=args.capfilt,
-              vqa=parse_models(args.vqa) if args.vqa else None, vqa_test=args.vqa_test,
-              parent_run_id=args.parent_run_id)
+    res = run(cfg, **SPEC.run_kwargs(args))
     print(res.report)
-    print(f"evaluate: wrote {METRICS_FILE}, {REPORT_MD}, {REPORT_HTML} to {res.output}")
+    print(summary(res.metrics, res.output))
     return 0
 
 

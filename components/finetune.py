@@ -20,14 +20,15 @@ prompt and the ``evaluate`` decoding settings), the filter by ``r_mean``, the me
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 
 from blip_core.config import Config
 from blip_core.errors import UserError
 from blip_core.train import distributed as D
 from components import training
 from components.cli import run_distributed_main
-from components.pretrain import _fmt, add_common_args
+from components.pretrain import NO_RESUME
+from components.spec import Option, StageSpec
 from components.tasks import finetune_tasks, get_task
 from components.training import TrainStageResult
 
@@ -54,30 +55,24 @@ def run(cfg: Config, task: str, init: str, data: list[str], output: str, *, resu
         init_fingerprint=training.model_fingerprint(model))
 
 
+SPEC = StageSpec(
+    name="finetune", module=__name__, description=__doc__.split("\n\n")[0],
+    inputs=(Option("--init", "pre-trained checkpoint or pretrain stage output", kind="input", required=True),
+            Option("--data", "training dataset directories (human-annotated pairs; VQA data for --task vqa)",
+                   kind="input", nargs="+", required=True),
+            Option("--val", "validation dataset directories: score every epoch and keep the best one as model/",
+                   kind="input", nargs="+", metavar="URI")),
+    outputs=(Option("--output", "output directory or s3:// prefix", kind="output", required=True),),
+    options=(Option("--task", "the fine-tuning task", choices=finetune_tasks, required=True),
+             Option("--stage-name", "name of the MLflow stage run (default: the task's section)", param="stage"),
+             NO_RESUME),
+    config=("model", "data", "finetune_{task}"),
+    extra=lambda v: tuple(get_task(v["task"]).validation_sections) if v["val"] else ())
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="blip finetune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", choices=finetune_tasks(), required=True)
-    p.add_argument("--init", required=True, help="pre-trained checkpoint or pretrain stage output")
-    p.add_argument("--data", nargs="+", required=True,
-                   help="training dataset directories (human-annotated pairs; VQA data for --task vqa)")
-    p.add_argument("--output", required=True, help="output directory or s3:// prefix")
-    p.add_argument("--val", nargs="+", default=None, metavar="URI",
-                   help="validation dataset directories: score every epoch and keep the best one as model/")
-    p.add_argument("--stage-name", default=None, help="name of the MLflow stage run (default: the task's section)")
-    add_common_args(p)
-
-    def go(args, cfg):
-        return run(cfg, args.task, args.init, args.data, args.output, resume=not args.no_resume,
-                   parent_run_id=args.parent_run_id, val=args.val, stage=args.stage_name)
-
-    def report(args, res):
-        print(f"finetune {args.task}: {res.steps} steps, losses {_fmt(res.losses)}, model at {res.model_uri}")
-        if res.validation:
-            best = res.validation["best"]
-            print(f"finetune {args.task}: model of epoch {best['epoch']:g} (step {best['step']}), validation "
-                  f"{res.validation['metric']} {best['score']:.4f}")
-
-    return run_distributed_main(p, argv, go, report)
+    return run_distributed_main(SPEC.parser(), argv, lambda args, cfg: run(cfg, **SPEC.run_kwargs(args)),
+                                lambda args, res: print(training.summary(f"finetune {args.task}", dataclasses.asdict(res))))
 
 
 if __name__ == "__main__":

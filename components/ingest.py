@@ -44,7 +44,6 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
@@ -53,8 +52,8 @@ from blip_core.data.checks import ImageRules, Rejected, check_image, clean_capti
 from blip_core.data.webdataset_io import DatasetWriter, Manifest
 from blip_core.errors import UserError
 from blip_core.redact import redact
-from components import storage
-from components.cli import add_config_args
+from components import annotations, storage  # noqa: F401  (annotations: registers its Source)
+from components.ingest_parts import PART_KEY, IngestResult, main_merge, run_workers  # noqa: F401
 from components.sources import (  # noqa: F401  (re-exported: the stage's public names)
     SHARD_SUFFIXES,
     SOURCES,
@@ -66,6 +65,7 @@ from components.sources import (  # noqa: F401  (re-exported: the stage's public
     open_source,
     source_fingerprint,
 )
+from components.spec import Option, StageSpec
 from components.url_fetch import check_url, fetch_url  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -74,26 +74,11 @@ _KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 _CAPTION_SOURCES = ("web", "human", "synthetic")
 
 
-@dataclass
-class IngestResult:
-    """What :func:`run` produced."""
-
-    output: str
-    manifest: Manifest
-    seconds: float
-    part_cpu_seconds: list[float] = field(default_factory=list)  # CPU time of each worker's part (--workers)
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.manifest.samples_in / max(self.seconds, 1e-9)
-
-
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
 
 
-PART_KEY = "part"  # manifest key of a part written with run(part=...): {"index": i, "parts": n}
 
 
 def part_of(raw: RawSample, parts: int, max_words: int) -> int:
@@ -233,31 +218,43 @@ def run(cfg: Config, source: str, output: str, *, progress: bool = True,
     return IngestResult(output, manifest, seconds)
 
 
+SPEC = StageSpec(
+    name="ingest", module=__name__, tracking=False,
+    description="Check, clean, de-duplicate and shard raw image-text pairs into a WebDataset directory (local or "
+                "s3://).",
+    inputs=(Option("--source", "toyweb://?split=web&n=...&noise=...&seed=..., a directory or s3:// prefix of .tar "
+                   "shards, a .jsonl/.csv manifest, or a BLIP annotation .json (default: ingest.source of the "
+                   "config)", kind="input"),
+            Option("--image-root", "directory or s3:// prefix the image paths of a .json annotation file are "
+                   "relative to (default: ingest.image_root, else the file's directory)", kind="input")),
+    outputs=(Option("--output", "output dataset directory: a local path or s3://bucket/prefix", kind="output",
+                    required=True),),
+    options=(Option("--no-progress", "no progress bar", action="store_true"),
+             Option("--workers", "local processes, each ingesting one part, then merged (the same samples and "
+                    "rejection counts as 1; default 1)", type=int, default=1),
+             Option("--part", "write only part I of --parts N (for one pod of a parallel ingest; join the parts "
+                    "with 'blip ingest merge')", type=int, metavar="I"),
+             Option("--parts", "number of parts (with --part)", type=int, metavar="N")),
+    config=("ingest",))
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blip ingest", description="Check, clean, de-duplicate and shard raw "
-                                "image-text pairs into a WebDataset directory (local or s3://).")
-    p.add_argument("--source", help="toyweb://?split=web&n=...&noise=...&seed=..., a directory or s3:// prefix "
-                   "of .tar shards, a .jsonl/.csv manifest, or a BLIP annotation .json (default: ingest.source "
-                   "of the config)")
-    p.add_argument("--image-root", default=None, help="directory or s3:// prefix the image paths of a .json "
-                   "annotation file are relative to (default: ingest.image_root, else the file's directory)")
-    p.add_argument("--output", required=True, help="output dataset directory: a local path or s3://bucket/prefix")
-    add_config_args(p, tracking=False)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--workers", type=int, default=1, help="local processes, each ingesting one part, then merged "
-                   "(the same samples and rejection counts as 1; default 1)")
-    p.add_argument("--part", type=int, default=None, metavar="I", help="write only part I of --parts N (for one pod "
-                   "of a parallel ingest; join the parts with 'blip ingest merge')")
-    p.add_argument("--parts", type=int, default=None, metavar="N", help="number of parts (with --part)")
-    return p
+    return SPEC.parser()
+
+
+def summary(m: Manifest, output: str, name: str = "ingest") -> str:
+    """The final line of an ingest, from the dataset's manifest: printed by ``blip ingest`` and by the pipeline's
+    ingest steps."""
+    rejected = ", ".join(f"{k}={v}" for k, v in sorted(m.rejected.items())) or "none"
+    texts = f"{m.extra['questions_out']} questions" if m.extra.get("questions_out") else f"{m.captions_out} captions"
+    return (f"{name}: {m.samples_in} in, {m.samples_out} out ({texts}) in {len(m.shards)} shard(s) at {output}; "
+            f"rejected: {rejected}")
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     """CLI entry point (``blip ingest``; ``blip ingest merge`` joins parts)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:
-        from components.ingest_parts import main_merge
-
         return main_merge(argv[1:])
     args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:
@@ -267,11 +264,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     if args.image_root:
         cfg.ingest.image_root = args.image_root
     res = _run_cli(cfg, source, args)
-    m = res.manifest
-    rejected = ", ".join(f"{k}={v}" for k, v in sorted(m.rejected.items())) or "none"
-    texts = f"{m.extra['questions_out']} questions" if m.extra.get("questions_out") else f"{m.captions_out} captions"
-    print(f"ingest: {m.samples_in} in, {m.samples_out} out ({texts}) in {len(m.shards)} "
-          f"shard(s) at {res.output}; rejected: {rejected}; {res.samples_per_s:.0f} samples/s")
+    print(f"{summary(res.manifest, res.output)}; {res.samples_per_s:.0f} samples/s")
     return 0
 
 
@@ -283,7 +276,5 @@ def _run_cli(cfg: Config, source: str, args: argparse.Namespace) -> IngestResult
         if args.workers != 1:
             raise UserError("--workers and --part exclude each other: a part is one process")
         return run(cfg, source, args.output, progress=not args.no_progress, part=(args.part, args.parts))
-    from components.ingest_parts import run_workers
-
-    return run_workers(cfg, source, args.output, args.workers, progress=not args.no_progress)
+    return run_workers(run, cfg, source, args.output, args.workers, progress=not args.no_progress)
 

@@ -31,8 +31,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from blip_core.config import Config
@@ -54,11 +55,25 @@ from blip_core.errors import UserError
 from blip_core.redact import install_log_redaction, redact
 from components import storage
 from components.cli import one_line_errors
-from components.ingest import PART_KEY, IngestResult, run
 
 log = logging.getLogger(__name__)
 
 MAX_PARTS = 4096
+PART_KEY = "part"  # manifest key of a part written with run(part=...): {"index": i, "parts": n}
+
+
+@dataclass
+class IngestResult:
+    """What :func:`run` produced."""
+
+    output: str
+    manifest: Manifest
+    seconds: float
+    part_cpu_seconds: list[float] = field(default_factory=list)  # CPU time of each worker's part (--workers)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.manifest.samples_in / max(self.seconds, 1e-9)
 
 
 def _part_info(uri: str, m: Manifest) -> tuple[int, int]:
@@ -179,15 +194,18 @@ def merge(part_uris: Sequence[str], output: str) -> IngestResult:
     return IngestResult(output, manifest, time.perf_counter() - t0)
 
 
-def _run_part(cfg: Config, source: str, output: str, part: tuple[int, int]) -> float:
-    """One part in a worker process; returns the CPU seconds it took."""
+def _run_part(run: Callable[..., IngestResult], cfg: Config, source: str, output: str,
+              part: tuple[int, int]) -> float:
+    """One part in a worker process (``run``: :func:`components.ingest.run`); returns the CPU seconds it took."""
     c0 = time.process_time()
     run(cfg, source, output, progress=False, part=part)
     return time.process_time() - c0
 
 
-def run_workers(cfg: Config, source: str, output: str, workers: int, *, progress: bool = True) -> IngestResult:
-    """Ingest ``source`` with ``workers`` local processes (one part each), merged into ``output``."""
+def run_workers(run: Callable[..., IngestResult], cfg: Config, source: str, output: str, workers: int, *,
+                progress: bool = True) -> IngestResult:
+    """Ingest ``source`` with ``workers`` local processes (one part each, each a call of ``run``, the ingest
+    stage's :func:`components.ingest.run`), merged into ``output``."""
     if not 1 <= workers <= MAX_PARTS:
         raise UserError(f"--workers must be in 1..{MAX_PARTS}, got {workers}")
     if workers == 1:
@@ -208,7 +226,7 @@ def run_workers(cfg: Config, source: str, output: str, workers: int, *, progress
         # fork: the workers start at once with this process's imports (spawn would re-import torch in each)
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-            futures = [pool.submit(_run_part, cfg, source, d, (i, workers)) for i, d in enumerate(dirs)]
+            futures = [pool.submit(_run_part, run, cfg, source, d, (i, workers)) for i, d in enumerate(dirs)]
             if progress:
                 print(f"ingest: {workers} worker processes", file=sys.stderr)
             try:

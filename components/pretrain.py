@@ -10,8 +10,8 @@ trains a new model rather than continuing).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import logging
 
 import torch
@@ -20,7 +20,8 @@ from blip_core.config import Config
 from blip_core.pretrained import load_bert_weights, load_vit_weights
 from blip_core.train import distributed as D
 from components import storage, training
-from components.cli import add_config_args, run_distributed_main
+from components.cli import run_distributed_main
+from components.spec import Option, StageSpec
 from components.tasks import get_task
 from components.training import TrainStageResult
 
@@ -60,36 +61,27 @@ def run(cfg: Config, data: list[str], output: str, *, init: str | None = None, v
         init_fingerprint=training.model_fingerprint(model) if init else None)
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p)
-    p.add_argument("--no-resume", action="store_true", help="start over even if the output holds a checkpoint")
+NO_RESUME = Option("--no-resume", "start over even if the output holds a checkpoint", action="store_true",
+                   param="resume", invert=True)
+
+SPEC = StageSpec(
+    name="pretrain", module=__name__, description=__doc__.split("\n\n")[0],
+    inputs=(Option("--data", "dataset directories (local or s3://)", kind="input", nargs="+", required=True),
+            Option("--init", "start from this blip_core checkpoint or stage output", kind="input"),
+            Option("--vit-init", "timm ViT state dict file (.pth/.safetensors)", kind="input"),
+            Option("--bert-init", "Hugging Face BERT directory (save_pretrained)", kind="input"),
+            Option("--vocab-data", "more dataset directories whose texts the corpus-built vocabulary covers "
+                   "(e.g. VQA data)", kind="input", nargs="+", metavar="URI")),
+    outputs=(Option("--output", "output directory or s3:// prefix", kind="output", required=True),),
+    options=(Option("--stage-name", "name of the MLflow stage run (e.g. repretrain)", default="pretrain",
+                    param="stage"),
+             NO_RESUME),
+    config=("model", "data", "pretrain"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="blip pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", nargs="+", required=True, help="dataset directories (local or s3://)")
-    p.add_argument("--output", required=True, help="output directory or s3:// prefix")
-    p.add_argument("--init", default=None, help="start from this blip_core checkpoint or stage output")
-    p.add_argument("--vit-init", default=None, help="timm ViT state dict file (.pth/.safetensors)")
-    p.add_argument("--bert-init", default=None, help="Hugging Face BERT directory (save_pretrained)")
-    p.add_argument("--stage-name", default="pretrain", help="name of the MLflow stage run (e.g. repretrain)")
-    p.add_argument("--vocab-data", nargs="+", default=None, metavar="URI",
-                   help="more dataset directories whose texts the corpus-built vocabulary covers (e.g. VQA data)")
-    add_common_args(p)
-
-    def go(args, cfg):
-        return run(cfg, args.data, args.output, init=args.init, vit_init=args.vit_init, bert_init=args.bert_init,
-                   resume=not args.no_resume, parent_run_id=args.parent_run_id, stage=args.stage_name,
-                   vocab_data=args.vocab_data)
-
-    def report(args, res):
-        print(f"{args.stage_name}: {res.steps} steps, losses {_fmt(res.losses)}, model at {res.model_uri}")
-
-    return run_distributed_main(p, argv, go, report)
-
-
-def _fmt(losses: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4f}" for k, v in losses.items())
+    return run_distributed_main(SPEC.parser(), argv, lambda args, cfg: run(cfg, **SPEC.run_kwargs(args)),
+                                lambda args, res: print(training.summary(args.stage_name, dataclasses.asdict(res))))
 
 
 if __name__ == "__main__":

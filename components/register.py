@@ -1,12 +1,15 @@
 """Register stage: log the final model in MLflow, register a new version, promote it only when it is better.
 
-``blip register --model URI --metrics URI --candidate NAME [--name blip-capfilt] [--alias champion]
-[--metric mean_r1] [--output URI]``
+``blip register --model URI --metrics URI --candidate NAME [--baseline NAME --min-gain G] [--name blip-capfilt]
+[--alias champion] [--metric mean_r1] [--output URI]``
 
 - ``--model``: the model to register (a checkpoint directory or a training stage output, local or s3);
 - ``--metrics``: the evaluate stage's ``metrics.json`` (or its output directory); ``--candidate`` names the
   model's entry under ``models`` there;
-- ``--metric`` (default ``evaluate.metric``, ``mean_r1``): the metric compared, higher is better.
+- ``--metric`` (default ``evaluate.metric``, ``mean_r1``): the metric compared, higher is better;
+- ``--baseline`` and ``--min-gain`` (the promotion gate, the same for ``dvc repro`` and the Kubeflow pipeline):
+  the candidate is registered only when its metric minus the baseline's is strictly above ``--min-gain``
+  (default 0); a tie, a loss or a NaN metric registers nothing and the stage still succeeds.
 
 The model is logged as an MLflow pyfunc model in a stage run ``register`` and registered as a new version of
 ``--name``. The version carries its evaluate metrics as tags ``blip.metric.<key>`` (and ``blip.candidate``,
@@ -22,7 +25,6 @@ With ``--output``, the decision is written to ``register.json`` there.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -32,7 +34,7 @@ from typing import Any
 from blip_core.config import Config, load_config, to_dict
 from blip_core.errors import UserError
 from components import storage, training
-from components.cli import add_config_args
+from components.spec import Option, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ class RegisterResult:
     champion_value: float | None = None
     model_uri: str | None = None
     run_id: str | None = None
+    baseline: str = ""  # the promotion gate: the model the candidate is compared with, and its gain
+    gain: float | None = None
+    min_gain: float | None = None
 
 
 def read_candidate_metrics(metrics: str, candidate: str) -> dict[str, float]:
@@ -101,6 +106,17 @@ def decide(value: float, champion_version: str | None, champion_value: float | N
                    f"({champion_value:.4g}): @{alias} stays on version {champion_version}")
 
 
+def promotion_gate(per_model: dict[str, dict[str, Any]], candidate: str, baseline: str, key: str, min_gain: float,
+                   where: str = "") -> tuple[float, bool]:
+    """``(gain, promote)``: the candidate's ``key`` minus the baseline's, and whether it is strictly above
+    ``min_gain`` (a tie, a loss or a NaN metric does not promote)."""
+    try:
+        gain = float(per_model[candidate][key]) - float(per_model[baseline][key])
+    except KeyError as e:
+        raise UserError(f"{where or 'metrics'}: no {key} for model {e}") from None
+    return gain, gain > min_gain
+
+
 def _write_decision(output: str | None, result: RegisterResult) -> None:
     if output:
         path = output if output.endswith(".json") else storage.join(output, DECISION_FILE)
@@ -109,8 +125,13 @@ def _write_decision(output: str | None, result: RegisterResult) -> None:
 
 def run(cfg: Config, model: str, metrics: str, candidate: str, name: str = "blip-capfilt", *,
         alias: str = "champion", metric: str | None = None, parent_run_id: str | None = None,
-        output: str | None = None, force: bool = False) -> RegisterResult:
-    """Register ``model`` as a new version of ``name``; move ``alias`` only if its metric beats the holder's."""
+        output: str | None = None, force: bool = False, baseline: str | None = None,
+        min_gain: float = 0.0) -> RegisterResult:
+    """Register ``model`` as a new version of ``name``; move ``alias`` only if its metric beats the holder's.
+
+    With ``baseline`` (a model of the same ``metrics``), nothing is registered unless the candidate's metric
+    minus the baseline's is strictly above ``min_gain`` (:func:`promotion_gate`).
+    """
     from components import tracking
 
     metric = metric or cfg.evaluate.metric
@@ -119,7 +140,17 @@ def run(cfg: Config, model: str, metrics: str, candidate: str, name: str = "blip
         raise UserError(f"{metrics}: model {candidate!r} has no metric {metric!r} "
                         f"(has: {', '.join(sorted(values))})")
     value = values[metric]
-    base = {"name": name, "alias": alias, "metric": metric, "value": value}
+    base: dict[str, Any] = {"name": name, "alias": alias, "metric": metric, "value": value}
+    if baseline:
+        per_model = {candidate: values, baseline: read_candidate_metrics(metrics, baseline)}
+        gain, promote = promotion_gate(per_model, candidate, baseline, metric, min_gain, metrics)
+        base.update(baseline=baseline, gain=gain, min_gain=min_gain)
+        if not promote:
+            result = RegisterResult(promoted=False, version=None, reason=(
+                f"{candidate} {metric} - {baseline} {metric} = {gain:+.4g} is not above min_gain {min_gain:g}: "
+                "not registered"), **base)
+            _write_decision(output, result)
+            return result
     if not tracking.tracking_enabled():
         result = RegisterResult(promoted=False, version=None, reason="tracking disabled (BLIP_TRACKING=0 or a "
                                 "rank other than 0): registration needs MLflow; nothing registered", **base)
@@ -161,23 +192,36 @@ def run(cfg: Config, model: str, metrics: str, candidate: str, name: str = "blip
     return result
 
 
+SPEC = StageSpec(
+    name="register", module=__name__, description=__doc__.split("\n\n")[0],
+    inputs=(Option("--model", "checkpoint directory or stage output (local or s3)", kind="input", required=True),
+            Option("--metrics", "the evaluate stage's metrics.json (or its output directory)", kind="input",
+                   required=True)),
+    outputs=(Option("--output", "write register.json (the decision) to this directory or file", kind="output"),),
+    options=(Option("--candidate", "the model's name in metrics.json (evaluate --model NAME=...)", required=True),
+             Option("--name", "registered model name (default: blip-capfilt)", default="blip-capfilt"),
+             Option("--alias", "alias moved when the new version is better", default="champion"),
+             Option("--metric", "metric compared, higher is better (default: evaluate.metric)"),
+             Option("--baseline", "register only if the candidate beats this model of metrics.json by more than "
+                    "--min-gain"),
+             Option("--min-gain", "the gain over --baseline the candidate needs (strictly above; default 0)",
+                    type=float, default=0.0),
+             Option("--force", "move the alias whatever the metrics say", action="store_true")),
+    config=("evaluate.metric",))
+
+
+def summary(res: dict) -> str:
+    """The final line of the stage, from its decision (``register.json``): printed by ``blip register`` and by
+    the pipeline's register step."""
+    where = f"{res.get('name')} version {res.get('version')}" if res.get("version") else "not registered"
+    return f"register: {where}; {'promoted' if res.get('promoted') else 'not promoted'}: {res.get('reason')}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="blip register", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint directory or stage output (local or s3)")
-    p.add_argument("--metrics", required=True, help="the evaluate stage's metrics.json (or its output directory)")
-    p.add_argument("--candidate", required=True, help="the model's name in metrics.json (evaluate --model NAME=...)")
-    p.add_argument("--name", default="blip-capfilt", help="registered model name (default: blip-capfilt)")
-    p.add_argument("--alias", default="champion", help="alias moved when the new version is better")
-    p.add_argument("--metric", default=None, help="metric compared, higher is better (default: evaluate.metric)")
-    p.add_argument("--force", action="store_true", help="move the alias whatever the metrics say")
-    p.add_argument("--output", default=None, help="write register.json (the decision) to this directory or file")
-    add_config_args(p)
-    args = p.parse_args(argv)
+    args = SPEC.parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    res = run(cfg, args.model, args.metrics, args.candidate, args.name, alias=args.alias, metric=args.metric,
-              parent_run_id=args.parent_run_id, output=args.output, force=args.force)
-    where = f"{res.name} version {res.version}" if res.version else "not registered"
-    print(f"register: {where}; {'promoted' if res.promoted else 'not promoted'}: {res.reason}")
+    res = run(cfg, **SPEC.run_kwargs(args))
+    print(summary(dataclasses.asdict(res)))
     return 0
 
 

@@ -10,7 +10,7 @@ the images of samples another part of a parallel ingest takes are then never rea
 
 The built-in sources: ``toyweb://`` (:class:`ToyWebSource`), WebDataset shards (:class:`ShardSource`),
 JSONL/CSV manifests (:class:`ManifestSource`) and BLIP annotation lists (``.json``,
-:class:`components.annotations.AnnotationSource`).
+:class:`components.annotations.AnnotationSource`, registered when the ingest stage imports that module).
 """
 
 from __future__ import annotations
@@ -386,5 +386,3 @@ class ManifestSource(FetchingSource):
             return raw, None
         return raw, ref
 
-
-from components import annotations  # noqa: E402,F401  (registers AnnotationSource; it imports this module)

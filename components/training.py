@@ -30,10 +30,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -154,6 +154,19 @@ def publish(local: Path, output: str, names: list[str]) -> None:
             storage.upload_dir(p, storage.join(output, name))
         elif p.is_file():
             storage.upload_file(p, storage.join(output, name))
+
+
+def summary(name: str, result: Mapping[str, Any]) -> str:
+    """The final line(s) of a training stage, from its result (``result.json`` or the :class:`TrainStageResult`
+    as a dict): printed by ``blip pretrain``/``blip finetune`` and by the pipeline's training steps."""
+    losses = ", ".join(f"{k}={float(v):.4f}" for k, v in (result.get("losses") or {}).items())
+    line = f"{name}: {result.get('steps')} steps, losses {losses}, model at {result.get('model_uri')}"
+    val = result.get("validation")
+    if val:
+        best = val["best"]
+        line += (f"\n{name}: model of epoch {best['epoch']:g} (step {best['step']}), validation {val['metric']} "
+                 f"{best['score']:.4f}")
+    return line
 
 
 def write_result(output: str, local: Path, result: dict) -> None:

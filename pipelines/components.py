@@ -127,31 +127,31 @@ def repretrain(data: Input[Dataset], vocab: Input[Dataset], ctx: dict, params_fi
 @component
 def evaluate(noisy: Input[Model], bootstrapped: Input[Model], test: Input[Dataset], capfilt_data: Input[Dataset],
              vqa_noisy: Input[Model], vqa_bootstrapped: Input[Model], vqa_test: Input[Dataset],
-             ctx: dict, params_file: str, config_overrides: list, min_gain: float, results: Output[Artifact],
-             metrics: Output[Metrics], report: Output[Markdown], report_html: Output[HTML]) -> bool:
-    """Compare both pre-trained models (and the VQA models fine-tuned from them) on the test splits; True when
-    the bootstrapped one should be promoted."""
+             ctx: dict, params_file: str, config_overrides: list, results: Output[Artifact],
+             metrics: Output[Metrics], report: Output[Markdown], report_html: Output[HTML]):
+    """Compare both pre-trained models (and the VQA models fine-tuned from them) on the test splits."""
     from pipelines import settings, steps
 
     with steps.step("evaluate"):
         models = {settings.BASELINE: steps.input_location(noisy), settings.CANDIDATE: steps.input_location(bootstrapped)}
         vqa = {settings.BASELINE: steps.input_location(vqa_noisy),
                settings.CANDIDATE: steps.input_location(vqa_bootstrapped)}
-        return steps.evaluate(ctx, params_file, config_overrides, models, steps.input_location(test),
-                              steps.input_location(capfilt_data), min_gain, settings.BASELINE, settings.CANDIDATE,
-                              results, metrics, report, report_html, vqa=vqa,
-                              vqa_test=steps.input_location(vqa_test))
+        steps.evaluate(ctx, params_file, config_overrides, models, steps.input_location(test),
+                       steps.input_location(capfilt_data), results, metrics, report, report_html, vqa=vqa,
+                       vqa_test=steps.input_location(vqa_test))
 
 
 @component
 def register(model: Input[Model], results: Input[Artifact], ctx: dict, params_file: str, config_overrides: list,
-             registered_model: str) -> dict:
-    """Register the bootstrapped model in MLflow; the champion alias moves only if it beats the holder."""
+             registered_model: str, min_gain: float) -> dict:
+    """Register the bootstrapped model in MLflow if it beats the noisy one by more than ``min_gain``; the
+    champion alias moves only if it beats the holder."""
     from pipelines import settings, steps
 
     with steps.step("register"):
         return steps.register(ctx, params_file, config_overrides, steps.input_location(model),
-                              steps.input_location(results), settings.CANDIDATE, registered_model)
+                              steps.input_location(results), settings.CANDIDATE, registered_model,
+                              settings.BASELINE, min_gain)
 
 
 @component

@@ -7,8 +7,12 @@
                                                └──────────────────────────────────────────────────┐   │
                                  test split ──────────────────────────────────────────────► evaluate ◄┘
                                                                                                │
-                                                           dsl.If(capfilt beats noisy) ──► register
+                                                                                           register
     end_run (exit handler): ends the MLflow parent run FINISHED or FAILED
+
+The register step holds the promotion gate (:mod:`components.register`, as ``dvc repro``): it registers the
+bootstrapped model only when it beats the noisy one by more than ``min_gain``, and moves the champion alias
+only when it also beats the holder.
 
 An optional labelled calibration sample is ingested with the other splits; capfilt chooses its filter
 threshold on it (without one, ``capfilt.threshold``). The web source is ingested in ``ingest_parts`` parts, one
@@ -97,6 +101,69 @@ def _parallel_ingest(conf, split: str, source, parts, output_root, s3_endpoint, 
                 f"ingest {split} merge", retries=2, mlflow=False, policy="")
 
 
+SPLITS = ("human", "test", "calibration", "vqa_train", "vqa_test")  # ingested in one step each (web: in parts)
+
+
+def _ingest_all(conf, sources: dict, ingest_parts, output_root, s3_endpoint, cfg: dict) -> dict:
+    """The ingest task of every split, by split."""
+    data = {}
+    for split in SPLITS:
+        data[split] = conf(C.ingest(split=split, source=sources[split], output_root=output_root,
+                                    s3_endpoint=s3_endpoint, **cfg), "ingest", f"ingest {split}",
+                           retries=2, mlflow=False, policy="")
+    data["web"] = _parallel_ingest(conf, "web", sources["web"], ingest_parts, output_root, s3_endpoint, cfg)
+    return {split: task.outputs["dataset"] for split, task in data.items()}
+
+
+def _train_all(conf, data: dict, train: dict) -> dict:
+    """Pre-training, captioner and filter, CapFilt, re-pre-training and both VQA fine-tunings: their tasks."""
+    vocab = data["vqa_train"]
+    t = {"pretrain": conf(C.pretrain(web=data["web"], human=data["human"], vocab=vocab, **train), "pretrain",
+                          "pretrain", retries=2, policy="launch")}
+    for task in ("captioner", "filter"):
+        t[task] = conf(C.finetune(task=task, stage=f"finetune_{task}", pretrained=t["pretrain"].outputs["model"],
+                                  data=data["human"], **train), "finetune", f"finetune {task}", retries=2,
+                       policy="launch")
+    t["capfilt"] = conf(C.capfilt(captioner=t["captioner"].outputs["model"], filter_model=t["filter"].outputs["model"],
+                                  web=data["web"], human=data["human"], calibration=data["calibration"], **train),
+                        "capfilt", "capfilt", retries=2, policy="launch")
+    t["repretrain"] = conf(C.repretrain(data=t["capfilt"].outputs["dataset"], vocab=vocab, **train), "pretrain",
+                           "repretrain", retries=2, policy="launch")
+    for name, base in (("noisy", "pretrain"), ("capfilt", "repretrain")):
+        t[f"vqa_{name}"] = conf(C.finetune(task="vqa", stage=f"finetune_vqa_{name}", pretrained=t[base].outputs["model"],
+                                           data=data["vqa_train"], **train),
+                                "finetune", f"finetune vqa {name}", retries=2, policy="launch")
+    return t
+
+
+def _evaluate_and_register(conf, data: dict, t: dict, ctx, cfg: dict, min_gain, registered_model) -> None:
+    """Evaluate both pre-trained models (and their VQA fine-tunings), then the register step (its gate decides)."""
+    ev = conf(C.evaluate(noisy=t["pretrain"].outputs["model"], bootstrapped=t["repretrain"].outputs["model"],
+                         test=data["test"], capfilt_data=t["capfilt"].outputs["dataset"],
+                         vqa_noisy=t["vqa_noisy"].outputs["model"], vqa_bootstrapped=t["vqa_capfilt"].outputs["model"],
+                         vqa_test=data["vqa_test"], ctx=ctx, **cfg), "evaluate", "evaluate", retries=2)
+    conf(C.register(model=t["repretrain"].outputs["model"], results=ev.outputs["results"], ctx=ctx,
+                    registered_model=registered_model, min_gain=min_gain, **cfg), "register", "register")
+
+
+def _configurer(*, image: str, launcher: str, gpu_type: str | None, gpus: int, gpu_product: str | None,
+                retries: bool):
+    """``conf(task, kind, name, **kw)``: :func:`_configure` with the compile-time settings and the resources of
+    ``kind``."""
+    if launcher not in settings.LAUNCHERS:
+        raise ValueError(f"launcher must be one of {settings.LAUNCHERS}, got {launcher!r}")
+    gpu_type = gpu_type or settings.GPU_TYPE
+    gpu_product = settings.GPU_PRODUCT if gpu_product is None else gpu_product
+    res = settings.resources(launcher, gpus)
+
+    def conf(task, kind: str, name: str, **kw):
+        if not retries:
+            kw.pop("retries", None)
+        return _configure(task, res[kind], name=name, image=image, gpu_type=gpu_type, gpu_product=gpu_product, **kw)
+
+    return conf
+
+
 def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_type: str | None = None,
                   gpus: int = 1, gpu_product: str | None = None, retries: bool = True):
     """Build the ``@dsl.pipeline`` function with these compile-time settings (defaults: :mod:`pipelines.settings`).
@@ -106,17 +173,9 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
     """
     image = image or settings.IMAGE
     launcher = launcher or settings.LAUNCHER
-    if launcher not in settings.LAUNCHERS:
-        raise ValueError(f"launcher must be one of {settings.LAUNCHERS}, got {launcher!r}")
-    gpu_type = gpu_type or settings.GPU_TYPE
-    gpu_product = settings.GPU_PRODUCT if gpu_product is None else gpu_product
-    res = settings.resources(launcher, gpus)
+    conf = _configurer(image=image, launcher=launcher, gpu_type=gpu_type, gpus=gpus, gpu_product=gpu_product,
+                       retries=retries)
     torchx_defaults = {**settings.TORCHX, "image": image}
-
-    def conf(task, kind: str, name: str, **kw):
-        if not retries:
-            kw.pop("retries", None)
-        return _configure(task, res[kind], name=name, image=image, gpu_type=gpu_type, gpu_product=gpu_product, **kw)
 
     @dsl.pipeline(name=settings.PIPELINE_NAME,
                   description="BLIP pre-training with CapFilt bootstrapping: ingest, pretrain, finetune captioner "
@@ -147,8 +206,8 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
         s3) and ``config_overrides`` ("key=value" strings), ``output_root`` (s3 prefix for stage outputs, ''
         = KFP artifacts), tracking and S3 endpoints, ``launcher`` (inline | torchx), ``torchx`` (job settings,
         see components.launch), ``min_gain`` (mean R@1 the bootstrapped model must gain over the noisy one to
-        be registered), ``registered_model`` (MLflow registry name), ``ingest_parts`` (pods ingesting the web
-        source in parallel, each one part, then merged)."""
+        be registered: the register stage's gate), ``registered_model`` (MLflow registry name),
+        ``ingest_parts`` (pods ingesting the web source in parallel, each one part, then merged)."""
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         end = C.end_run(job_id=job_id, mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment)
         conf(end, "end", "end MLflow run", secret=False)
@@ -158,44 +217,12 @@ def make_pipeline(*, image: str | None = None, launcher: str | None = None, gpu_
                                      s3_endpoint=s3_endpoint), "start", "start MLflow run", secret=False)
             ctx = start.outputs["ctx"]
             cfg = {"params_file": params_file, "config_overrides": config_overrides}
-            train = {**cfg, "ctx": ctx, "launcher": launcher, "torchx": torchx}
-            data = {}
-            for split, source in (("human", human_source), ("test", test_source),
-                                  ("calibration", calibration_source), ("vqa_train", vqa_train_source),
-                                  ("vqa_test", vqa_test_source)):
-                data[split] = conf(C.ingest(split=split, source=source, output_root=output_root,
-                                            s3_endpoint=s3_endpoint, **cfg), "ingest", f"ingest {split}",
-                                   retries=2, mlflow=False, policy="")
-            data["web"] = _parallel_ingest(conf, "web", web_source, ingest_parts, output_root, s3_endpoint, cfg)
-            vocab = data["vqa_train"].outputs["dataset"]
-            pre = conf(C.pretrain(web=data["web"].outputs["dataset"], human=data["human"].outputs["dataset"],
-                                  vocab=vocab, **train), "pretrain", "pretrain", retries=2, policy="launch")
-            tuned = {}
-            for task in ("captioner", "filter"):
-                tuned[task] = conf(C.finetune(task=task, stage=f"finetune_{task}", pretrained=pre.outputs["model"],
-                                              data=data["human"].outputs["dataset"], **train),
-                                   "finetune", f"finetune {task}", retries=2, policy="launch")
-            cf = conf(C.capfilt(captioner=tuned["captioner"].outputs["model"],
-                                filter_model=tuned["filter"].outputs["model"], web=data["web"].outputs["dataset"],
-                                human=data["human"].outputs["dataset"],
-                                calibration=data["calibration"].outputs["dataset"], **train),
-                      "capfilt", "capfilt", retries=2, policy="launch")
-            re = conf(C.repretrain(data=cf.outputs["dataset"], vocab=vocab, **train), "pretrain", "repretrain",
-                      retries=2, policy="launch")
-            vqa = {}
-            for name, base in (("noisy", pre), ("capfilt", re)):
-                vqa[name] = conf(C.finetune(task="vqa", stage=f"finetune_vqa_{name}", pretrained=base.outputs["model"],
-                                            data=data["vqa_train"].outputs["dataset"], **train),
-                                 "finetune", f"finetune vqa {name}", retries=2, policy="launch")
-            ev = conf(C.evaluate(noisy=pre.outputs["model"], bootstrapped=re.outputs["model"],
-                                 test=data["test"].outputs["dataset"], capfilt_data=cf.outputs["dataset"],
-                                 vqa_noisy=vqa["noisy"].outputs["model"], vqa_bootstrapped=vqa["capfilt"].outputs["model"],
-                                 vqa_test=data["vqa_test"].outputs["dataset"], ctx=ctx, min_gain=min_gain, **cfg), "evaluate", "evaluate", retries=2)
-            # The gate reads the step's single return value ("Output"): the local runner resolves a named
-            # NamedTuple field inside an exit handler's sub-DAG wrongly.
-            with dsl.If(ev.outputs["Output"] == True, name="promote"):  # noqa: E712 - a KFP condition
-                conf(C.register(model=re.outputs["model"], results=ev.outputs["results"], ctx=ctx,
-                                registered_model=registered_model, **cfg), "register", "register")
+            sources = {"web": web_source, "human": human_source, "test": test_source,
+                       "calibration": calibration_source, "vqa_train": vqa_train_source,
+                       "vqa_test": vqa_test_source}
+            data = _ingest_all(conf, sources, ingest_parts, output_root, s3_endpoint, cfg)
+            tasks = _train_all(conf, data, {**cfg, "ctx": ctx, "launcher": launcher, "torchx": torchx})
+            _evaluate_and_register(conf, data, tasks, ctx, cfg, min_gain, registered_model)
 
     return blip_capfilt
 

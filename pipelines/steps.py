@@ -7,6 +7,9 @@ Every function adapts KFP's artifacts and parameters to a stage of :mod:`compone
   metadata ``location`` holds that URI and the artifact's file is a small pointer; downstream steps read
   :func:`input_location`. An S3 location survives the step's pod, so a retried training step resumes from its
   newest checkpoint there (the stages resume by default), and TorchX jobs can write it.
+- **Stages.** A step calls its stage through the stage's spec (:func:`run_stage`, :mod:`components.spec`): the
+  same option values become ``run``'s arguments inline, or the argument list of a TorchX job
+  (``launcher=torchx``), and the step prints the stage's own summary line (the one ``blip <stage>`` prints).
 - **Run context.** :func:`start_run` creates the MLflow parent run of the pipeline run and returns a ``ctx``
   dict (environment for tracking and S3, ``run_root``, ``parent_run_id``) that every later step applies first.
 - **Errors.** A failing step prints one line ``blip pipeline step <stage>: error: ...`` and, when
@@ -16,7 +19,6 @@ Every function adapts KFP's artifacts and parameters to a stage of :mod:`compone
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -176,6 +178,35 @@ def _launch(stage: str, args: list[str], ctx: dict, torchx: dict) -> None:
     launch.launch(stage, args, scheduler=scheduler, env=env, run_id=ctx.get("run_id") or None, **opts)
 
 
+def stage_argv(name: str, values: dict[str, Any], params_file: str = "", overrides: Sequence[str] = ()) -> list[str]:
+    """The command line of stage ``name`` for option ``values`` (by dest, see :mod:`components.spec`) and the
+    run's config: what a TorchX job of the stage runs."""
+    from components import spec
+
+    return spec.get(name).argv(values) + _config_args(params_file, overrides)
+
+
+def run_stage(name: str, values: dict[str, Any], *, cfg, ctx: dict, params_file: str, overrides: Sequence[str],
+              launcher: str = "inline", torchx: dict | None = None):
+    """Run stage ``name`` with option ``values`` (by dest) through its spec: in this process (``inline``:
+    ``run(cfg, **SPEC.run_kwargs(values))``, returning its result) or as a TorchX job running ``SPEC.argv(values)``
+    (``torchx``: returns None; the stage's output holds its result). The pipeline's MLflow parent run is added."""
+    import importlib
+
+    from components import spec
+
+    stage = spec.get(name)
+    values = dict(values)
+    if stage.tracking and ctx.get("parent_run_id"):
+        values["parent_run_id"] = ctx["parent_run_id"]
+    if launcher == "inline":
+        return importlib.import_module(stage.module).run(cfg, **stage.run_kwargs(values))
+    if launcher == "torchx":
+        _launch(name, stage_argv(name, values, params_file, overrides), ctx, torchx or {})
+        return None
+    raise UserError(f"launcher must be 'inline' or 'torchx', got {launcher!r}")
+
+
 def _result(output: str) -> dict:
     from components import storage
 
@@ -244,165 +275,30 @@ def end_run(job_id: str, tracking_uri: str, experiment: str, state: str, error: 
             print(f"MLflow parent run {r.info.run_id}: {status} (pipeline {state})")
 
 
-def _complete_dataset(uri: str):
-    """The manifest of a complete, intact dataset directory at ``uri`` (every shard as listed), or None."""
-    from blip_core.data.webdataset_io import check_shards, read_manifest
-
-    try:
-        m = read_manifest(uri)
-    except UserError:
-        return None
-    return None if check_shards(uri, m) else m
-
-
-def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_file: str,
-           overrides: Sequence[str], dataset, report) -> None:
-    """Ingest ``source`` (default: the config's ``sources.<split>``) into a content-addressed location."""
-    from components import ingest as stage
-
-    if s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL_S3"] = s3_endpoint
-    cfg = load_cfg(params_file, overrides)
-    source = source or getattr(cfg.sources, split)
-    if not source and split == "calibration":  # optional: without it CapFilt uses capfilt.threshold
-        output_location(dataset, "", "calibration")
-        dataset.metadata.update({"split": split, "empty": True})
-        Path(report.path).write_text("# Ingest calibration\n\nNo calibration source (pipeline parameter "
-                                     "`calibration_source` or `sources.calibration`): CapFilt filters with "
-                                     f"`capfilt.threshold` = {cfg.capfilt.threshold}.\n")
-        print("ingest calibration: no source; CapFilt uses capfilt.threshold")
-        return
-    _make_dataset(cfg, split, source, output_root, dataset, report,
-                  lambda out: stage.run(cfg, source, out, progress=False).manifest)
-
-
-def _dataset_name(cfg, split: str, source: str, output_root: str) -> tuple[str, str]:
-    """``(root, name)`` of the content-addressed location of an ingested split (root '' without output_root).
-
-    Same source content (listing with ETags / sizes and mtimes) and ingest settings -> same location, where a
-    complete dataset is reused; new data under an unchanged URI gets a new location.
-    """
-    from blip_core.config import to_dict
-    from components import ingest as stage
-
-    fingerprint = stage.source_fingerprint(source, cfg.ingest.image_root)
-    key = hashlib.sha256(json.dumps([source, to_dict(cfg.ingest), fingerprint], sort_keys=True).encode()).hexdigest()[:12]
-    return (f"{output_root.rstrip('/')}/datasets" if output_root else ""), f"{split}-{key}"
-
-
-def _ingest_outputs(split: str, source: str, out: str, m, dataset, report) -> None:
-    """The dataset artifact's metadata and the Markdown report of an ingested split."""
-    from components import ingest as stage
-
-    dataset.metadata.update({"split": split, "source": stage.redact(source), "samples": m.samples_out,
-                             "captions": m.captions_out, "shards": len(m.shards), "rejected": dict(m.rejected)})
-    rejected = "".join(f"| {k} | {v} |\n" for k, v in sorted(m.rejected.items())) or "| (none) | 0 |\n"
-    Path(report.path).write_text(
-        f"# Ingest {split}\n\nSource `{stage.redact(source)}` -> `{out}`\n\n"
-        f"| in | out | captions | shards |\n|---|---|---|---|\n"
-        f"| {m.samples_in} | {m.samples_out} | {m.captions_out} | {len(m.shards)} |\n\n"
-        f"| rejected because | samples |\n|---|---|\n{rejected}")
-    print(f"ingest {split}: {m.samples_in} in, {m.samples_out} out at {out}")
-
-
-def ingest_plan(parts: int) -> list[int]:
-    """The part indices ``0..parts-1`` of a parallel ingest (the items of the pipeline's ParallelFor)."""
-    from components.ingest_parts import MAX_PARTS
-
-    if not 1 <= int(parts) <= MAX_PARTS:
-        raise UserError(f"ingest_parts must be in 1..{MAX_PARTS}, got {parts}")
-    return list(range(int(parts)))
-
-
-def ingest_part(split: str, source: str, part: int, parts: int, output_root: str, s3_endpoint: str,
-                params_file: str, overrides: Sequence[str], dataset) -> None:
-    """Ingest part ``part`` of ``parts`` of a split (one pod of a parallel ingest; :func:`ingest_merge` joins them).
-
-    Nothing is done when the merged dataset of the same source content and settings is already complete, and a
-    complete part from an earlier attempt is reused.
-    """
-    from components import ingest as stage
-
-    if s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL_S3"] = s3_endpoint
-    cfg = load_cfg(params_file, overrides)
-    source = source or getattr(cfg.sources, split)
-    part, parts = int(part), int(parts)
-    root, name = _dataset_name(cfg, split, source, output_root)
-    out = output_location(dataset, root, f"{name}-part-{part:04d}-of-{parts:04d}")
-    dataset.metadata.update({"split": split, "part": part, "parts": parts})
-    if root and _complete_dataset(f"{root}/{name}") is not None:
-        print(f"ingest {split} part {part}/{parts}: {root}/{name} is already complete")
-        return
-    m = _complete_dataset(out) if root else None
-    if m is not None:
-        print(f"ingest {split} part {part}/{parts}: reusing {out}")
-    else:
-        m = stage.run(cfg, source, out, progress=False, part=(part, parts)).manifest
-    print(f"ingest {split} part {part}/{parts}: {m.samples_in} in, {m.samples_out} out at {out}")
-
-
-def ingest_merge(split: str, source: str, parts: Sequence, output_root: str, s3_endpoint: str, params_file: str,
-                 overrides: Sequence[str], dataset, report) -> None:
-    """Join the parts of a parallel ingest into the split's dataset (reused when already complete)."""
-    from components import ingest_parts
-
-    if s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL_S3"] = s3_endpoint
-    cfg = load_cfg(params_file, overrides)
-    source = source or getattr(cfg.sources, split)
-    _make_dataset(cfg, split, source, output_root, dataset, report,
-                  lambda out: ingest_parts.merge([input_location(p) for p in parts], out).manifest)
-
-
-def _make_dataset(cfg, split: str, source: str, output_root: str, dataset, report, make) -> None:
-    """The split's dataset at its content-addressed location: reused when complete, else ``make(out)`` writes it
-    and returns its manifest."""
-    root, name = _dataset_name(cfg, split, source, output_root)
-    out = output_location(dataset, root, name)
-    m = _complete_dataset(out) if root else None
-    if m is not None:
-        print(f"ingest {split}: reusing {out} (same source content and settings)")
-    else:
-        m = make(out)
-    _ingest_outputs(split, source, out, m, dataset, report)
-
-
 def train(stage: str, ctx: dict, params_file: str, overrides: Sequence[str], launcher: str, torchx: dict,
           data: Sequence[str], model, metrics, *, init: str | None = None, task: str | None = None,
           vocab_data: Sequence[str] = ()) -> None:
     """Run a training stage (``pretrain``, ``repretrain``, ``finetune_captioner``, ``finetune_filter``,
     ``finetune_vqa_<model>``)."""
-    from components import finetune, pretrain
+    from components import training
 
     apply_context(ctx)
     cfg = load_cfg(params_file, overrides)
     out = output_location(model, ctx.get("run_root", ""), stage)
-    parent = ctx.get("parent_run_id") or None
-    if launcher == "inline":
-        if task:
-            finetune.run(cfg, task, init, list(data), out, parent_run_id=parent, stage=stage)
-        else:
-            pretrain.run(cfg, list(data), out, init=init, parent_run_id=parent, stage=stage,
-                         vocab_data=list(vocab_data) or None)
-    elif launcher == "torchx":
-        args = ["--data", *data, "--output", out]
-        if task:
-            args = ["--task", task, "--init", str(init), "--stage-name", stage, *args]
-        else:
-            args += ["--stage-name", stage] + (["--init", init] if init else [])
-            args += ["--vocab-data", *vocab_data] if vocab_data else []
-        if parent:
-            args += ["--parent-run-id", parent]
-        _launch("finetune" if task else "pretrain", args + _config_args(params_file, overrides), ctx, torchx)
+    if task:
+        name, values = "finetune", {"task": task, "init": init, "data": list(data), "output": out, "stage_name": stage}
     else:
-        raise UserError(f"launcher must be 'inline' or 'torchx', got {launcher!r}")
+        name, values = "pretrain", {"data": list(data), "output": out, "stage_name": stage, "init": init,
+                                    "vocab_data": list(vocab_data) or None}
+    run_stage(name, values, cfg=cfg, ctx=ctx, params_file=params_file, overrides=overrides, launcher=launcher,
+              torchx=torchx)
     result = _result(out)
     if not result:
         raise UserError(f"{stage}: no result.json in {out}: the stage did not finish")
     _log_train_metrics(metrics, result)
     model.metadata.update({"stage": stage, "steps": result.get("steps"), "mlflow_run_id": result.get("run_id"),
                            "model_uri": result.get("model_uri")})
+    print(training.summary(stage, result))
 
 
 def capfilt(ctx: dict, params_file: str, overrides: Sequence[str], launcher: str, torchx: dict, captioner: str,
@@ -419,19 +315,10 @@ def capfilt(ctx: dict, params_file: str, overrides: Sequence[str], launcher: str
     apply_context(ctx)
     cfg = load_cfg(params_file, overrides)
     out = output_location(dataset, ctx.get("run_root", ""), "capfilt")
-    parent = ctx.get("parent_run_id") or None
-    if launcher == "inline":
-        stage.run(cfg, captioner, filter_, list(web), list(human), out, calibration=list(calibration),
-                  parent_run_id=parent)
-    elif launcher == "torchx":
-        args = ["--captioner", captioner, "--filter", filter_, "--web", *web, "--human", *human, "--output", out]
-        if calibration:
-            args += ["--calibration", *calibration]
-        if parent:
-            args += ["--parent-run-id", parent]
-        _launch("capfilt", args + _config_args(params_file, overrides), ctx, torchx)
-    else:
-        raise UserError(f"launcher must be 'inline' or 'torchx', got {launcher!r}")
+    values = {"captioner": captioner, "filter": filter_, "web": list(web), "human": list(human),
+              "calibration": list(calibration), "output": out}
+    run_stage("capfilt", values, cfg=cfg, ctx=ctx, params_file=params_file, overrides=overrides, launcher=launcher,
+              torchx=torchx)
     path = storage.join(out, "summary.json")
     info = storage.read_json(path) if storage.exists(path) else {}
     t_in, t_out = info.get("texts_in") or {}, info.get("texts_out") or {}
@@ -442,32 +329,23 @@ def capfilt(ctx: dict, params_file: str, overrides: Sequence[str], launcher: str
         f"human images: {info.get('human_images', '?')}\n\n{threshold_note(info).strip()}\n")
     dataset.metadata.update({"texts_in": t_in, "texts_out": t_out, "web_images_out": info.get("web_images_out"),
                              "threshold": info.get("threshold"), "threshold_source": info.get("threshold_source")})
-
-
-def promotion_gate(per_model: dict[str, dict[str, Any]], candidate: str, baseline: str, key: str, min_gain: float,
-                   where: str = "") -> tuple[float, bool]:
-    """``(gain, promote)``: the candidate's ``key`` minus the baseline's, and whether it is strictly above
-    ``min_gain`` (a tie, a loss or a NaN metric does not promote)."""
-    try:
-        gain = float(per_model[candidate][key]) - float(per_model[baseline][key])
-    except KeyError as e:
-        raise UserError(f"evaluate: no {key} for model {e} in {where}") from None
-    return gain, gain > min_gain
+    print(stage.summary(info, out))
 
 
 def evaluate(ctx: dict, params_file: str, overrides: Sequence[str], models: dict[str, str], test: str,
-             capfilt_data: str, min_gain: float, baseline: str, candidate: str, results, metrics, report,
-             html, *, vqa: dict[str, str] | None = None, vqa_test: str | None = None) -> bool:
-    """Evaluate the models on the test split; return whether ``candidate`` beats ``baseline`` by ``min_gain``."""
+             capfilt_data: str, results, metrics, report, html, *, vqa: dict[str, str] | None = None,
+             vqa_test: str | None = None) -> None:
+    """Evaluate the models on the test split (the promotion decision is the register step's)."""
     from components import evaluate as stage
     from components import storage
 
     apply_context(ctx)
     cfg = load_cfg(params_file, overrides)
     out = output_location(results, ctx.get("run_root", ""), "evaluate")
-    res = stage.run(cfg, dict(models), test, out, capfilt=capfilt_data or None, vqa=dict(vqa or {}) or None,
-                    vqa_test=vqa_test if vqa else None, parent_run_id=ctx.get("parent_run_id") or None)
-    key = cfg.evaluate.metric
+    values = {"model": [f"{k}={v}" for k, v in models.items()], "test": test, "output": out,
+              "capfilt": capfilt_data or None, "vqa": [f"{k}={v}" for k, v in (vqa or {}).items()] or None,
+              "vqa_test": vqa_test if vqa else None}
+    res = run_stage("evaluate", values, cfg=cfg, ctx=ctx, params_file=params_file, overrides=overrides)
     per_model: dict[str, dict[str, Any]] = res.metrics.get("models") or {}
     for name, values in per_model.items():
         for k, v in values.items():
@@ -476,20 +354,16 @@ def evaluate(ctx: dict, params_file: str, overrides: Sequence[str], models: dict
     for k, v in (res.metrics.get("filter") or {}).items():
         if isinstance(v, (int, float)):
             metrics.log_metric(f"filter/{k}", float(v))
-    gain, promote = promotion_gate(per_model, candidate, baseline, key, min_gain, out)
-    metrics.log_metric("gain", gain)
-    results.metadata.update({"metric": key, "gain": gain, "promote": promote, "metrics_uri":
-                             storage.join(out, stage.METRICS_FILE)})
+    results.metadata.update({"metric": cfg.evaluate.metric, "metrics_uri": storage.join(out, stage.METRICS_FILE)})
     Path(report.path).write_text(storage.read_text(storage.join(out, stage.REPORT_MD)))
     Path(html.path).write_text(storage.read_text(storage.join(out, stage.REPORT_HTML)))
-    verdict = "promote" if promote else "do not promote"
-    print(f"evaluate: {candidate} {key} - {baseline} {key} = {gain:+.3f} (min_gain {min_gain}): {verdict}")
-    return promote
+    print(stage.summary(res.metrics, out))
 
 
 def register(ctx: dict, params_file: str, overrides: Sequence[str], model: str, results: str, candidate: str,
-             name: str) -> dict:
-    """Register the candidate model (the alias moves only when it beats the current champion)."""
+             name: str, baseline: str, min_gain: float) -> dict:
+    """Register the candidate model if it beats ``baseline`` by more than ``min_gain`` (the register stage's
+    gate); the alias moves only when it beats the current champion."""
     import dataclasses
 
     from components import register as stage
@@ -497,7 +371,20 @@ def register(ctx: dict, params_file: str, overrides: Sequence[str], model: str, 
 
     apply_context(ctx)
     cfg = load_cfg(params_file, overrides)
-    res = stage.run(cfg, model, storage.join(results, "metrics.json"), candidate, name,
-                    parent_run_id=ctx.get("parent_run_id") or None)
-    print(f"register {name}: version {res.version}, promoted={res.promoted}: {res.reason}")
+    values = {"model": model, "metrics": storage.join(results, "metrics.json"), "candidate": candidate,
+              "name": name, "baseline": baseline, "min_gain": float(min_gain)}
+    res = run_stage("register", values, cfg=cfg, ctx=ctx, params_file=params_file, overrides=overrides)
+    print(stage.summary(dataclasses.asdict(res)))
     return {k: v for k, v in dataclasses.asdict(res).items() if v is None or isinstance(v, (str, int, float, bool))}
+
+
+INGEST_STEPS = ("ingest", "ingest_plan", "ingest_part", "ingest_merge")
+
+
+def __getattr__(name: str):
+    """The ingest steps live in :mod:`pipelines.ingest_steps`; the KFP components call them through here."""
+    if name in INGEST_STEPS:
+        from pipelines import ingest_steps
+
+        return getattr(ingest_steps, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -695,7 +695,7 @@ def test_parallel_ingest_gives_the_same_samples_and_rejections_for_any_number_of
         assert sum('"key": "same%"' in r for r in expected[1]) == 1
     for n in (2, 3):
         out = str(tmp_path / f"workers{n}")
-        merged = ingest_parts.run_workers(cfg, src, out, n, progress=False).manifest
+        merged = ingest_parts.run_workers(ingest.run, cfg, src, out, n, progress=False).manifest
         # the same parts written one by one (as N pods would), merged by the CLI
         parts = [str(tmp_path / f"n{n}-part{i}") for i in range(n)]
         counts = [ingest.run(cfg, src, p, progress=False, part=(i, n)).manifest.samples_in for i, p in enumerate(parts)]
@@ -710,7 +710,7 @@ def test_parallel_ingest_gives_the_same_samples_and_rejections_for_any_number_of
             assert sorted(p.name for p in Path(where).iterdir()) == [MANIFEST_NAME, REJECTED_NAME] + [
                 s.path for s in m.shards]  # no scratch directory left
         # a re-run with the same N is byte-identical
-        again = ingest_parts.run_workers(cfg, src, str(tmp_path / f"again{n}"), n, progress=False).manifest
+        again = ingest_parts.run_workers(ingest.run, cfg, src, str(tmp_path / f"again{n}"), n, progress=False).manifest
         assert again.to_json() == merged.to_json()
 
 
@@ -775,7 +775,7 @@ def test_parallel_ingest_of_vqa_data_keeps_questions_and_the_answer_list(tmp_pat
     answers = (tmp_path / "n1" / ANSWER_LIST_NAME).read_text()
     for n in (2, 3):
         out = tmp_path / f"w{n}"
-        merged = ingest_parts.run_workers(cfg, src, str(out), n, progress=False).manifest
+        merged = ingest_parts.run_workers(ingest.run, cfg, src, str(out), n, progress=False).manifest
         assert (merged.samples_out, merged.rejected, merged.extra) == (single.samples_out, single.rejected,
                                                                        single.extra)
         assert sum(s.questions for s in merged.shards) == single.extra["questions_out"]

@@ -60,7 +60,8 @@ def test_stage_args_need_output_and_known_stage():
 
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = launch.absolute_paths(["--data", "a", "s3://b/c", "--output=o", "--set", "x=1", "--init", "/abs"])
+    args = launch.absolute_paths(["--data", "a", "s3://b/c", "--output=o", "--set", "x=1", "--init", "/abs"],
+                                 stage="pretrain")
     assert args == ["--data", str(tmp_path / "a"), "s3://b/c", f"--output={tmp_path / 'o'}", "--set", "x=1",
                     "--init", "/abs"]
 

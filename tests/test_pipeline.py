@@ -69,8 +69,10 @@ def test_retries_caching_gate_and_exit_handler(compiled):
     assert tasks["pretrain"]["retryPolicy"]["backoffDuration"] == "60s"
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
     assert cached == set()  # KFP's cache key cannot see new data under an unchanged URI; ingest keys its own
-    gate = next(t for t in tasks.values() if t.get("triggerPolicy", {}).get("condition"))
-    assert "evaluate" in json.dumps(gate) and "== true" in gate["triggerPolicy"]["condition"]
+    # the promotion gate is the register stage's own (as with dvc repro): no KFP condition, min_gain goes to it
+    assert not any(t.get("triggerPolicy", {}).get("condition") for t in tasks.values())
+    assert tasks["register"]["inputs"]["parameters"]["min_gain"]["componentInputParameter"] == "pipelinechannel--min_gain"
+    assert "evaluate" in tasks["register"]["dependentTasks"]
     assert tasks["end-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     assert {t["taskInfo"]["name"] for t in tasks.values()} >= {"ingest human", "ingest web part", "ingest web merge",
                                                                "finetune captioner", "repretrain",
@@ -207,9 +209,10 @@ def test_run_local_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
     assert set(metrics["models"]) == {settings.BASELINE, settings.CANDIDATE}
     assert "<table" in (run / "evaluate" / "report_html").read_text()
     ev = json.loads((run / "evaluate" / "executor_output.json").read_text())
-    assert ev["parameterValues"]["Output"] is True and "gain" in ev["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert ev["artifacts"]["results"]["artifacts"][0]["metadata"]["metric"] == "mean_r1"
     reg = json.loads((run / "register" / "executor_output.json").read_text())["parameterValues"]["Output"]
     assert reg["promoted"] is True and reg["version"] == "1"
+    assert reg["baseline"] == settings.BASELINE and reg["min_gain"] == -100 and reg["gain"] > -100
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name(settings.EXPERIMENT)

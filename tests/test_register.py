@@ -151,8 +151,8 @@ def test_champion_without_a_recorded_metric_needs_force(mlflow_store, stage_outp
 
 
 def test_pipeline_gate_does_not_promote_a_tie_a_loss_or_nan():
-    """The pipeline's gate before register: the candidate must beat the baseline by more than min_gain."""
-    from pipelines.steps import promotion_gate
+    """The register stage's gate: the candidate must beat the baseline by more than min_gain."""
+    from components.register import promotion_gate
 
     def gate(capfilt, noisy, min_gain=0.0):
         return promotion_gate({"capfilt": {"mean_r1": capfilt}, "noisy": {"mean_r1": noisy}}, "capfilt", "noisy",
@@ -167,3 +167,26 @@ def test_pipeline_gate_does_not_promote_a_tie_a_loss_or_nan():
     assert math.isnan(gain) and promote is False
     with pytest.raises(UserError, match="no mean_r1 for model 'capfilt'"):
         promotion_gate({"noisy": {"mean_r1": 1.0}}, "capfilt", "noisy", "mean_r1", 0.0)
+
+
+def test_register_stage_gate_registers_nothing_below_min_gain(mlflow_store, stage_output, tmp_path, capsys):
+    """The promotion gate is the register stage's (dvc repro and the pipeline decide alike): a candidate that does
+    not beat the baseline by more than --min-gain is not registered, and the stage still succeeds."""
+    client = mlflow_store
+    metrics = write_metrics(tmp_path / "metrics.json", mean_r1=30.0)  # noisy: 10.0, a gain of 20
+    out = tmp_path / "kept.json"
+    args = ["register", "--model", stage_output, "--metrics", metrics, "--candidate", "capfilt", "--name", NAME,
+            "--baseline", "noisy"]
+    assert cli.main([*args, "--min-gain", "20", "--output", str(out)]) == 0  # exactly min_gain: not above
+    assert "register: not registered; not promoted" in capsys.readouterr().out
+    decision = json.loads(out.read_text())
+    assert decision["promoted"] is False and decision["version"] is None and decision["gain"] == 20.0
+    assert "not above min_gain 20" in decision["reason"]
+    assert client.search_model_versions(f"name='{NAME}'") == []
+    assert not [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if r.data.tags.get("blip.stage") == "register"]  # no MLflow run either
+    assert cli.main([*args, "--min-gain", "19.5", "--output", str(out)]) == 0
+    decision = json.loads(out.read_text())
+    assert decision["promoted"] is True and decision["version"] == "1" and decision["baseline"] == "noisy"
+    with pytest.raises(UserError, match="no model named 'other'"):
+        register.run(CFG, stage_output, metrics, "capfilt", NAME, baseline="other")
