@@ -37,29 +37,29 @@ def start_run(job_id: str, run_name: str, output_root: str, mlflow_tracking_uri:
 def ingest(split: str, source: str, output_root: str, s3_endpoint: str, params_file: str, config_overrides: list,
            dataset: Output[Dataset], report: Output[Markdown]):
     """Ingest one split (web, human, test or the optional calibration sample) into checked WebDataset shards."""
-    from pipelines import steps
+    from pipelines import ingest_steps, steps
 
     with steps.step(f"ingest {split}"):
-        steps.ingest(split, source, output_root, s3_endpoint, params_file, config_overrides, dataset, report)
+        ingest_steps.ingest(split, source, output_root, s3_endpoint, params_file, config_overrides, dataset, report)
 
 
 @component
 def ingest_plan(parts: int) -> list:
     """The part indices 0..parts-1 of the parallel web ingest."""
-    from pipelines import steps
+    from pipelines import ingest_steps, steps
 
     with steps.step("ingest plan"):
-        return steps.ingest_plan(parts)
+        return ingest_steps.ingest_plan(parts)
 
 
 @component
 def ingest_part(split: str, source: str, part: int, parts: int, output_root: str, s3_endpoint: str,
                 params_file: str, config_overrides: list, dataset: Output[Dataset]):
     """Ingest one part of a split: the samples whose cleaned caption hashes into this part."""
-    from pipelines import steps
+    from pipelines import ingest_steps, steps
 
     with steps.step(f"ingest {split} part {part}"):
-        steps.ingest_part(split, source, part, parts, output_root, s3_endpoint, params_file, config_overrides,
+        ingest_steps.ingest_part(split, source, part, parts, output_root, s3_endpoint, params_file, config_overrides,
                           dataset)
 
 
@@ -67,10 +67,10 @@ def ingest_part(split: str, source: str, part: int, parts: int, output_root: str
 def ingest_merge(split: str, source: str, parts: Input[list[Dataset]], output_root: str, s3_endpoint: str,
                  params_file: str, config_overrides: list, dataset: Output[Dataset], report: Output[Markdown]):
     """Join the ingested parts of a split into one dataset (one manifest)."""
-    from pipelines import steps
+    from pipelines import ingest_steps, steps
 
     with steps.step(f"ingest {split} merge"):
-        steps.ingest_merge(split, source, parts, output_root, s3_endpoint, params_file, config_overrides, dataset,
+        ingest_steps.ingest_merge(split, source, parts, output_root, s3_endpoint, params_file, config_overrides, dataset,
                            report)
 
 

@@ -376,15 +376,3 @@ def register(ctx: dict, params_file: str, overrides: Sequence[str], model: str, 
     res = run_stage("register", values, cfg=cfg, ctx=ctx, params_file=params_file, overrides=overrides)
     print(stage.summary(dataclasses.asdict(res)))
     return {k: v for k, v in dataclasses.asdict(res).items() if v is None or isinstance(v, (str, int, float, bool))}
-
-
-INGEST_STEPS = ("ingest", "ingest_plan", "ingest_part", "ingest_merge")
-
-
-def __getattr__(name: str):
-    """The ingest steps live in :mod:`pipelines.ingest_steps`; the KFP components call them through here."""
-    if name in INGEST_STEPS:
-        from pipelines import ingest_steps
-
-        return getattr(ingest_steps, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

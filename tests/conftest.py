@@ -10,12 +10,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import random  # noqa: E402
 
+import huggingface_hub.utils.logging  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import transformers.utils.logging  # noqa: E402
 
 from blip_core.config import load_config  # noqa: E402
 from components import ingest  # noqa: E402
+
+# transformers and huggingface_hub give their library loggers a StreamHandler bound to sys.stderr as it is when
+# their logging is first set up. Set up here, that is pytest's capture stream, open for the whole session; set up
+# inside a test using capsys, it would be that test's stream, closed when the test ends, and every later log line
+# of those libraries would print a "Logging error" traceback into another test's stderr.
+transformers.utils.logging.get_logger("transformers")
+huggingface_hub.utils.logging.get_logger("huggingface_hub")
 
 
 @pytest.fixture(autouse=True)

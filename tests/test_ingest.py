@@ -588,7 +588,7 @@ def test_source_fingerprint_of_an_annotation_file_covers_its_image_root(tmp_path
 def test_pipeline_ingest_reuses_its_output_only_while_the_source_is_unchanged(s3_bucket, tmp_path, capsys):
     from types import SimpleNamespace
 
-    from pipelines import steps
+    from pipelines import ingest_steps
 
     src = f"s3://{s3_bucket}/raw"
     storage.write_bytes(f"{src}/part-0.tar", tar_bytes([{"__key__": f"s{j}", "jpg": _jpeg(j), "txt": b"a red star"}
@@ -597,7 +597,7 @@ def test_pipeline_ingest_reuses_its_output_only_while_the_source_is_unchanged(s3
     def run_step(n: int):
         dataset = SimpleNamespace(path=str(tmp_path / f"dataset{n}"), metadata={})
         report = SimpleNamespace(path=str(tmp_path / f"report{n}.md"))
-        steps.ingest("web", src, f"s3://{s3_bucket}/runs", "", "", [], dataset, report)
+        ingest_steps.ingest("web", src, f"s3://{s3_bucket}/runs", "", "", [], dataset, report)
         return dataset.metadata
 
     first = run_step(1)

@@ -242,17 +242,17 @@ def test_run_local_failing_stage_is_named(tmp_path, capsys):
 def test_ingest_without_a_calibration_source_marks_the_dataset_empty(tmp_path):
     from types import SimpleNamespace
 
-    from pipelines import steps
+    from pipelines import ingest_steps
 
     dataset = SimpleNamespace(path=str(tmp_path / "dataset"), metadata={})
     report = SimpleNamespace(path=str(tmp_path / "report.md"))
-    steps.ingest("calibration", "", "", "", "", ["capfilt.threshold=0.7"], dataset, report)
+    ingest_steps.ingest("calibration", "", "", "", "", ["capfilt.threshold=0.7"], dataset, report)
     assert dataset.metadata == {"split": "calibration", "empty": True}
     assert "`capfilt.threshold` = 0.7" in Path(report.path).read_text()
     assert not Path(dataset.path).exists()
     # Any other split needs its source: the default config has one for web, none is made up for calibration.
     with pytest.raises(UserError):
-        steps.ingest("web", "toyweb://?split=bogus&n=2", "", "", "", [], dataset, report)
+        ingest_steps.ingest("web", "toyweb://?split=bogus&n=2", "", "", "", [], dataset, report)
 
 
 def test_every_step_runs_as_non_root(compiled):
