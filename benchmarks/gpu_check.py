@@ -204,6 +204,7 @@ def _require(path: Path) -> None:
 def check_pipeline(args, device: torch.device, root: Path) -> Iterator[Row]:
     from blip_core.config import load_config
     from components import capfilt, evaluate, finetune, ingest, pretrain
+    from components.cli import environment
 
     overrides = list(PIPELINE_OVERRIDES)
     if device.type == "cuda":
@@ -257,7 +258,7 @@ def check_pipeline(args, device: torch.device, root: Path) -> Iterator[Row]:
         m = res.metrics["models"]
         return "; ".join(f"{name}: mean R@1 {v['mean_r1']:.1f}, CIDEr {v['cider']:.1f}" for name, v in m.items())
 
-    with _env(BLIP_TRACKING="0"):
+    with environment(BLIP_TRACKING="0"):
         yield stage("ingest", do_ingest)
         yield stage("pretrain", do_pretrain)
         yield stage("finetune captioner", lambda: do_finetune("captioner"))
@@ -270,20 +271,6 @@ def check_pipeline(args, device: torch.device, root: Path) -> Iterator[Row]:
 def pipeline_device() -> str:
     """The device the stages pick for themselves (they use CUDA whenever it is visible)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@contextlib.contextmanager
-def _env(**values: str):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------------ vs transformers

@@ -6,8 +6,11 @@ TorchX) load only when that stage runs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import sys
+from collections.abc import Iterator
 
 from blip_core.errors import UserError
 from blip_core.redact import install_log_redaction, redact
@@ -50,6 +53,21 @@ def add_config_args(parser, *, tracking: bool = True) -> None:
     if tracking:
         parser.add_argument("--parent-run-id", default=None,
                             help="MLflow parent run (default: $BLIP_PARENT_RUN_ID)")
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore each (removed if it was unset)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_distributed_main(parser, argv: list[str] | None, run, report) -> int:

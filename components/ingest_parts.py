@@ -37,21 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blip_core.config import Config
-from blip_core.data.webdataset_io import (
-    ANSWER_COUNTS_NAME,
-    ANSWER_LIST_NAME,
-    MANIFEST_NAME,
-    REJECTED_NAME,
-    SHARD_PREFIX,
-    Manifest,
-    ShardInfo,
-    answer_list,
-    check_shards,
-    fsync_path,
-    read_manifest,
-    shard_name,
-)
+from blip_core.data import manifest as M
+from blip_core.data.reader import check_shards
 from blip_core.errors import UserError
+from blip_core.io import fsync_path
 from blip_core.redact import install_log_redaction, redact
 from components import storage
 from components.cli import one_line_errors
@@ -67,7 +56,7 @@ class IngestResult:
     """What :func:`run` produced."""
 
     output: str
-    manifest: Manifest
+    manifest: M.Manifest
     seconds: float
     part_cpu_seconds: list[float] = field(default_factory=list)  # CPU time of each worker's part (--workers)
 
@@ -76,21 +65,21 @@ class IngestResult:
         return self.manifest.samples_in / max(self.seconds, 1e-9)
 
 
-def _part_info(uri: str, m: Manifest) -> tuple[int, int]:
+def _part_info(uri: str, m: M.Manifest) -> tuple[int, int]:
     info = m.extra.get(PART_KEY)
     if not isinstance(info, dict) or not isinstance(info.get("index"), int) or not isinstance(info.get("parts"), int):
         raise UserError(f"{redact(uri)}: not an ingest part (written without --part/--parts)")
     return info["index"], info["parts"]
 
 
-def _read_parts(part_uris: Sequence[str]) -> list[tuple[str, Manifest]]:
+def _read_parts(part_uris: Sequence[str]) -> list[tuple[str, M.Manifest]]:
     """The parts ordered by index; refuses anything but one intact copy of each part ``0..N-1`` of one run."""
     if not part_uris:
         raise UserError("merge needs the part directories to join")
-    found: dict[int, tuple[str, Manifest]] = {}
+    found: dict[int, tuple[str, M.Manifest]] = {}
     counts: set[int] = set()
     for uri in part_uris:
-        m = read_manifest(uri)
+        m = M.read_manifest(uri)
         index, parts = _part_info(uri, m)
         counts.add(parts)
         if index in found:
@@ -145,50 +134,50 @@ def merge(part_uris: Sequence[str], output: str) -> IngestResult:
         raise UserError(f"--output {redact(output)} is one of the parts: merge into a new directory")
     parts = _read_parts(part_uris)
     sink = storage.dataset_sink(output)
-    sink.delete(MANIFEST_NAME)  # from here until the end the output is incomplete
-    sink.delete(ANSWER_LIST_NAME)
-    shards: list[ShardInfo] = []
+    sink.delete(M.MANIFEST_NAME)  # from here until the end the output is incomplete
+    sink.delete(M.ANSWER_LIST_NAME)
+    shards: list[M.ShardInfo] = []
     rejected: Counter[str] = Counter()
     for uri, m in parts:
         for s in m.shards:
-            name = shard_name(len(shards))
+            name = M.shard_name(len(shards))
             _put_shard(storage.join(uri, s.path), output, name, sink)
-            shards.append(ShardInfo(name, s.samples, s.captions, s.bytes, s.sha256, s.questions))
+            shards.append(M.ShardInfo(name, s.samples, s.captions, s.bytes, s.sha256, s.questions))
         rejected.update(m.rejected)
     keep = {s.path for s in shards}
     for name in sink.list_names():
-        if name.startswith(SHARD_PREFIX) and name.endswith(".tar") and name not in keep:
+        if name.startswith(M.SHARD_PREFIX) and name.endswith(".tar") and name not in keep:
             sink.delete(name)
     with tempfile.TemporaryDirectory(prefix="blip-merge-") as d:
-        joined = Path(d) / REJECTED_NAME
+        joined = Path(d) / M.REJECTED_NAME
         with open(joined, "wb") as out:
             for uri, _ in parts:
-                with storage.local_copy(storage.join(uri, REJECTED_NAME)) as path, open(path, "rb") as f:
+                with storage.local_copy(storage.join(uri, M.REJECTED_NAME)) as path, open(path, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())
-        sink.put_file(joined, REJECTED_NAME)
+        sink.put_file(joined, M.REJECTED_NAME)
     first = parts[0][1]
     extra = {k: v for k, v in first.extra.items() if k not in (PART_KEY, "questions_out", "questions_dropped")}
     questions = sum(int(m.extra.get("questions_out") or 0) for _, m in parts)
-    if questions:  # VQA parts: questions and dropped questions summed, answer_list.json from the summed counts
+    if questions:  # VQA parts: questions and dropped questions summed, M.answer_list.json from the summed counts
         dropped: Counter[str] = Counter()
         answers: Counter[str] = Counter()
         for uri, m in parts:
             dropped.update(m.extra.get("questions_dropped") or {})
             if m.extra.get("questions_out"):
-                answers.update(json.loads(storage.read_text(storage.join(uri, ANSWER_COUNTS_NAME))))
+                answers.update(json.loads(storage.read_text(storage.join(uri, M.ANSWER_COUNTS_NAME))))
         extra["questions_out"] = questions
         if dropped:
             extra["questions_dropped"] = dict(sorted(dropped.items()))
-        sink.put_bytes(ANSWER_LIST_NAME, (json.dumps(answer_list(answers), ensure_ascii=False, indent=0)
+        sink.put_bytes(M.ANSWER_LIST_NAME, (json.dumps(M.answer_list(answers), ensure_ascii=False, indent=0)
                                           + "\n").encode("utf-8"))
-    manifest = Manifest(source=first.source, samples_in=sum(m.samples_in for _, m in parts),
+    manifest = M.Manifest(source=first.source, samples_in=sum(m.samples_in for _, m in parts),
                         samples_out=sum(m.samples_out for _, m in parts),
                         captions_out=sum(m.captions_out for _, m in parts), rejected=dict(rejected), shards=shards,
                         config=first.config, format=first.format, extra=extra)
     manifest.check_counts()
-    sink.put_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
+    sink.put_bytes(M.MANIFEST_NAME, manifest.to_json().encode("utf-8"))
     log.info("ingest merge: %d parts -> %s: %d samples in %d shards", len(parts), redact(output),
              manifest.samples_out, len(shards))
     return IngestResult(output, manifest, time.perf_counter() - t0)

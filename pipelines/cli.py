@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from blip_core.errors import UserError
-from components.cli import one_line_errors
+from components.cli import environment, one_line_errors
 
 COMMITTED_YAML = Path(__file__).with_name("blip_capfilt.yaml")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -255,19 +255,11 @@ def run_local(params: dict[str, Any] | None = None, pipeline_root: str | Path = 
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         # the steps inherit this environment; one intra-op thread per step keeps tiny models fast on a
         # shared machine (a multi-threaded tiny matmul mostly waits for the other thread)
-        env = {ERRORS_ENV: errors, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
         try:
-            pipeline(**arguments)
+            with environment(**{ERRORS_ENV: errors, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}):
+                pipeline(**arguments)
         except Exception as e:  # noqa: BLE001 - kfp.local raises RuntimeError with the failed task
             raise _failure(e, Path(errors)) from None
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     runs = sorted(set(root.glob(f"{pipeline.name}-*")) - before)
     return runs[-1] if runs else root
 

@@ -17,18 +17,7 @@ from typing import IO, Any, Protocol
 
 from webdataset.writer import TarWriter
 
-from blip_core.data.manifest import (
-    ANSWER_COUNTS_NAME,
-    ANSWER_LIST_NAME,
-    MANIFEST_NAME,
-    REJECTED_NAME,
-    SHARD_PREFIX,
-    Manifest,
-    ShardInfo,
-    answer_list,
-    sha256_file,
-    shard_name,
-)
+from blip_core.data import manifest as M
 from blip_core.errors import UserError
 from blip_core.io import atomic_path, atomic_write, fsync_path
 
@@ -113,7 +102,7 @@ class DatasetWriter:
     """
 
     def __init__(self, sink: Sink, shard_size: int | None, staging_dir: str | Path | None = None, *,
-                 shard_prefix: str = SHARD_PREFIX, first_shard: int = 0, fresh: bool = True) -> None:
+                 shard_prefix: str = M.SHARD_PREFIX, first_shard: int = 0, fresh: bool = True) -> None:
         if shard_size is not None and shard_size < 1:
             raise UserError(f"shard size must be >= 1, got {shard_size}")
         self.sink = sink
@@ -127,9 +116,9 @@ class DatasetWriter:
         self.staging = Path(staging_dir)
         self.staging.mkdir(parents=True, exist_ok=True)
         if fresh:
-            self.sink.delete(MANIFEST_NAME)
-            self.sink.delete(ANSWER_LIST_NAME)
-        self.shards: list[ShardInfo] = []
+            self.sink.delete(M.MANIFEST_NAME)
+            self.sink.delete(M.ANSWER_LIST_NAME)
+        self.shards: list[M.ShardInfo] = []
         self.questions_out = 0
         self.write_answer_counts = False  # also answer_counts.json (an ingest part: the merge sums them)
         self.answers: Counter[str] = Counter()  # every annotator answer of the VQA samples
@@ -137,14 +126,14 @@ class DatasetWriter:
         self.rejected: Counter[str] = Counter()
         self.samples_out = 0
         self.captions_out = 0
-        self._rejected_file = open(self.staging / REJECTED_NAME, "w", encoding="utf-8")  # noqa: SIM115
+        self._rejected_file = open(self.staging / M.REJECTED_NAME, "w", encoding="utf-8")  # noqa: SIM115
         self._tar: TarWriter | None = None
         self._tar_file: IO[bytes] | None = None
         self._in_shard = 0
         self._captions_in_shard = 0
 
     def _shard_name(self) -> str:
-        return shard_name(self.first_shard + len(self.shards), self.shard_prefix)
+        return M.shard_name(self.first_shard + len(self.shards), self.shard_prefix)
 
     def _open_shard(self) -> None:
         path = self.staging / self._shard_name()
@@ -154,13 +143,13 @@ class DatasetWriter:
         self._captions_in_shard = 0
         self._questions_in_shard: int | None = None
 
-    def _close_shard(self) -> ShardInfo:
+    def _close_shard(self) -> M.ShardInfo:
         assert self._tar is not None and self._tar_file is not None
         self._tar.close()
         _sync_close(self._tar_file)
         name = self._shard_name()
         path = self.staging / name
-        info = ShardInfo(name, self._in_shard, self._captions_in_shard, path.stat().st_size, sha256_file(path),
+        info = M.ShardInfo(name, self._in_shard, self._captions_in_shard, path.stat().st_size, M.sha256_file(path),
                          self._questions_in_shard)
         self.sink.put_file(path, name)
         path.unlink(missing_ok=True)
@@ -168,7 +157,7 @@ class DatasetWriter:
         self._tar = self._tar_file = None
         return info
 
-    def end_shard(self) -> ShardInfo:
+    def end_shard(self) -> M.ShardInfo:
         """Close and publish the current shard (an empty one when no sample was added since the last)."""
         if self._tar is None:
             self._open_shard()
@@ -208,7 +197,7 @@ class DatasetWriter:
         self._rejected_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
     def finish(self, samples_in: int, source: str, config: dict[str, Any] | None = None,
-               extra: dict[str, Any] | None = None) -> Manifest:
+               extra: dict[str, Any] | None = None) -> M.Manifest:
         """Flush the last shard, publish ``rejected.jsonl`` and then ``manifest.json``; return the manifest.
 
         ``extra`` adds stage-specific top-level keys to the manifest.
@@ -220,7 +209,7 @@ class DatasetWriter:
             extra["questions_out"] = self.questions_out
         if self.questions_dropped:
             extra["questions_dropped"] = dict(sorted(self.questions_dropped.items()))
-        manifest = Manifest(source=source, samples_in=samples_in, samples_out=self.samples_out,
+        manifest = M.Manifest(source=source, samples_in=samples_in, samples_out=self.samples_out,
                             captions_out=self.captions_out, rejected=dict(self.rejected), shards=self.shards,
                             config=config or {}, extra=extra)
         manifest.check_counts()
@@ -229,14 +218,14 @@ class DatasetWriter:
             if name.startswith(self.shard_prefix) and name.endswith(".tar") and name not in keep:
                 self.sink.delete(name)
         _sync_close(self._rejected_file)
-        self.sink.put_file(self.staging / REJECTED_NAME, REJECTED_NAME)
+        self.sink.put_file(self.staging / M.REJECTED_NAME, M.REJECTED_NAME)
         if self.questions_out and self.write_answer_counts:
-            self.sink.put_bytes(ANSWER_COUNTS_NAME, json.dumps(dict(sorted(self.answers.items())),
+            self.sink.put_bytes(M.ANSWER_COUNTS_NAME, json.dumps(dict(sorted(self.answers.items())),
                                                                ensure_ascii=False).encode("utf-8"))
         if self.questions_out:
-            self.sink.put_bytes(ANSWER_LIST_NAME, (json.dumps(answer_list(self.answers), ensure_ascii=False,
+            self.sink.put_bytes(M.ANSWER_LIST_NAME, (json.dumps(M.answer_list(self.answers), ensure_ascii=False,
                                                                indent=0) + "\n").encode("utf-8"))
-        self.sink.put_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
+        self.sink.put_bytes(M.MANIFEST_NAME, manifest.to_json().encode("utf-8"))
         self.close()
         return manifest
 
