@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[workflow,dev]'
 	@touch $(STAMP)
 
-## the whole suite (unit, parity, integration, slow end-to-end tests)
+## the whole suite (unit, parity, integration, slow end-to-end tests), in TEST_WORKERS processes (pytest-xdist)
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal
 
 ## everything except the tests marked slow
 test-fast: setup

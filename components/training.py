@@ -160,6 +160,7 @@ def summary(name: str, result: Mapping[str, Any]) -> str:
     """The final line(s) of a training stage, from its result (``result.json`` or the :class:`TrainStageResult`
     as a dict): printed by ``blip pretrain``/``blip finetune`` and by the pipeline's training steps."""
     losses = ", ".join(f"{k}={float(v):.4f}" for k, v in (result.get("losses") or {}).items())
+    losses = losses or "none logged by this run (resumed a finished one)"
     line = f"{name}: {result.get('steps')} steps, losses {losses}, model at {result.get('model_uri')}"
     val = result.get("validation")
     if val:
