@@ -22,7 +22,7 @@ test: setup
 
 ## everything except the tests marked slow
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check blip_core components pipelines benchmarks tests
