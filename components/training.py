@@ -341,10 +341,7 @@ def run_training(
         raise UserError(f"{stage}: no full batch of {tcfg.batch_size} pairs per rank in {data}; "
                         f"lower {stage}.batch_size or add data")
     optimizer = build_optimizer(objective, tcfg, no_decay_names=task.no_weight_decay(model))
-    history: list[dict] = []
-
     def log_fn(step: int, metrics: dict) -> None:
-        history.append({"step": step, **metrics})
         run.log_metrics(step, metrics)
 
     fingerprint = data_fingerprint(data)
@@ -385,7 +382,7 @@ def run_training(
                 selector.publish_best(work / MODEL_DIR)
             else:
                 save(work / MODEL_DIR)
-            _publish_stage(work, output, stage, task, run, res, loader, history, result)
+            _publish_stage(work, output, stage, task, run, res, loader, result)
         D.barrier()
     return result
 
@@ -409,7 +406,7 @@ def _trained_objective(cfg: Config, task: Task, model: BlipModel, tokenizer: Bli
 
 
 def _publish_stage(work: Path, output: str, stage: str, task: Task, run, res: TrainResult, loader,
-                   history: list[dict], result: TrainStageResult) -> None:
+                   result: TrainStageResult) -> None:
     """Rank 0, once ``model/`` is written: the final metrics and training log, the MLflow records, the upload
     of the outputs and ``result.json`` last."""
     metrics = {**{f"final_{k}": v for k, v in res.last_losses.items()}, "steps": res.position.step,
@@ -421,7 +418,7 @@ def _publish_stage(work: Path, output: str, stage: str, task: Task, run, res: Tr
         metrics.update({"val_best_epoch": best["epoch"], "val_best_step": best["step"],
                         **{f"val_{k}": v for k, v in best["metrics"].items()}})
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (work / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
+    (work / "train_log.json").write_text(json.dumps(res.log, indent=1) + "\n")  # a resumed run's too
     run.log_metrics(res.position.step, {k: v for k, v in metrics.items() if k != "steps"})
     run.log_artifact(work / "train_log.json")
     run.log_blip_model(work / MODEL_DIR, registered_name=task.registered_name)

@@ -75,6 +75,26 @@ def test_s3_output_uploads_checkpoints_and_resumes(toy_data, tmp_path, s3_bucket
     assert second.steps == 2 * (64 // 8)
 
 
+def test_a_resumed_run_keeps_the_training_log_and_final_losses(toy_data, tmp_path, no_tracking):
+    out = tmp_path / "pre"
+    base = TINY + ["pretrain.epochs=1", "pretrain.log_every=1", "pretrain.checkpoint_every=2"]
+    first = pretrain.run(load_config(None, base + ["pretrain.max_steps=3"]), [toy_data["web"]], str(out))
+    log_3 = json.loads((out / "train_log.json").read_text())
+    assert [r["step"] for r in log_3] == [1, 2, 3]
+    # Continued to 5 steps by a new process: the log holds the first run's records, then the new ones.
+    second = pretrain.run(load_config(None, base + ["pretrain.max_steps=5"]), [toy_data["web"]], str(out))
+    assert second.resumed_from is not None and second.steps == 5
+    log_5 = json.loads((out / "train_log.json").read_text())
+    assert log_5[:3] == log_3 and [r["step"] for r in log_5] == [1, 2, 3, 4, 5]
+    metrics_5 = json.loads((out / "metrics.json").read_text())
+    # Run again when nothing is left to train: the log, the final losses and the rates are still the last run's.
+    third = pretrain.run(load_config(None, base + ["pretrain.max_steps=5"]), [toy_data["web"]], str(out))
+    assert third.resumed_from is not None and third.losses == second.losses != first.losses
+    assert json.loads((out / "train_log.json").read_text()) == log_5
+    assert json.loads((out / "metrics.json").read_text()) == metrics_5
+    assert metrics_5["final_loss"] == pytest.approx(log_5[-1]["loss"]) and metrics_5["pairs_per_second"] > 0
+
+
 def test_vit_and_bert_initialisation_from_s3(tmp_path, s3_bucket, no_tracking):
     from timm.models.vision_transformer import VisionTransformer
     from transformers import BertConfig, BertForMaskedLM

@@ -62,6 +62,7 @@ class TrainResult:
     resumed_from: Path | None = None
     pairs_per_second: float = 0.0
     data_time_share: float = 0.0
+    log: list[dict] = field(default_factory=list)  # every record given to log_fn, those before a resume included
 
 
 def _seed_step(seed: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -99,11 +100,15 @@ def train(
     with ``resume`` the newest checkpoint there is loaded first. ``on_epoch_end(position)`` runs on every rank
     after each completed epoch (``position.epoch`` epochs done), e.g. to score the model on a validation split;
     it must leave the model in training mode.
+
+    The records given to ``log_fn`` and the last losses are kept in the checkpoints, so that a resumed run
+    returns the whole training log in :attr:`TrainResult.log`, and its last losses even when nothing was left
+    to train.
     """
     info = info or D.DistInfo()
     inner = objective
     ckpt_root = Path(checkpoint_dir)
-    position, resumed_from = _resume_position(ckpt_root, inner, optimizer, resume, config_dict)
+    position, resumed_from, kept = _resume_position(ckpt_root, inner, optimizer, resume, config_dict)
     trainable = [p for p in inner.parameters() if p.requires_grad]
     ddp = D.wrap_ddp(inner, info)
 
@@ -119,7 +124,8 @@ def train(
         bar = tqdm(total=total_steps, initial=position.step, desc="train", unit="step", dynamic_ncols=True)
 
     last_ckpt: Path | None = resumed_from
-    last_losses: dict[str, float] = {}
+    logged: list[dict] = list(kept.get("log", []))
+    last_losses: dict[str, float] = dict(kept.get("last_losses", {}))
     meter = _Throughput()
     ddp.train()
     while position.step < total_steps and position.epoch < cfg.epochs:
@@ -140,10 +146,13 @@ def train(
                 bar.update(1)
             if log_fn is not None and info.is_main and (position.step % max(1, cfg.log_every) == 0
                                                         or position.step == total_steps):
-                log_fn(position.step, _logged_values(parts_sum, last_losses["loss"], lr=lr, alpha=a, objective=inner,
-                                                     epoch=epoch, meter=meter, world_size=info.world_size))
+                values = _logged_values(parts_sum, last_losses["loss"], lr=lr, alpha=a, objective=inner, epoch=epoch,
+                                        meter=meter, world_size=info.world_size)
+                logged.append({"step": position.step, **values})
+                log_fn(position.step, values)
             if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0 and position.step < total_steps:
-                last_ckpt = _checkpoint(ckpt_root, inner, optimizer, position, config_dict, info, on_checkpoint)
+                last_ckpt = _checkpoint(ckpt_root, inner, optimizer, position, config_dict, info, on_checkpoint,
+                                        {"log": logged, "last_losses": last_losses})
         if position.batch_in_epoch >= usable:
             position.epoch += 1
             position.batch_in_epoch = 0
@@ -151,10 +160,13 @@ def train(
                 on_epoch_end(position)
     if bar is not None:
         bar.close()
-    last_ckpt = _checkpoint(ckpt_root, inner, optimizer, position, config_dict, info, on_checkpoint)
+    # a resumed run that had nothing left to train reports the rates of the run that trained
+    rates = ({"pairs_per_second": meter.pairs_per_second(info.world_size), "data_time_share": meter.data_time_share()}
+             if meter.pairs or "rates" not in kept else kept["rates"])
+    last_ckpt = _checkpoint(ckpt_root, inner, optimizer, position, config_dict, info, on_checkpoint,
+                            {"log": logged, "last_losses": last_losses, "rates": rates})
     return TrainResult(position=position, last_losses=last_losses, checkpoint=last_ckpt, resumed_from=resumed_from,
-                       pairs_per_second=meter.pairs_per_second(info.world_size),
-                       data_time_share=meter.data_time_share())
+                       log=logged, **rates)
 
 
 @dataclass
@@ -183,15 +195,16 @@ def _logged_values(parts: dict[str, float], loss: float, *, lr: float, alpha: fl
 
 
 def _resume_position(ckpt_root: Path, objective: Objective, optimizer: torch.optim.Optimizer, resume: bool,
-                     config_dict: dict | None) -> tuple[TrainPosition, Path | None]:
-    """The position to start from, and the checkpoint it was loaded from (None: a fresh start)."""
+                     config_dict: dict | None) -> tuple[TrainPosition, Path | None, dict]:
+    """The position to start from, the checkpoint it was loaded from (None: a fresh start) and what the loop
+    kept in that checkpoint (its training log and last losses; empty on a fresh start)."""
     if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
         if _same_config(latest, config_dict):
-            position, _ = load_training_state(latest, objective, optimizer)
-            return position, latest
+            position, state = load_training_state(latest, objective, optimizer)
+            return position, latest, dict(state.get("extra") or {})
         log.warning("not resuming from %s: it was written with another config or other data; starting over",
                     latest)
-    return TrainPosition(), None
+    return TrainPosition(), None, {}
 
 
 def _step_counts(cfg: TrainConfig, per_epoch: int) -> tuple[int, int]:
@@ -268,10 +281,10 @@ def _stable(tree):
     return tree
 
 
-def _checkpoint(root, objective, optimizer, position, config_dict, info, on_checkpoint) -> Path | None:
+def _checkpoint(root, objective, optimizer, position, config_dict, info, on_checkpoint, kept: dict) -> Path | None:
     path = None
     if info.is_main:
-        path = save_training_state(root, objective, optimizer, position, config_dict or {})
+        path = save_training_state(root, objective, optimizer, position, config_dict or {}, extra=kept)
         if on_checkpoint is not None:
             on_checkpoint(path)
     D.barrier()
