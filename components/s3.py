@@ -164,8 +164,8 @@ def _with_retries(what: str, uri: str, fn: Callable[[], T]) -> T:
                 raise FileNotFoundError(redact(uri)) from None
             if attempt == tries or not _is_transient(e):
                 raise _user_error(e, uri) from None
-            log.warning("%s %s failed (%s), retry %d/%d in %.1fs", what, redact(uri), _error_code(e) or type(e).__name__,
-                        attempt, tries - 1, delay)
+            log.info("%s %s failed (%s), retry %d/%d in %.1fs", what, redact(uri), _error_code(e) or type(e).__name__,
+                     attempt, tries - 1, delay)
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 20.0)
     raise AssertionError("unreachable")  # pragma: no cover
