@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # One BLAS/OpenMP thread per process: tests start several processes at once (DDP ranks, stages, servers) and
@@ -25,6 +26,20 @@ from components import ingest  # noqa: E402
 # of those libraries would print a "Logging error" traceback into another test's stderr.
 transformers.utils.logging.get_logger("transformers")
 huggingface_hub.utils.logging.get_logger("huggingface_hub")
+
+
+@pytest.fixture(autouse=True)
+def _drop_log_handlers_on_closed_streams():
+    """A library that sets up its logging while a test captures output binds its StreamHandler to that test's
+    stream, which pytest closes when the test ends. Such handlers are dropped after each test, so that later log
+    lines do not print "Logging error" tracebacks into another test's stderr."""
+    yield
+    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(x, logging.Logger))]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                logger.removeHandler(handler)
 
 
 @pytest.fixture(autouse=True)
