@@ -45,7 +45,7 @@ def comparison_table(model_metrics: dict[str, dict[str, float]]) -> list[dict[st
     return [{"model": name, **{label: m.get(key) for label, key in TABLE_COLUMNS}} for name, m in model_metrics.items()]
 
 
-def _fmt(v: Any, digits: int = 1) -> str:
+def fmt_value(v: Any, digits: int = 1) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -57,7 +57,7 @@ def report_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[tuple
     """(title, note, header, rows) of every report table, shared by the Markdown and HTML reports."""
     sections = []
     header = ["model", *(label for label, _ in TABLE_COLUMNS)]
-    rows = [[name, *(_fmt(m.get(key)) for _, key in TABLE_COLUMNS)] for name, m in metrics["models"].items()]
+    rows = [[name, *(fmt_value(m.get(key)) for _, key in TABLE_COLUMNS)] for name, m in metrics["models"].items()]
     note = (f"Test split `{info['test']}`: {info['images']} images, {info['texts']} captions. Retrieval: ITC "
             f"top-{info['k_test']} re-ranked by ITM (score = ITM match logit + ITC cosine), recall in %. "
             f"Captioning: beam {info['num_beams']}, length {info['min_length']}-{info['max_length']}, prompt "
@@ -66,13 +66,13 @@ def report_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[tuple
     sections.append(("Models on the clean test split", note, header, rows))
     flt = metrics.get("filter") or {}
     if flt:
-        frows = [["all noise", str(flt["noisy"]), str(flt["noisy_dropped"]), _fmt(flt.get("precision"), 3),
-                  _fmt(flt.get("recall"), 3)]]
+        frows = [["all noise", str(flt["noisy"]), str(flt["noisy_dropped"]), fmt_value(flt.get("precision"), 3),
+                  fmt_value(flt.get("recall"), 3)]]
         for kind, d in ((k, v) for k, v in flt.items() if isinstance(v, dict)):
             labelled = [(kind, d)] + [(f"{kind}: {detail}", g) for detail, g in d.get("by_detail", {}).items()]
             for label, g in labelled:
-                frows.append([label, str(g["count"]), str(g["dropped"]), _fmt(g.get("precision"), 3),
-                              _fmt(g.get("recall"), 3)])
+                frows.append([label, str(g["count"]), str(g["dropped"]), fmt_value(g.get("precision"), 3),
+                              fmt_value(g.get("recall"), 3)])
         frows.append(["clean", str(flt["web_captions"] - flt["noisy"]), str(flt["clean_dropped"]), "–", "–"])
         sections.append(("Filter on the known web-caption noise",
                          f"CapFilt `{info['capfilt']}`: a dropped web caption counts as a positive; a noisy one "
@@ -86,9 +86,9 @@ def report_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[tuple
         sections.append(vqa_section(vq, info))
     cf = metrics.get("capfilt") or {}
     if cf.get("texts_in"):
-        crows = [[src, str(cf["texts_in"][src]), str(cf["texts_kept"][src]), _fmt(cf["kept_share"][src], 3)]
+        crows = [[src, str(cf["texts_in"][src]), str(cf["texts_kept"][src]), fmt_value(cf["kept_share"][src], 3)]
                  for src in cf["texts_in"]]
-        div = ", ".join(f"{k.replace('_', ' ')} {_fmt(v, 3)}" for k, v in cf.items() if "distinct" in k)
+        div = ", ".join(f"{k.replace('_', ' ')} {fmt_value(v, 3)}" for k, v in cf.items() if "distinct" in k)
         sections.append(("CapFilt output", f"Caption diversity: {div or '–'}.",
                          ["source", "texts in", "kept", "kept share"], crows))
     return sections
@@ -98,8 +98,8 @@ def vqa_section(vq: dict[str, Any], info: dict[str, Any]) -> tuple[str, str, lis
     """The VQA table: accuracy overall and per question kind, the majority-answer baseline first."""
     cols = ([("majority baseline", vq["baseline"])] if vq.get("baseline") else []) + list(vq["models"].items())
     kinds = sorted({k for _, m in cols for k in m.get("per_kind", {})})
-    rows = [["all", *(_fmt(m.get("accuracy")) for _, m in cols)]]
-    rows += [[k, *(_fmt(m.get("per_kind", {}).get(k, {}).get("accuracy")) for _, m in cols)] for k in kinds]
+    rows = [["all", *(fmt_value(m.get("accuracy")) for _, m in cols)]]
+    rows += [[k, *(fmt_value(m.get("per_kind", {}).get(k, {}).get("accuracy")) for _, m in cols)] for k in kinds]
     t = vq.get("test", {})
     base = f" The baseline always answers \"{vq['baseline']['answer']}\"." if vq.get("baseline") else ""
     note = (f"VQA test split `{info.get('vqa_test')}`: {t.get('questions')} questions on {t.get('images')} images; "
@@ -122,8 +122,8 @@ def _itc_section(metrics: dict[str, Any], info: dict[str, Any]) -> tuple[str, st
         return out
 
     a, b = groups(flt), groups(itc)
-    rows = [[label, str(g["count"]), _fmt(g.get("precision"), 3), _fmt(g.get("recall"), 3),
-             _fmt(b.get(label, {}).get("precision"), 3), _fmt(b.get(label, {}).get("recall"), 3)]
+    rows = [[label, str(g["count"]), fmt_value(g.get("precision"), 3), fmt_value(g.get("recall"), 3),
+             fmt_value(b.get(label, {}).get("precision"), 3), fmt_value(b.get(label, {}).get("recall"), 3)]
             for label, g in a.items()]
     n = flt["web_captions"]
     note = (f"Both filters keep the same share of the {n} web captions: the ITM filter kept {itc['itm_kept']}; "

@@ -59,9 +59,9 @@ from blip_core.train import distributed as dist
 from components import storage, training, vqa_eval
 from components.eval_report import (
     TABLE_COLUMNS,
-    _fmt,
     comparison_table,
     decoding_note,
+    fmt_value,
     render_html,
     render_markdown,
     threshold_note,
@@ -391,7 +391,7 @@ def summary(metrics: dict, output: str) -> str:
     """The final line of the stage, from its ``metrics.json``: printed by ``blip evaluate`` and by the
     pipeline's evaluate step."""
     models = metrics.get("models") or {}
-    scores = ", ".join(f"{name} mean_r1={_fmt(m.get('mean_r1'))}" for name, m in models.items())
+    scores = ", ".join(f"{name} mean_r1={fmt_value(m.get('mean_r1'))}" for name, m in models.items())
     return f"evaluate: {scores or 'no models'}; wrote {METRICS_FILE}, {REPORT_MD}, {REPORT_HTML} to {output}"
 
 

@@ -53,7 +53,7 @@ from blip_core.data.webdataset_io import DatasetWriter, Manifest
 from blip_core.errors import UserError
 from blip_core.redact import redact
 from components import annotations, storage  # noqa: F401  (annotations: registers its Source)
-from components.ingest_parts import PART_KEY, IngestResult, main_merge, run_workers  # noqa: F401
+from components.ingest_parts import PART_KEY, IngestResult, main_merge, run_workers
 from components.sources import (  # noqa: F401  (re-exported: the stage's public names)
     SHARD_SUFFIXES,
     SOURCES,
