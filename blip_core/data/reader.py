@@ -16,9 +16,8 @@ import tarfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-from webdataset.writer import TarWriter
-
 from blip_core.data.manifest import Manifest, ShardInfo
+from blip_core.data.tarstream import TarStreamWriter, iter_members
 from blip_core.io import Opener, join_uri, opener_or_default
 
 
@@ -51,26 +50,15 @@ def tar_compression(url: str) -> str:
 def _tar_members(fileobj: IO[bytes], url: str, max_member_bytes: int) -> Iterator[tuple[str, bytes | None, int]]:
     """``(name, data, size)`` of each regular member; ``data`` is None (unread) above ``max_member_bytes``.
 
-    The stream is opened without transparent decompression unless the name says so (``.tar.gz``/``.tgz``):
+    The stream is read without transparent decompression unless the name says so (``.tar.gz``/``.tgz``):
     a compressed stream under a ``.tar`` name is not a tar archive. An oversize member is skipped by reading
     past it in fixed-size blocks, never held in memory.
     """
     if tar_compression(url) == "gz":  # gzip's reader bounds each decompression step to the size asked for
         fileobj = gzip.GzipFile(fileobj=fileobj, mode="rb")
-    stream = tarfile.open(fileobj=fileobj, mode="r|")
-    try:
-        for info in stream:
-            if not info.isreg() or _META_MEMBER.match(info.name):
-                continue
-            if max_member_bytes and info.size > max_member_bytes:
-                yield info.name, None, info.size
-            else:
-                member = stream.extractfile(info)
-                assert member is not None
-                yield info.name, member.read(), info.size
-            stream.members = []
-    finally:
-        stream.close()
+    for name, data, size in iter_members(fileobj, max_member_bytes):
+        if not _META_MEMBER.match(name):
+            yield name, data, size
 
 
 def check_shards(dataset_uri: str, manifest: Manifest, opener: Opener | None = None,
@@ -151,7 +139,7 @@ def decode_json(raw: bytes | None) -> dict:
 def tar_bytes(samples: list[dict[str, Any]]) -> bytes:
     """A WebDataset tar in memory from ``{"__key__": ..., ext: bytes}`` dicts (for tests and tools)."""
     buf = io.BytesIO()
-    writer = TarWriter(buf, user="", group="", mode=0o644, mtime=0, encoder=False)
+    writer = TarStreamWriter(buf)
     for s in samples:
         writer.write(s)
     writer.close()

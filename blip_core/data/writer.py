@@ -15,9 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from webdataset.writer import TarWriter
-
 from blip_core.data import manifest as M
+from blip_core.data.tarstream import TarStreamWriter
 from blip_core.errors import UserError
 from blip_core.io import atomic_path, atomic_write, fsync_path
 
@@ -127,7 +126,7 @@ class DatasetWriter:
         self.samples_out = 0
         self.captions_out = 0
         self._rejected_file = open(self.staging / M.REJECTED_NAME, "w", encoding="utf-8")  # noqa: SIM115
-        self._tar: TarWriter | None = None
+        self._tar: TarStreamWriter | None = None
         self._tar_file: IO[bytes] | None = None
         self._in_shard = 0
         self._captions_in_shard = 0
@@ -138,7 +137,7 @@ class DatasetWriter:
     def _open_shard(self) -> None:
         path = self.staging / self._shard_name()
         self._tar_file = open(path, "wb")  # noqa: SIM115
-        self._tar = TarWriter(self._tar_file, user="", group="", mode=0o644, mtime=0, encoder=False)
+        self._tar = TarStreamWriter(self._tar_file)
         self._in_shard = 0
         self._captions_in_shard = 0
         self._questions_in_shard: int | None = None
