@@ -209,7 +209,7 @@ class ToyWebSource(Source):
             s = toyweb.generate_sample(self.spec, i, render=False)
             raw = RawSample(s.key, "toyweb", None, s.txt, s.json, s.key)
             if want(raw):
-                raw.image = toyweb.generate_sample(self.spec, i).jpg
+                raw.image = toyweb.sample_jpeg(self.spec, i)
                 yield raw, True
             else:
                 yield raw, False

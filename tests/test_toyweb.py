@@ -26,6 +26,12 @@ def test_deterministic_per_seed():
     # sample i does not depend on n, and images do not depend on the noise rate
     spec = parse_toyweb_uri("toyweb://?split=web&n=1000&seed=3&noise=0.9")
     assert generate_sample(spec, 17).jpg == a[17].jpg
+    # the image alone, and the captions alone, are those of the whole sample
+    assert toyweb.sample_jpeg(spec, 17) == a[17].jpg
+    bare = generate_sample(spec, 17, render=False)
+    assert bare.jpg == b"" and bare.json == generate_sample(spec, 17).json
+    vqa = parse_toyweb_uri("toyweb://?split=vqa_train&n=5&seed=0")
+    assert toyweb.sample_jpeg(vqa, 4) == generate_sample(vqa, 4).jpg
 
 
 def test_splits_are_disjoint_and_shaped_as_documented():

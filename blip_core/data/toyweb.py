@@ -266,15 +266,25 @@ class ToySample:
     json: dict
 
 
+def _draw_jpeg(scene: Scene, size: int, texture_seed: int, jpeg_quality: int) -> bytes:
+    buf = io.BytesIO()
+    render_scene(scene, size, texture_seed=texture_seed).save(buf, format="JPEG", quality=jpeg_quality)
+    return buf.getvalue()
+
+
+def sample_jpeg(spec: ToyWebSpec, index: int, jpeg_quality: int = 95) -> bytes:
+    """The image of sample ``index`` alone: ``generate_sample(spec, index).jpg`` without its captions."""
+    srng = random.Random(f"toyweb/scene/{spec.split}/{spec.seed}/{index}")
+    scene = sample_scene(srng)
+    return _draw_jpeg(scene, spec.size, srng.getrandbits(32), jpeg_quality)
+
+
 def generate_sample(spec: ToyWebSpec, index: int, jpeg_quality: int = 95, render: bool = True) -> ToySample:
     """Sample ``index`` of the split described by ``spec`` (deterministic); ``render=False`` leaves ``jpg``
     empty (the captions and json alone, without the cost of drawing and encoding the image)."""
     srng = random.Random(f"toyweb/scene/{spec.split}/{spec.seed}/{index}")
     scene = sample_scene(srng)
-    buf = io.BytesIO()
-    if render:
-        img = render_scene(scene, spec.size, texture_seed=srng.getrandbits(32))
-        img.save(buf, format="JPEG", quality=jpeg_quality)
+    jpg = _draw_jpeg(scene, spec.size, srng.getrandbits(32), jpeg_quality) if render else b""
     key = f"{spec.split}-s{spec.seed}-{index:07d}"
     if spec.split in VQA_SPLITS:
         qrng = random.Random(f"toyweb/questions/{spec.split}/{spec.seed}/{index}")
@@ -282,7 +292,7 @@ def generate_sample(spec: ToyWebSpec, index: int, jpeg_quality: int = 95, render
                      enumerate(vqa_questions(scene, qrng, spec.questions))]
         meta = {"image_id": key, "questions": questions, "source": "human", "noise": None, "split": spec.split,
                 "seed": spec.seed, "scene": scene.to_json()}
-        return ToySample(key, buf.getvalue(), "", meta)
+        return ToySample(key, jpg, "", meta)
     crng = random.Random(f"toyweb/captions/{spec.split}/{spec.seed}/{index}")
     noise_kind = noise_detail = None
     if spec.split == "web":
@@ -305,7 +315,7 @@ def generate_sample(spec: ToyWebSpec, index: int, jpeg_quality: int = 95, render
             "noise": noise_kind, "split": spec.split, "seed": spec.seed, "scene": scene.to_json()}
     if noise_detail:
         meta["noise_detail"] = noise_detail
-    return ToySample(key, buf.getvalue(), captions[0], meta)
+    return ToySample(key, jpg, captions[0], meta)
 
 
 def generate(spec: ToyWebSpec | str, start: int = 0, stop: int | None = None) -> Iterator[ToySample]:
