@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Any
 
 from blip_core.config import Config, ModelConfig, load_config, model_preset
-from blip_core.models.blip import BlipModel
+
+if TYPE_CHECKING:
+    from blip_core.models.blip import BlipModel
 
 __all__ = ["BlipModel", "Config", "ModelConfig", "build_model", "load_config", "load_model_dir", "model_preset",
            "save_model_dir"]
 
 
+def __getattr__(name: str) -> Any:
+    # The model code (torch, timm) is imported on first use: the data and ingest side of the library starts
+    # in a fraction of a second without it.
+    if name == "BlipModel":
+        from blip_core.models.blip import BlipModel
+
+        return BlipModel
+    raise AttributeError(f"module 'blip_core' has no attribute {name!r}")
+
+
 def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> BlipModel:
     """Build a randomly initialised :class:`BlipModel`; ``vocab_size`` fills ``text.vocab_size`` when it is 0."""
+    from blip_core.models.blip import BlipModel
+
     if vocab_size is not None and cfg.text.vocab_size <= 0:
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
     return BlipModel(cfg)

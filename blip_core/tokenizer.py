@@ -16,10 +16,12 @@ import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from blip_core.constants import CAPTION_MAX_WORDS, QUESTION_MAX_WORDS
+
+if TYPE_CHECKING:  # the text cleaning functions are used without torch (ingest)
+    import torch
 
 DEC_TOKEN = "[DEC]"
 ENC_TOKEN = "[ENC]"
@@ -142,6 +144,6 @@ class BlipTokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Decode one sequence, dropping special tokens."""
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "tolist"):  # a tensor
             ids = ids.tolist()
         return self.hf.decode(ids, skip_special_tokens=True).strip()
