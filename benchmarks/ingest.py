@@ -11,9 +11,10 @@ Measures, on this machine's CPU:
 5. ingest of the same JPEG shards, and of ``toyweb://``, with ``--ingest-workers`` local processes (``blip ingest --workers``: one
    part per process, then the merge), default 1 and 2, and the speed-up of the last over the first: measured
    (wall time) and from CPU times (the busiest worker plus the parent's fork and merge: what an otherwise idle
-   machine with a core per worker would take). ``--only-workers`` measures this alone.
+   machine with a core per worker would take). The worker counts alternate within each of ``--repeats``
+   rounds and the speed-up is the median of the rounds' ratios. ``--only-workers`` measures this alone.
 
-Each measurement is the fastest of ``--repeats`` runs. Prints a table; the numbers in
+Each other measurement is the fastest of ``--repeats`` runs. Prints a table; the numbers in
 ``docs/benchmarks.md`` come from this script.
 """
 
@@ -23,6 +24,7 @@ import argparse
 import io
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -133,25 +135,36 @@ def main(argv: list[str] | None = None) -> int:
 
 def _ingest_workers(rows: list, cfg, src: str, label: str, tmp: Path, counts: list[int], repeats: int) -> str:
     """Rows for ingest of ``src`` with each number of worker processes; returns the speed-up line (last vs
-    first)."""
-    measured: dict[int, tuple[float, float]] = {}
-    for w in counts:
-        paths: list[float] = []
+    first).
 
-        def once(i: int, w: int = w, paths: list[float] = paths):
-            before = os.times()
-            res = ingest_parts.run_workers(ingest.run, cfg, src, str(tmp / f"workers{w}-{i}-{len(rows)}"), w, progress=False)
-            after = os.times()
+    The worker counts alternate within each round (1, 2, 1, 2, ...), so a drift in the machine's speed hits
+    both alike; the speed-up is the median over rounds of the ratio within a round, and the rows show each
+    count's fastest run.
+    """
+    walls: dict[int, list[float]] = {w: [] for w in counts}
+    paths: dict[int, list[float]] = {w: [] for w in counts}
+    best: dict[int, tuple[float, float, object]] = {}
+    for i in range(repeats):
+        for w in counts:
+            t0, c0, before = time.perf_counter(), _cpu_seconds(), os.times()
+            res = ingest_parts.run_workers(ingest.run, cfg, src, str(tmp / f"workers{w}-{i}-{len(rows)}"), w,
+                                           progress=False)
+            secs, cpu, after = time.perf_counter() - t0, _cpu_seconds() - c0, os.times()
             own = after.user + after.system - before.user - before.system  # this process: all of it, or fork+merge
-            paths.append(own + max(res.part_cpu_seconds, default=0.0))
-            return res
-
-        secs, cpu, res = _best(once, repeats)
-        measured[w] = (secs, min(paths))
+            walls[w].append(secs)
+            paths[w].append(own + max(res.part_cpu_seconds, default=0.0))
+            if w not in best or secs < best[w][0]:
+                best[w] = (secs, cpu, res)
+    for w in counts:
+        secs, cpu, res = best[w]
         rows.append((f"ingest {label}, --workers {w}", res.manifest.samples_in, secs, cpu, "samples"))
-    (w0, (s0, p0)), (w1, (s1, p1)) = list(measured.items())[0], list(measured.items())[-1]
-    return (f"ingest {label} --workers {w1} vs {w0}: {s0 / s1:.2f}x measured (wall), {p0 / p1:.2f}x from CPU times "
-            f"(busiest worker + fork/merge: {p1:.2f} s vs {p0:.2f} s)")
+    w0, w1 = counts[0], counts[-1]
+    wall = statistics.median(a / b for a, b in zip(walls[w0], walls[w1]))
+    by_cpu = statistics.median(a / b for a, b in zip(paths[w0], paths[w1]))
+    spread = sorted(a / b for a, b in zip(walls[w0], walls[w1]))
+    return (f"ingest {label} --workers {w1} vs {w0}: {wall:.2f}x measured (wall; median of {repeats} alternating "
+            f"rounds, range {spread[0]:.2f}-{spread[-1]:.2f}), {by_cpu:.2f}x from CPU times (busiest worker + "
+            f"fork/merge: median {statistics.median(paths[w1]):.2f} s vs {statistics.median(paths[w0]):.2f} s)")
 
 
 def _print(rows: list, args: argparse.Namespace) -> None:
