@@ -3,6 +3,7 @@
     python -m benchmarks.train [--presets toy base] [--steps 3] [--threads 2]
                                [--grad-ckpt-layers K] [--text-grad-ckpt-layers K]
                                [--batch 8] [--image-size 224] [--queue-size 57600] [--official-dir DIR]
+                               [--profile]
 
 Each preset runs in its own subprocess (so peak RSS is that preset's alone) one full pre-training step at a
 time: ITC + ITM + LM forward, backward, AdamW step, momentum update and enqueue, fp32 on CPU. It prints
@@ -19,6 +20,8 @@ absolute numbers for this machine.
 - `toy`: the demo's model (params.yaml) at its batch size, fed by the real loader from a toy-web dataset,
   which also gives the share of time spent waiting for data.
 - `tiny`: the unit tests' model on random 32 px inputs (seconds; a smoke run of the benchmark itself).
+- `--profile`: after the timed steps, two more under ``torch.profiler``; prints each preset's operators by
+  self CPU time (share of the profiled steps, milliseconds per step, calls per step).
 """
 
 from __future__ import annotations
@@ -35,8 +38,28 @@ import time
 BASE_BATCH, BASE_IMAGE_SIZE, BASE_QUEUE = 8, 224, 57600
 
 
+PROFILED_STEPS = 2
+PROFILE_ROWS = 15
+
+
+def _profile(step, batches, rows: int = PROFILE_ROWS) -> list[dict]:
+    """The operators of ``PROFILED_STEPS`` calls of ``step`` by self CPU time: name, share, ms and calls per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(PROFILED_STEPS):
+            step(next(batches))
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "share": e.self_cpu_time_total / total,
+             "ms_per_step": e.self_cpu_time_total / 1000 / PROFILED_STEPS, "calls_per_step": e.count / PROFILED_STEPS}
+            for e in events[:rows]]
+
+
 def _worker(preset: str, steps: int, threads: int, grad_ckpt_layers: int = 0, text_grad_ckpt: int = 0,
-            batch: int = BASE_BATCH, image_size: int = BASE_IMAGE_SIZE, queue_size: int = BASE_QUEUE) -> dict:
+            batch: int = BASE_BATCH, image_size: int = BASE_IMAGE_SIZE, queue_size: int = BASE_QUEUE,
+            profile: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -93,7 +116,8 @@ def _worker(preset: str, steps: int, threads: int, grad_ckpt_layers: int = 0, te
             data_times.append(t1 - t0)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step = sum(step_times) / len(step_times)
-    return {"preset": preset, "batch": batch_size, "image_size": cfg.model.vision.image_size,
+    ops = _profile(lambda b: pretrain_step(objective, optimizer, b), it) if profile else []
+    return {"profile": ops, "preset": preset, "batch": batch_size, "image_size": cfg.model.vision.image_size,
             "s_per_step": step, "pairs_per_s": batch_size / step,
             "data_share": sum(data_times) / sum(step_times), "peak_rss_gb": peak_kb / 1024**2,
             "threads": threads, "steps": steps, "grad_ckpt_layers": grad_ckpt_layers,
@@ -126,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-size", type=int, default=BASE_QUEUE, help="base: ITC queue (both sides)")
     p.add_argument("--official-dir", default=None, metavar="DIR",
                    help="a salesforce/BLIP checkout: time its pre-training step too, then print the ratio")
+    p.add_argument("--profile", action="store_true", help="also print each preset's operators by CPU time")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args.worker, args.steps, args.threads, args.grad_ckpt_layers,
-                                 args.text_grad_ckpt_layers, args.batch, args.image_size, args.queue_size)))
+                                 args.text_grad_ckpt_layers, args.batch, args.image_size, args.queue_size,
+                                 args.profile)))
         return 0
     if args.official_dir and "base" not in args.presets:
         p.error("--official-dir compares against the base preset: include base in --presets")
@@ -150,10 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         r = _run([sys.executable, "-m", "benchmarks.train", "--worker", preset, "--steps", str(args.steps),
                   "--threads", str(args.threads), "--grad-ckpt-layers", str(args.grad_ckpt_layers),
                   "--text-grad-ckpt-layers", str(args.text_grad_ckpt_layers), "--batch", str(args.batch),
-                  "--image-size", str(args.image_size), "--queue-size", str(args.queue_size)], env, preset)
+                  "--image-size", str(args.image_size), "--queue-size", str(args.queue_size),
+                  *(["--profile"] if args.profile else [])], env, preset)
         if r is None:
             return 1
         print(_row(preset, r))
+        for op in r["profile"]:
+            print(f"  {op['op'][:48]:<48} {100 * op['share']:>5.1f}% {op['ms_per_step']:>8.1f} ms/step "
+                  f"{op['calls_per_step']:>7.0f} calls/step")
         if preset == "base" and official is not None:
             print(f"  base vs official, measured side by side in this run: {official['s_per_step'] / r['s_per_step']:.2f}x "
                   f"the official step's speed, {r['peak_rss_gb'] / official['peak_rss_gb']:.2f}x its peak RSS")

@@ -44,12 +44,19 @@ def test_train_benchmark_prints_absolute_numbers_and_no_ratio_without_the_offici
     """A ratio against the official step is printed only when both ran in the same invocation."""
     from benchmarks import train
 
-    assert train.main(["--presets", "tiny", "--steps", "1", "--threads", "1"]) == 0
+    assert train.main(["--presets", "tiny", "--steps", "1", "--threads", "1", "--profile"]) == 0
     out = capsys.readouterr().out
     (row,) = [line for line in out.splitlines() if line.startswith("tiny")]
     batch, size, s_per_step, pairs_per_s = row.split()[1:5]
     assert (batch, size) == ("4", "32") and float(s_per_step) > 0 and float(pairs_per_s) > 0
-    assert "official" not in out and "x " not in out
+    table = "\n".join(line for line in out.splitlines() if not line.endswith("calls/step"))
+    assert "official" not in table and "x " not in table
+    # --profile: the operators of two more steps by CPU time, the matrix products among them
+    ops = [line.split() for line in out.splitlines() if line.endswith("calls/step")]
+    assert 5 <= len(ops) <= train.PROFILE_ROWS
+    shares = [float(op[1].rstrip("%")) for op in ops]
+    assert shares == sorted(shares, reverse=True) and sum(shares) <= 100.5
+    assert any(op[0] in ("aten::mm", "aten::addmm") for op in ops)
 
 
 def test_train_benchmark_refuses_an_official_dir_that_is_not_blip(tmp_path, capsys):
