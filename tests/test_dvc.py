@@ -59,6 +59,11 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_changed(repo):
     assert (d / "dvc.lock").is_file()
     shown = _run(["dvc", "metrics", "show"], d, env)
     assert "mean_r1" in shown
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    names = {r.info.run_name for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
+    assert {"finetune_vqa_noisy", "finetune_vqa_capfilt", "pretrain", "repretrain"} <= names  # as KFP names them
 
     second = _run(["dvc", "repro"], d, env)
     assert _ran(second) == []
