@@ -7,6 +7,7 @@ import tarfile
 
 import pytest
 
+from blip_core.data.reader import tar_bytes
 from blip_core.data.tarstream import TarStreamWriter, iter_members
 
 SAMPLES = [
@@ -16,15 +17,6 @@ SAMPLES = [
     {"__key__": "dir/\u00fcber", "jpg": b"non-ascii key"},  # non-ASCII name: a pax header
     {"__key__": "exact", "bin": bytes(512)},  # a member of exactly one block: no padding
 ]
-
-
-def _written(samples) -> bytes:
-    buf = io.BytesIO()
-    writer = TarStreamWriter(buf)
-    for s in samples:
-        writer.write(s)
-    writer.close()
-    return buf.getvalue()
 
 
 def _tarfile_written(samples) -> bytes:
@@ -51,12 +43,12 @@ def _tarfile_read(data: bytes) -> list[tuple[str, bytes, int]]:
 
 @pytest.mark.parametrize("n", [0, 1, 2, len(SAMPLES)])
 def test_writer_bytes_equal_tarfiles_for_the_same_members(n):
-    assert _written(SAMPLES[:n]) == _tarfile_written(SAMPLES[:n])
-    assert len(_written(SAMPLES[:n])) % (20 * 512) == 0
+    assert tar_bytes(SAMPLES[:n]) == _tarfile_written(SAMPLES[:n])
+    assert len(tar_bytes(SAMPLES[:n])) % (20 * 512) == 0
 
 
 def test_written_shards_read_back_the_same_through_tarfile_and_the_stream_reader():
-    data = _written(SAMPLES)
+    data = tar_bytes(SAMPLES)
     ours = list(iter_members(io.BytesIO(data)))
     assert ours == _tarfile_read(data)
     assert [name for name, _, _ in ours][:3] == ["000000001.jpg", "000000001.json", "000000001.txt"]
@@ -97,7 +89,7 @@ def test_reader_takes_the_tar_formats_of_other_writers(fmt):
 
 
 def test_damage_is_an_error_not_a_silent_end():
-    data = _written(SAMPLES[:2])
+    data = tar_bytes(SAMPLES[:2])
     first_data = 512 + 512  # after the first member's header and first data block
     for cut, what in ((first_data, "unexpected end of data"), (512 * 3 + 100, "unexpected end of data"),
                       (100, "unexpected end of data")):
@@ -119,7 +111,7 @@ def test_damage_is_an_error_not_a_silent_end():
 
 
 def test_stream_without_end_blocks_ends_cleanly():
-    data = _written(SAMPLES[:1])
+    data = tar_bytes(SAMPLES[:1])
     end = data.rindex(b"a red circle") + len(b"a red circle")
     end += -end % 512
     assert [m[0] for m in iter_members(io.BytesIO(data[:end]))] == ["000000001.jpg", "000000001.json",
