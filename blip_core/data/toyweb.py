@@ -272,9 +272,14 @@ def _draw_jpeg(scene: Scene, size: int, texture_seed: int, jpeg_quality: int) ->
     return buf.getvalue()
 
 
+def _scene_rng(spec: ToyWebSpec, index: int) -> random.Random:
+    """The random stream of sample ``index``'s scene, then its texture seed."""
+    return random.Random(f"toyweb/scene/{spec.split}/{spec.seed}/{index}")
+
+
 def sample_jpeg(spec: ToyWebSpec, index: int, jpeg_quality: int = 95) -> bytes:
     """The image of sample ``index`` alone: ``generate_sample(spec, index).jpg`` without its captions."""
-    srng = random.Random(f"toyweb/scene/{spec.split}/{spec.seed}/{index}")
+    srng = _scene_rng(spec, index)
     scene = sample_scene(srng)
     return _draw_jpeg(scene, spec.size, srng.getrandbits(32), jpeg_quality)
 
@@ -282,7 +287,7 @@ def sample_jpeg(spec: ToyWebSpec, index: int, jpeg_quality: int = 95) -> bytes:
 def generate_sample(spec: ToyWebSpec, index: int, jpeg_quality: int = 95, render: bool = True) -> ToySample:
     """Sample ``index`` of the split described by ``spec`` (deterministic); ``render=False`` leaves ``jpg``
     empty (the captions and json alone, without the cost of drawing and encoding the image)."""
-    srng = random.Random(f"toyweb/scene/{spec.split}/{spec.seed}/{index}")
+    srng = _scene_rng(spec, index)
     scene = sample_scene(srng)
     jpg = _draw_jpeg(scene, spec.size, srng.getrandbits(32), jpeg_quality) if render else b""
     key = f"{spec.split}-s{spec.seed}-{index:07d}"
