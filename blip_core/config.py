@@ -62,7 +62,8 @@ class TextConfig:
     intermediate_size: int = 3072
     max_position: int = 512
     ln_eps: float = 1e-12
-    dropout: float = 0.1
+    dropout: float = 0.1  # hidden dropout: embeddings and every sublayer's output (BERT's hidden_dropout_prob)
+    attention_dropout: float = 0.1  # on the attention probabilities (BERT's attention_probs_dropout_prob)
     # Std of the normal initialisation of every Linear/Embedding weight (BERT's ``initializer_range``).
     # BERT's 0.02 suits 768 wide models initialised from a checkpoint; a narrow MED trained from scratch
     # needs about 1/sqrt(hidden_size), or its [CLS]/[ENC] outputs barely depend on the text at first.
@@ -353,7 +354,7 @@ _RANGES: dict[str, dict[str, str]] = {
                      "mlp_ratio": ">0", "ln_eps": ">0", "drop_path_rate": "[0, 1)", "grad_ckpt_layers": ">=0"},
     "TextConfig": {"vocab_size": ">=0", "hidden_size": ">=1", "num_layers": ">=1", "num_heads": ">=1",
                    "intermediate_size": ">=1", "max_position": ">=2", "ln_eps": ">0", "dropout": "[0, 1)",
-                   "init_std": ">0", "grad_ckpt_layers": ">=0"},
+                   "attention_dropout": "[0, 1)", "init_std": ">0", "grad_ckpt_layers": ">=0"},
     "ModelConfig": {"embed_dim": ">=1", "queue_size": ">=1", "momentum": "[0, 1]", "alpha": "[0, 1]",
                     "temp": ">0", "max_text_len": ">=2", "corpus_vocab_size": ">=1"},
     "DataConfig": {"image_size": ">=0", "max_words": ">=1", "num_workers": ">=0", "shuffle_buffer": ">=0",

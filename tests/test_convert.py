@@ -230,6 +230,17 @@ def test_hf_default_config_values_are_kept():
     assert cfg.text.init_std == 0.05 and config_to_hf(cfg).text_config.initializer_range == 0.05
 
 
+def test_hf_hidden_and_attention_dropout_map_both_ways():
+    tok = make_tokenizer()
+    hf_cfg = small_hf_config(tok)
+    hf_cfg.text_config.hidden_dropout_prob, hf_cfg.text_config.attention_probs_dropout_prob = 0.2, 0.0
+    cfg, notes = config_from_hf(hf_cfg)
+    assert (cfg.text.dropout, cfg.text.attention_dropout) == (0.2, 0.0)
+    assert not any("dropout" in n for n in notes)
+    back = config_to_hf(cfg).text_config
+    assert (back.hidden_dropout_prob, back.attention_probs_dropout_prob) == (0.2, 0.0)
+
+
 def test_hf_unexpected_and_missing_keys_are_named(tmp_path):
     tok = make_tokenizer()
     hf = build_hf(BlipForConditionalGeneration, tok)

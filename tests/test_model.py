@@ -210,3 +210,17 @@ def test_conv_stem_keeps_the_patch_grid_in_row_major_order():
 def test_conv_stem_needs_a_power_of_two_patch(patch):
     with pytest.raises(ConfigError, match="model.vision.stem"):
         tiny_model(stem="conv", patch_size=patch, image_size=patch * 4)
+
+
+@pytest.mark.parametrize(("hidden", "attention", "random"), [(0.0, 0.0, False), (0.0, 0.5, True), (0.5, 0.0, True)])
+def test_hidden_and_attention_dropout_are_separate(hidden, attention, random):
+    """``text.dropout`` and ``text.attention_dropout`` each act alone: with both 0 a training-mode forward is
+    deterministic, with either above 0 two forwards differ (self- and cross-attention and decoder alike)."""
+    m = tiny_model(text={"dropout": hidden, "attention_dropout": attention}).train()
+    image, ids, mask = tiny_batch()
+    with torch.no_grad():
+        cross = m.cross_kv(m.encode_image(image))
+        outs = [(m.encode_text(ids, mask), m.itm_logits(with_first_token(ids, IDS.enc), mask, cross),
+                 m.decode(with_first_token(ids, IDS.dec), mask, cross)[0]) for _ in range(2)]
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b) != random

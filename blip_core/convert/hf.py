@@ -47,9 +47,6 @@ def config_from_hf(hf_config) -> tuple[ModelConfig, list[str]]:
         raise UserError(f"text encoder_hidden_size {t.encoder_hidden_size} != vision hidden_size {v.hidden_size}")
     if getattr(v, "attention_dropout", 0.0):
         notes.append(f"vision attention_dropout {v.attention_dropout} dropped (blip_core's ViT has none)")
-    if t.attention_probs_dropout_prob != t.hidden_dropout_prob:
-        notes.append(f"text attention dropout {t.attention_probs_dropout_prob} replaced by the hidden dropout "
-                     f"{t.hidden_dropout_prob} (blip_core uses one rate for both)")
     base = model_preset("large" if v.hidden_size == 1024 else "base")
     cfg = dataclasses.replace(
         base,
@@ -60,7 +57,8 @@ def config_from_hf(hf_config) -> tuple[ModelConfig, list[str]]:
         text=TextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_layers=t.num_hidden_layers,
                         num_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
                         max_position=t.max_position_embeddings, ln_eps=t.layer_norm_eps,
-                        dropout=float(t.hidden_dropout_prob), init_std=float(t.initializer_range)),
+                        dropout=float(t.hidden_dropout_prob),
+                        attention_dropout=float(t.attention_probs_dropout_prob), init_std=float(t.initializer_range)),
         embed_dim=hf_config.image_text_hidden_size,
     )
     if int(cfg.vision.width * cfg.vision.mlp_ratio) != v.intermediate_size:
@@ -88,7 +86,7 @@ def config_to_hf(cfg: ModelConfig, tokenizer: BlipTokenizer | None = None,
     text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, encoder_hidden_size=v.width,
                 intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
                 num_attention_heads=t.num_heads, max_position_embeddings=t.max_position, hidden_act="gelu",
-                layer_norm_eps=t.ln_eps, hidden_dropout_prob=t.dropout, attention_probs_dropout_prob=t.dropout,
+                layer_norm_eps=t.ln_eps, hidden_dropout_prob=t.dropout, attention_probs_dropout_prob=t.attention_dropout,
                 bos_token_id=bos, sep_token_id=sep, pad_token_id=pad, label_smoothing=label_smoothing,
                 initializer_range=t.init_std)
     vision = dict(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio), num_hidden_layers=v.depth,
