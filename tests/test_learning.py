@@ -1,7 +1,7 @@
 """Does the demo recipe learn? Pre-train the `toy` model on toy-web from scratch for a few CPU minutes.
 
 One slow test on the demo's own configuration (``params.yaml``: the `toy` preset, 2,000 noisy web images and
-400 human images), for 2 of the demo's 7 pre-training epochs and 2 of its 3 captioner epochs: zero-shot ITC
+400 human images), for 2 of the demo's 3 pre-training epochs and 2 of its 3 captioner epochs: zero-shot ITC
 retrieval on a clean held-out split must be far above chance, and the captioner fine-tuned from it must name
 the objects that are actually drawn, checked against the scene grammar of each test image.
 """
@@ -25,7 +25,7 @@ from components import finetune, ingest, pretrain
 ROOT = Path(__file__).resolve().parents[1]
 
 # Thresholds. Chance R@1 on 200 test images x 5 captions is 0.5% (text retrieval) and 0.1% (image
-# retrieval); the whole demo recipe reaches about 15-20% mean R@1, and these 2 epochs about 8% (3 epochs: 12%).
+# retrieval); the demo's 3 pre-training epochs reach about 17-20% mean R@1 (docs/results.md).
 # A captioner is scored on whether a colour-shape pair it names is drawn in its image; the same captions scored
 # against other images give the rate of a captioner that ignores the image (about 10%; this one about 45%).
 EPOCHS = ["pretrain.epochs=2", "finetune_captioner.epochs=2"]
