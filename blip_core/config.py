@@ -28,9 +28,7 @@ class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
-# --------------------------------------------------------------------------------------------------
-# Model
-# --------------------------------------------------------------------------------------------------
+# ---- Model ---------------------------------------------------------------------------------------
 
 
 @dataclass(kw_only=True)
@@ -63,12 +61,16 @@ class TextConfig:
     max_position: int = 512
     ln_eps: float = 1e-12
     dropout: float = 0.1  # hidden dropout: embeddings and every sublayer's output (BERT's hidden_dropout_prob)
-    attention_dropout: float = 0.1  # on the attention probabilities (BERT's attention_probs_dropout_prob)
+    attention_dropout: float | None = None  # on attention probabilities (BERT's attention_probs_dropout_prob)
     # Std of the normal initialisation of every Linear/Embedding weight (BERT's ``initializer_range``).
     # BERT's 0.02 suits 768 wide models initialised from a checkpoint; a narrow MED trained from scratch
     # needs about 1/sqrt(hidden_size), or its [CLS]/[ENC] outputs barely depend on the text at first.
     init_std: float = 0.02
     grad_ckpt_layers: int = 0  # recompute the last k layers' activations in backward (0 = off; memory for time)
+
+    @property
+    def attention_rate(self) -> float:  # ``attention_dropout``, or ``dropout`` when that is unset
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
 
 @dataclass(kw_only=True)
@@ -121,9 +123,7 @@ def model_preset(name: str) -> ModelConfig:
     return _preset(name)
 
 
-# --------------------------------------------------------------------------------------------------
-# Data and stages
-# --------------------------------------------------------------------------------------------------
+# ---- Data and stages -----------------------------------------------------------------------------
 
 
 @dataclass(kw_only=True)
@@ -284,9 +284,7 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------
+# ---- Loading -------------------------------------------------------------------------------------
 
 
 def _type_name(tp: Any) -> str:
@@ -388,7 +386,7 @@ def _check_ranges(obj: Any, prefix: str) -> None:
     """Refuse numeric values outside their field's range and inconsistent pairs, naming the key."""
     for name, spec in _RANGES.get(type(obj).__name__, {}).items():
         value = getattr(obj, name)
-        if not _in_range(value, spec):
+        if value is not None and not _in_range(value, spec):  # None: an optional field left unset
             want = f"in {spec}" if spec[0] in "[(" else spec.replace(">=", ">= ").replace(">0", "> 0")
             raise ConfigError(f"{prefix}{name}: {value!r} is out of range (must be {want})")
     if hasattr(obj, "min_length") and hasattr(obj, "max_length") and obj.min_length > obj.max_length:

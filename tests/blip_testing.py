@@ -67,8 +67,7 @@ def lm_objective():
     from blip_core.config import load_config
     from components.tasks import get_task
 
-    tiny = tiny_model(seed=0, text={"dropout": 0.0, "attention_dropout": 0.0})
-    model = get_task("captioner").prepare_model(tiny, load_config(None, []))
+    model = get_task("captioner").prepare_model(tiny_model(seed=0, text={"dropout": 0.0}), load_config(None, []))
     return CaptionerObjective(model, IDS)
 
 

@@ -212,10 +212,12 @@ def test_conv_stem_needs_a_power_of_two_patch(patch):
         tiny_model(stem="conv", patch_size=patch, image_size=patch * 4)
 
 
-@pytest.mark.parametrize(("hidden", "attention", "random"), [(0.0, 0.0, False), (0.0, 0.5, True), (0.5, 0.0, True)])
+@pytest.mark.parametrize(("hidden", "attention", "random"), [(0.0, 0.0, False), (0.0, 0.5, True), (0.5, 0.0, True),
+                                                                (0.0, None, False), (0.5, None, True)])
 def test_hidden_and_attention_dropout_are_separate(hidden, attention, random):
     """``text.dropout`` and ``text.attention_dropout`` each act alone: with both 0 a training-mode forward is
-    deterministic, with either above 0 two forwards differ (self- and cross-attention and decoder alike)."""
+    deterministic, with either above 0 two forwards differ (self- and cross-attention and decoder alike); an unset
+    attention rate follows ``dropout``."""
     m = tiny_model(text={"dropout": hidden, "attention_dropout": attention}).train()
     image, ids, mask = tiny_batch()
     with torch.no_grad():

@@ -58,7 +58,8 @@ def config_from_hf(hf_config) -> tuple[ModelConfig, list[str]]:
                         num_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
                         max_position=t.max_position_embeddings, ln_eps=t.layer_norm_eps,
                         dropout=float(t.hidden_dropout_prob),
-                        attention_dropout=float(t.attention_probs_dropout_prob), init_std=float(t.initializer_range)),
+                        attention_dropout=float(t.attention_probs_dropout_prob),
+                        init_std=float(t.initializer_range)),
         embed_dim=hf_config.image_text_hidden_size,
     )
     if int(cfg.vision.width * cfg.vision.mlp_ratio) != v.intermediate_size:
@@ -86,7 +87,8 @@ def config_to_hf(cfg: ModelConfig, tokenizer: BlipTokenizer | None = None,
     text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, encoder_hidden_size=v.width,
                 intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
                 num_attention_heads=t.num_heads, max_position_embeddings=t.max_position, hidden_act="gelu",
-                layer_norm_eps=t.ln_eps, hidden_dropout_prob=t.dropout, attention_probs_dropout_prob=t.attention_dropout,
+                layer_norm_eps=t.ln_eps, hidden_dropout_prob=t.dropout,
+                attention_probs_dropout_prob=t.attention_rate,
                 bos_token_id=bos, sep_token_id=sep, pad_token_id=pad, label_smoothing=label_smoothing,
                 initializer_range=t.init_std)
     vision = dict(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio), num_hidden_layers=v.depth,

@@ -121,7 +121,7 @@ class TextLayer(nn.Module):
     def __init__(self, cfg: TextConfig, encoder_width: int):
         super().__init__()
         self.heads = cfg.num_heads
-        self.attn_dropout = cfg.attention_dropout
+        self.attn_dropout = cfg.attention_rate
         self.attention = Attention(SelfAttentionCore(cfg.hidden_size), cfg)
         self.crossattention = Attention(CrossAttentionCore(cfg.hidden_size, encoder_width), cfg)
         self.intermediate = Intermediate(cfg)
