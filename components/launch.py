@@ -420,4 +420,6 @@ def _cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_cli())
+    from components.cli import exit_process
+
+    exit_process(_cli())

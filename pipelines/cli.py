@@ -300,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from components.cli import exit_process
     from components.cli import main as blip
 
-    raise SystemExit(blip(["pipeline", *sys.argv[1:]]))
+    exit_process(blip(["pipeline", *sys.argv[1:]]))

@@ -152,3 +152,30 @@ def test_a_missing_workflow_library_is_named_with_the_extra_to_install():
         import no_such_library_at_all  # noqa: F401
     except ModuleNotFoundError as e:
         assert workflow_dependency(e) is None
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["--help"], 0), (["no-such-command"], 2)])
+def test_the_console_script_ends_its_process_with_the_command_code_and_no_final_collection(argv, code):
+    # the `blip` script's entry point, and the one every `python -m components.<stage>` uses: atexit handlers
+    # still run, after every object was frozen out of the interpreter's final garbage collection
+    script = ("import atexit, gc, sys\n"
+              "atexit.register(lambda: print('frozen objects:', gc.get_freeze_count()))\n"
+              f"sys.argv = ['blip', *{argv!r}]\n"
+              "from components.cli import console\n"
+              "console()\n"
+              "print('not reached')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == code, run.stderr[-2000:]
+    assert "not reached" not in run.stdout
+    frozen = int(run.stdout.rsplit("frozen objects:", 1)[1])
+    assert frozen > 1000  # everything imported so far, not a handful
+
+
+def test_the_entry_points_end_through_exit_process():
+    from pathlib import Path as P
+
+    root = P(__file__).resolve().parents[1]
+    scripts = md.distribution("blip-capfilt").entry_points.select(group="console_scripts")
+    assert {ep.name: ep.value for ep in scripts}["blip"] == "components.cli:console"
+    for stage in ("pretrain", "finetune", "capfilt", "evaluate", "register"):
+        assert 'if __name__ == "__main__":\n    exit_process(main())' in (root / "components" / f"{stage}.py").read_text()

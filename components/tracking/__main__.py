@@ -1,7 +1,6 @@
 """``python -m components.tracking``: see :mod:`components.tracking.cli`."""
 
-import sys
-
+from components.cli import exit_process
 from components.tracking.cli import main
 
-sys.exit(main())
+exit_process(main())
