@@ -179,3 +179,22 @@ def test_the_entry_points_end_through_exit_process():
     assert {ep.name: ep.value for ep in scripts}["blip"] == "components.cli:console"
     for stage in ("pretrain", "finetune", "capfilt", "evaluate", "register"):
         assert 'if __name__ == "__main__":\n    exit_process(main())' in (root / "components" / f"{stage}.py").read_text()
+
+
+def test_a_command_imports_with_the_collector_paused_and_restored():
+    import gc
+
+    from components.cli import collection_paused
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collection_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("an import failed")
+    assert gc.isenabled()  # restored after an error too
+    gc.disable()
+    try:
+        with collection_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # a collector that was off stays off
+    finally:
+        gc.enable()
