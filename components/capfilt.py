@@ -66,7 +66,7 @@ from blip_core.errors import UserError
 from blip_core.seeding import derive_seed, make_generator
 from blip_core.train import distributed as D
 from components import storage, training
-from components.cli import exit_process, run_distributed_main
+from components.cli import run_as_process, run_distributed_main
 from components.spec import Option, StageSpec
 
 log = logging.getLogger(__name__)
@@ -424,4 +424,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_as_process(main)

@@ -11,7 +11,7 @@ import gc
 import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 from blip_core.errors import UserError
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, _ = COMMANDS[name]
     try:
-        with collection_paused():
-            module = importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):
             print(f"blip: command {name!r} is not available in this installation", file=sys.stderr)
@@ -173,23 +172,6 @@ def storage_error(e: BaseException) -> UserError | None:
     return s3_user_error(e)
 
 
-@contextlib.contextmanager
-def collection_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector for the block (a stage's imports), then restore its state.
-
-    Importing torch, timm and their dependencies creates a few hundred thousand long-lived objects, and the
-    collector's default thresholds make it walk them again and again while they load: about 1 s of a stage's
-    8 s of imports on the demo's machine. Nothing collectable is made by an import.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def exit_process(code: int | None) -> NoReturn:
     """End a command's process with ``code``, skipping the interpreter's final garbage collection.
 
@@ -203,9 +185,25 @@ def exit_process(code: int | None) -> NoReturn:
     sys.exit(code)
 
 
+# The cyclic garbage collector's thresholds in a command's own process (Python's default: 700, 10, 10). A stage
+# imports torch, timm and MLflow, a few hundred thousand long-lived objects, and at the default the collector
+# walks them again and again while they load and while the stage sets up: about 2.5 s of a stage process on
+# the demo's machine (docs/benchmarks.md). A training step makes few objects that outlive it, so collections
+# stay frequent enough to bound what cycles hold.
+PROCESS_GC_THRESHOLDS = (50_000, 10, 10)
+
+
+def run_as_process(entry: Callable[[], int | None]) -> NoReturn:
+    """Run a command's ``entry`` as the whole process: the collector set for a large, long-lived heap
+    (:data:`PROCESS_GC_THRESHOLDS`), then :func:`exit_process` with its code. Not for a long-lived process
+    that calls commands (a test session): there :func:`main` is called directly."""
+    gc.set_threshold(*PROCESS_GC_THRESHOLDS)
+    exit_process(entry())
+
+
 def console() -> NoReturn:
-    """The ``blip`` console script: :func:`main` on ``sys.argv``, then :func:`exit_process`."""
-    exit_process(main())
+    """The ``blip`` console script: :func:`main` on ``sys.argv`` as the whole process."""
+    run_as_process(main)
 
 
 if __name__ == "__main__":

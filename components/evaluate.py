@@ -57,7 +57,7 @@ from blip_core.generation import generate_captions
 from blip_core.retrieval import retrieval_scores
 from blip_core.train import distributed as dist
 from components import storage, training, vqa_eval
-from components.cli import exit_process
+from components.cli import run_as_process
 from components.eval_report import (
     TABLE_COLUMNS,
     comparison_table,
@@ -406,4 +406,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_as_process(main)

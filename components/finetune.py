@@ -26,7 +26,7 @@ from blip_core.config import Config
 from blip_core.errors import UserError
 from blip_core.train import distributed as D
 from components import training
-from components.cli import exit_process, run_distributed_main
+from components.cli import run_as_process, run_distributed_main
 from components.pretrain import NO_RESUME
 from components.spec import Option, StageSpec
 from components.tasks import finetune_tasks, get_task
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_as_process(main)

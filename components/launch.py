@@ -420,6 +420,6 @@ def _cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import exit_process
+    from components.cli import run_as_process
 
-    exit_process(_cli())
+    run_as_process(_cli)

@@ -20,7 +20,7 @@ from blip_core.config import Config
 from blip_core.pretrained import load_bert_weights, load_vit_weights
 from blip_core.train import distributed as D
 from components import storage, training
-from components.cli import exit_process, run_distributed_main
+from components.cli import run_as_process, run_distributed_main
 from components.spec import Option, StageSpec
 from components.tasks import get_task
 from components.training import TrainStageResult
@@ -85,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_as_process(main)

@@ -34,7 +34,7 @@ from typing import Any
 from blip_core.config import Config, load_config, to_dict
 from blip_core.errors import UserError
 from components import storage, training
-from components.cli import exit_process
+from components.cli import run_as_process
 from components.spec import Option, StageSpec
 
 log = logging.getLogger(__name__)
@@ -227,4 +227,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_as_process(main)

@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from components.cli import exit_process
     from components.cli import main as blip
+    from components.cli import run_as_process
 
-    exit_process(blip(["pipeline", *sys.argv[1:]]))
+    run_as_process(lambda: blip(["pipeline", *sys.argv[1:]]))

@@ -8,6 +8,7 @@ imports blip_core, builds a tiny model, runs a forward and backward pass, and fi
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata as md
 import json
 import os
@@ -155,11 +156,11 @@ def test_a_missing_workflow_library_is_named_with_the_extra_to_install():
 
 
 @pytest.mark.parametrize(("argv", "code"), [(["--help"], 0), (["no-such-command"], 2)])
-def test_the_console_script_ends_its_process_with_the_command_code_and_no_final_collection(argv, code):
+def test_the_console_script_runs_the_command_as_its_process(argv, code):
     # the `blip` script's entry point, and the one every `python -m components.<stage>` uses: atexit handlers
     # still run, after every object was frozen out of the interpreter's final garbage collection
     script = ("import atexit, gc, sys\n"
-              "atexit.register(lambda: print('frozen objects:', gc.get_freeze_count()))\n"
+              "atexit.register(lambda: print('frozen objects:', gc.get_freeze_count(), gc.get_threshold()))\n"
               f"sys.argv = ['blip', *{argv!r}]\n"
               "from components.cli import console\n"
               "console()\n"
@@ -167,34 +168,17 @@ def test_the_console_script_ends_its_process_with_the_command_code_and_no_final_
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert run.returncode == code, run.stderr[-2000:]
     assert "not reached" not in run.stdout
-    frozen = int(run.stdout.rsplit("frozen objects:", 1)[1])
-    assert frozen > 1000  # everything imported so far, not a handful
+    frozen, thresholds = run.stdout.rsplit("frozen objects:", 1)[1].split(maxsplit=1)
+    assert int(frozen) > 1000  # everything imported so far, not a handful
+    from components.cli import PROCESS_GC_THRESHOLDS
+
+    assert ast.literal_eval(thresholds) == PROCESS_GC_THRESHOLDS != (700, 10, 10)  # the collector set for a large heap
 
 
-def test_the_entry_points_end_through_exit_process():
-    from pathlib import Path as P
-
-    root = P(__file__).resolve().parents[1]
+def test_every_entry_point_runs_its_command_as_the_process():
+    root = Path(__file__).resolve().parents[1]
     scripts = md.distribution("blip-capfilt").entry_points.select(group="console_scripts")
     assert {ep.name: ep.value for ep in scripts}["blip"] == "components.cli:console"
     for stage in ("pretrain", "finetune", "capfilt", "evaluate", "register"):
-        assert 'if __name__ == "__main__":\n    exit_process(main())' in (root / "components" / f"{stage}.py").read_text()
+        assert 'if __name__ == "__main__":\n    run_as_process(main)' in (root / "components" / f"{stage}.py").read_text()
 
-
-def test_a_command_imports_with_the_collector_paused_and_restored():
-    import gc
-
-    from components.cli import collection_paused
-
-    assert gc.isenabled()
-    with pytest.raises(RuntimeError), collection_paused():
-        assert not gc.isenabled()
-        raise RuntimeError("an import failed")
-    assert gc.isenabled()  # restored after an error too
-    gc.disable()
-    try:
-        with collection_paused():
-            assert not gc.isenabled()
-        assert not gc.isenabled()  # a collector that was off stays off
-    finally:
-        gc.enable()

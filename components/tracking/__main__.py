@@ -1,6 +1,6 @@
 """``python -m components.tracking``: see :mod:`components.tracking.cli`."""
 
-from components.cli import exit_process
+from components.cli import run_as_process
 from components.tracking.cli import main
 
-exit_process(main())
+run_as_process(main)
