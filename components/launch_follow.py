@@ -34,11 +34,13 @@ class _LogFollower:
     """Streams one replica's log lines to ``sink`` in a thread and keeps the last ones."""
 
     def __init__(self, runner, handle: str, role: str, replica: int, prefix: str,
-                 sink: Callable[[str], None] | None, keep: int, done: threading.Event) -> None:
+                 sink: Callable[[str], None] | None, keep: int, done: threading.Event,
+                 muted: threading.Event | None = None) -> None:
         self.lines: deque[str] = deque(maxlen=keep)
         self.errors: deque[str] = deque(maxlen=keep)
         self._args = (runner, handle, role, replica)
         self._prefix, self._sink, self._done = prefix, sink, done
+        self._muted = muted or threading.Event()  # set: lines are kept but no longer sent to the sink
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"log-{prefix}")
         self.thread.start()
 
@@ -65,7 +67,7 @@ class _LogFollower:
         self.lines.append(line)
         if _ERROR_LINE.search(line) and not _ELASTIC_NOISE.search(line):
             self.errors.append(line)
-        if self._sink is not None:
+        if self._sink is not None and not self._muted.is_set():
             self._sink(f"[{self._prefix}] {line}")
 
 
@@ -230,15 +232,18 @@ class _Job:
         """Submit the job, stream its logs and wait until it ends; cancel it on a timeout, an error or SIGTERM.
         Returns its final status and the log followers."""
         status = None
+        muted = threading.Event()
         try:
             with _cancel_on_sigterm():
                 self._submit()
                 role = self.app.roles[0]
                 log.info("%s: launched %s (%d replicas)", self.stage, self.handle, role.num_replicas)
                 followers = [_LogFollower(self.runner, self.handle, role.name, k, f"{self.app.name}/{k}", sink, tail,
-                                          done) for k in range(role.num_replicas)]
+                                          done, muted) for k in range(role.num_replicas)]
                 status = self._wait(timeout_s, t0)
         except BaseException as e:
+            if isinstance(e, _Terminated):  # what the cancelled job prints while it stops (torchrun's own
+                muted.set()                 # SignalException traceback) is not this launch's error
             if self.handle is not None and (status is None or status.state.name not in TERMINAL):
                 with contextlib.suppress(Exception):
                     self.runner.cancel(self.handle)
