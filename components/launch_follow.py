@@ -35,12 +35,12 @@ class _LogFollower:
 
     def __init__(self, runner, handle: str, role: str, replica: int, prefix: str,
                  sink: Callable[[str], None] | None, keep: int, done: threading.Event,
-                 muted: threading.Event | None = None) -> None:
+                 muted: threading.Event) -> None:
         self.lines: deque[str] = deque(maxlen=keep)
         self.errors: deque[str] = deque(maxlen=keep)
         self._args = (runner, handle, role, replica)
         self._prefix, self._sink, self._done = prefix, sink, done
-        self._muted = muted or threading.Event()  # set: lines are kept but no longer sent to the sink
+        self._muted = muted  # set: lines are kept but no longer sent to the sink
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"log-{prefix}")
         self.thread.start()
 
