@@ -40,6 +40,15 @@ BASE_BATCH, BASE_IMAGE_SIZE, BASE_QUEUE = 8, 224, 57600
 
 PROFILED_STEPS = 2
 PROFILE_ROWS = 15
+_AUTOGRAD_NODE = "autograd::engine::evaluate_function: "
+
+
+def op_name(key: str) -> str:
+    """A profiler event's name as one word for the table: an autograd node's event (``autograd::engine::
+    evaluate_function: ViewBackward0``) becomes ``autograd::ViewBackward0``; other whitespace becomes ``_``."""
+    if key.startswith(_AUTOGRAD_NODE):
+        key = "autograd::" + key[len(_AUTOGRAD_NODE):]
+    return "_".join(key.split())
 
 
 def _profile(step, batches, rows: int = PROFILE_ROWS) -> list[dict]:
@@ -52,7 +61,7 @@ def _profile(step, batches, rows: int = PROFILE_ROWS) -> list[dict]:
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [{"op": e.key, "share": e.self_cpu_time_total / total,
+    return [{"op": op_name(e.key), "share": e.self_cpu_time_total / total,
              "ms_per_step": e.self_cpu_time_total / 1000 / PROFILED_STEPS, "calls_per_step": e.count / PROFILED_STEPS}
             for e in events[:rows]]
 

@@ -59,6 +59,16 @@ def test_train_benchmark_prints_absolute_numbers_and_no_ratio_without_the_offici
     assert any(op[0] in ("aten::mm", "aten::addmm") for op in ops)
 
 
+def test_profile_operator_names_are_one_word():
+    """The profile table is split on whitespace by its readers: an autograd node's event name has a space."""
+    from benchmarks.train import op_name
+
+    assert op_name("autograd::engine::evaluate_function: ViewBackward0") == "autograd::ViewBackward0"
+    assert op_name("aten::mm") == "aten::mm"
+    assert op_name("Optimizer.step#AdamW.step") == "Optimizer.step#AdamW.step"
+    assert op_name("some profiler  range") == "some_profiler_range"
+
+
 def test_train_benchmark_refuses_an_official_dir_that_is_not_blip(tmp_path, capsys):
     from benchmarks import train
 
