@@ -181,4 +181,3 @@ def test_every_entry_point_runs_its_command_as_the_process():
     assert {ep.name: ep.value for ep in scripts}["blip"] == "components.cli:console"
     for stage in ("pretrain", "finetune", "capfilt", "evaluate", "register"):
         assert 'if __name__ == "__main__":\n    run_as_process(main)' in (root / "components" / f"{stage}.py").read_text()
-
