@@ -1,6 +1,7 @@
 """Vision probe: can the demo's image encoder learn to see shapes within the demo's step budget?
 
     python -m benchmarks.vision_probe [--config params.yaml] [--stem patch|conv] [--steps 900] [--eval-every 150]
+        [--lr 5e-4] [--batch-size 32] [--stem-channels C1,C2,C3]
 
 Trains image encoders from scratch, *supervised*, to say which shapes and which colours a toy-web image
 shows (11 binary labels: 5 shapes, 6 colours; binary cross-entropy, AdamW, batch 32, 100 warmup steps) on
@@ -29,10 +30,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from blip_core.config import load_config
+from blip_core.config import ConfigError, load_config
 from blip_core.data import toyweb, toyweb_scenes
 from blip_core.data.transforms import EvalTransform
-from blip_core.models.vision import ImageEncoder
+from blip_core.models.vision import ConvStem, ImageEncoder
 from blip_core.seeding import make_generator
 
 ENCODERS = ("vit", "vit-max", "cnn")
@@ -66,10 +67,12 @@ class _Cnn(nn.Module):
 
 
 class _Probe(nn.Module):
-    def __init__(self, kind: str, vision_cfg):
+    def __init__(self, kind: str, vision_cfg, stem_channels: list[int] | None = None):
         super().__init__()
         self.kind = kind
         self.encoder = _Cnn(vision_cfg.width) if kind == "cnn" else ImageEncoder(vision_cfg)
+        if stem_channels and kind != "cnn":
+            self.encoder.patch_embed = ConvStem(vision_cfg.patch_size, vision_cfg.width, stem_channels)
         self.head = nn.Linear(vision_cfg.width, len(toyweb_scenes.SHAPES) + len(toyweb_scenes.COLORS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,13 +84,21 @@ class _Probe(nn.Module):
         return self.head(feats)
 
 
+def _channels(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated channel counts, got {text!r}") from None
+
+
 def _exact(pred: torch.Tensor, target: torch.Tensor) -> float:
     return (pred == target.bool()).all(dim=1).float().mean().item()
 
 
-def run_probe(kind: str, vision_cfg, train, test, steps: int, eval_every: int, lr: float, seed: int) -> list[dict]:
+def run_probe(kind: str, vision_cfg, train, test, steps: int, eval_every: int, lr: float, seed: int,
+              batch_size: int = 32, stem_channels: list[int] | None = None) -> list[dict]:
     torch.manual_seed(seed)
-    probe = _Probe(kind, vision_cfg)
+    probe = _Probe(kind, vision_cfg, stem_channels)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.05)
     g = make_generator("cpu", seed)
     (x_train, y_train), (x_test, y_test) = train, test
@@ -96,7 +107,7 @@ def run_probe(kind: str, vision_cfg, train, test, steps: int, eval_every: int, l
     for step in range(1, steps + 1):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, step / 100)
-        idx = torch.randint(0, len(x_train), (32,), generator=g)
+        idx = torch.randint(0, len(x_train), (batch_size,), generator=g)
         loss = F.binary_cross_entropy_with_logits(probe(x_train[idx]), y_train[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=900, help="optimizer steps (the demo pre-trains ~875)")
     p.add_argument("--eval-every", type=int, default=150)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--stem-channels", type=_channels, metavar="C1,C2,C3",
+                   help="the conv stem's stage channels (default: the stem's own, 16,32,64 at width 128)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-images", type=int, default=4000)
@@ -133,13 +147,22 @@ def main(argv: list[str] | None = None) -> dict:
     vision = load_config(args.config).model.vision
     if args.stem:
         vision = dataclasses.replace(vision, stem=args.stem)
+    if args.stem_channels and vision.stem != "conv":
+        p.error("--stem-channels needs the conv stem (--stem conv)")
+    if args.batch_size < 1 or args.steps < 1 or args.eval_every < 1:
+        p.error("--batch-size, --steps and --eval-every must be positive")
     size = vision.image_size
     train = _data(f"toyweb://?split=web&n={args.train_images}&noise=0&seed=0&size={size}", size)
     test = _data(f"toyweb://?split=test&n={args.test_images}&seed=0&size={size}", size)
-    results = {kind: run_probe(kind, vision, train, test, args.steps, args.eval_every, args.lr, args.seed)
-               for kind in args.encoders}
+    try:
+        results = {kind: run_probe(kind, vision, train, test, args.steps, args.eval_every, args.lr, args.seed,
+                                   args.batch_size, args.stem_channels)
+                   for kind in args.encoders}
+    except ConfigError as e:
+        p.error(str(e))
     final = {kind: rows[-1] for kind, rows in results.items()}
-    print(json.dumps({"steps": args.steps, "vision": dataclasses.asdict(vision), "final": final}, indent=1))
+    print(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "stem_channels": args.stem_channels,
+                      "vision": dataclasses.asdict(vision), "final": final}, indent=1))
     return final
 
 

@@ -20,6 +20,21 @@ def test_vision_probe_reports_every_encoder(capsys):
     assert out.count("step     2") == 3 and '"final"' in out
 
 
+def test_vision_probe_sets_the_batch_and_the_stem_channels(capsys):
+    final = vision_probe.main(["--config", PARAMS, "--encoders", "vit", "--steps", "2", "--eval-every", "2",
+                               "--batch-size", "4", "--stem-channels", "8,8,16", "--train-images", "16",
+                               "--test-images", "4", "--threads", "1"])
+    assert final["vit"]["step"] == 2
+    assert '"batch_size": 4' in capsys.readouterr().out
+    for bad in (["--stem-channels", "8,x,16"], ["--stem-channels", "8,16"], ["--batch-size", "0"],
+                ["--stem", "patch", "--stem-channels", "8,8,16"]):
+        with pytest.raises(SystemExit) as err:
+            vision_probe.main(["--config", PARAMS, "--encoders", "vit", "--steps", "2", "--train-images", "16",
+                               "--test-images", "4", "--threads", "1", *bad])
+        assert err.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_retrieval_benchmark_reports_time_and_memory(capsys, tmp_path):
     from benchmarks import retrieval
 

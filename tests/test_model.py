@@ -212,6 +212,20 @@ def test_conv_stem_needs_a_power_of_two_patch(patch):
         tiny_model(stem="conv", patch_size=patch, image_size=patch * 4)
 
 
+def test_conv_stem_channels_default_to_halving_and_can_be_set():
+    from blip_core.models.vision import ConvStem
+
+    def stage_channels(stem):
+        return [m.out_channels for m in stem.proj if isinstance(m, torch.nn.Conv2d)]
+
+    assert stage_channels(ConvStem(8, 128)) == [16, 32, 64, 128]
+    assert stage_channels(ConvStem(8, 128, [32, 64, 128])) == [32, 64, 128, 128]
+    assert ConvStem(8, 128, [32, 64, 128])(torch.zeros(2, 3, 64, 64)).shape == (2, 64, 128)
+    for bad in ([32, 64], [32, 0, 64]):
+        with pytest.raises(ConfigError, match="3 positive channel counts"):
+            ConvStem(8, 128, bad)
+
+
 @pytest.mark.parametrize(("hidden", "attention", "random"), [(0.0, 0.0, False), (0.0, 0.5, True), (0.5, 0.0, True),
                                                                 (0.0, None, False), (0.5, None, True)])
 def test_hidden_and_attention_dropout_are_separate(hidden, attention, random):

@@ -9,6 +9,7 @@ the official ``vit_grad_ckpt`` / ``vit_ckpt_layer`` flags. Position embeddings a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -67,22 +68,27 @@ class ConvStem(nn.Module):
     """A convolutional patch embedding with the linear patchify's token grid.
 
     ``log2(patch_size)`` stages of [3x3 conv (stride 1), batch norm, ReLU, 2x2 max pool], with
-    ``width / patch_size``, ``2 * width / patch_size``, ... channels (at least 16), then a 3x3 conv, batch norm
-    and ReLU to ``width``: one token per ``patch_size`` x ``patch_size`` cell, as the patchify gives. Early
+    ``width / patch_size``, ``2 * width / patch_size``, ... channels (at least 16; ``channels`` sets them
+    instead), then a 3x3 conv, batch norm and ReLU to ``width``: one token per ``patch_size`` x ``patch_size``
+    cell, as the patchify gives. Early
     convolutions give the ViT the local inductive bias it lacks (Xiao et al., 2021, "Early convolutions help
     transformers see better"): trained from scratch, supervised, on a few thousand toy-web images, the demo's
     ViT with a linear patchify learns colours but not shapes; with this stem it learns both
     (``benchmarks/vision_probe.py``).
     """
 
-    def __init__(self, patch_size: int, width: int):
+    def __init__(self, patch_size: int, width: int, channels: Sequence[int] | None = None):
         super().__init__()
         stages = patch_size.bit_length() - 1
         if patch_size < 2 or 1 << stages != patch_size:
             raise ConfigError(f"model.vision.stem: conv needs a power-of-two patch_size >= 2, got {patch_size}")
+        if channels is None:
+            channels = [max(width >> (stages - i), 16) for i in range(stages)]
+        elif len(channels) != stages or min(channels) < 1:
+            raise ConfigError(f"a conv stem for patch_size {patch_size} needs {stages} positive channel counts, "
+                              f"got {list(channels)}")
         layers, ch = [], 3
-        for i in range(stages):
-            out = max(width >> (stages - i), 16)
+        for out in channels:
             layers += [nn.Conv2d(ch, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
             ch = out
         layers += [nn.Conv2d(ch, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
