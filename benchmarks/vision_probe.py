@@ -4,9 +4,9 @@
         [--lr 5e-4] [--batch-size 32] [--stem-channels C1,C2,C3]
 
 Trains image encoders from scratch, *supervised*, to say which shapes and which colours a toy-web image
-shows (11 binary labels: 5 shapes, 6 colours; binary cross-entropy, AdamW, batch 32, 100 warmup steps) on
-4,000 clean web-split images, and reports on the 200 test-split images the share whose shape set and colour
-set are predicted exactly. Direct labels are a far stronger signal than captions, so an encoder that cannot
+shows (11 binary labels: 5 shapes, 6 colours; binary cross-entropy, AdamW, batch 32 unless ``--batch-size``
+says otherwise, 100 warmup steps) on 4,000 clean web-split images, and reports on the 200 test-split images
+the share whose shape set and colour set are predicted exactly. Direct labels are a far stronger signal than captions, so an encoder that cannot
 learn shapes here within the pre-training stage's step count cannot learn them from ITC/ITM/LM either.
 
 - ``vit``: the demo's ViT (``model.vision`` of the config; ``--stem`` overrides its patch embedding: the
@@ -147,19 +147,21 @@ def main(argv: list[str] | None = None) -> dict:
     vision = load_config(args.config).model.vision
     if args.stem:
         vision = dataclasses.replace(vision, stem=args.stem)
-    if args.stem_channels and vision.stem != "conv":
-        p.error("--stem-channels needs the conv stem (--stem conv)")
+    if args.stem_channels:
+        if vision.stem != "conv":
+            p.error("--stem-channels needs the conv stem (--stem conv)")
+        try:  # before the data is drawn: a wrong count is a usage error, found at once
+            ConvStem(vision.patch_size, vision.width, args.stem_channels)
+        except ConfigError as e:
+            p.error(str(e))
     if args.batch_size < 1 or args.steps < 1 or args.eval_every < 1:
         p.error("--batch-size, --steps and --eval-every must be positive")
     size = vision.image_size
     train = _data(f"toyweb://?split=web&n={args.train_images}&noise=0&seed=0&size={size}", size)
     test = _data(f"toyweb://?split=test&n={args.test_images}&seed=0&size={size}", size)
-    try:
-        results = {kind: run_probe(kind, vision, train, test, args.steps, args.eval_every, args.lr, args.seed,
-                                   args.batch_size, args.stem_channels)
-                   for kind in args.encoders}
-    except ConfigError as e:
-        p.error(str(e))
+    results = {kind: run_probe(kind, vision, train, test, args.steps, args.eval_every, args.lr, args.seed,
+                               args.batch_size, args.stem_channels)
+               for kind in args.encoders}
     final = {kind: rows[-1] for kind, rows in results.items()}
     print(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "stem_channels": args.stem_channels,
                       "vision": dataclasses.asdict(vision), "final": final}, indent=1))

@@ -70,11 +70,10 @@ class ConvStem(nn.Module):
     ``log2(patch_size)`` stages of [3x3 conv (stride 1), batch norm, ReLU, 2x2 max pool], with
     ``width / patch_size``, ``2 * width / patch_size``, ... channels (at least 16; ``channels`` sets them
     instead), then a 3x3 conv, batch norm and ReLU to ``width``: one token per ``patch_size`` x ``patch_size``
-    cell, as the patchify gives. Early
-    convolutions give the ViT the local inductive bias it lacks (Xiao et al., 2021, "Early convolutions help
-    transformers see better"): trained from scratch, supervised, on a few thousand toy-web images, the demo's
-    ViT with a linear patchify learns colours but not shapes; with this stem it learns both
-    (``benchmarks/vision_probe.py``).
+    cell, as the patchify gives. Early convolutions give the ViT the local inductive bias it lacks (Xiao et
+    al., 2021, "Early convolutions help transformers see better"): trained from scratch, supervised, on a few
+    thousand toy-web images, the demo's ViT with a linear patchify learns colours but not shapes; with this
+    stem it learns both (``benchmarks/vision_probe.py``).
     """
 
     def __init__(self, patch_size: int, width: int, channels: Sequence[int] | None = None):
