@@ -6,8 +6,9 @@
 Trains image encoders from scratch, *supervised*, to say which shapes and which colours a toy-web image
 shows (11 binary labels: 5 shapes, 6 colours; binary cross-entropy, AdamW, batch 32 unless ``--batch-size``
 says otherwise, 100 warmup steps) on 4,000 clean web-split images, and reports on the 200 test-split images
-the share whose shape set and colour set are predicted exactly. Direct labels are a far stronger signal than captions, so an encoder that cannot
-learn shapes here within the pre-training stage's step count cannot learn them from ITC/ITM/LM either.
+the share whose shape set and colour set are predicted exactly. Direct labels are a far stronger signal than
+captions, so an encoder that cannot learn shapes here within the pre-training stage's step count cannot learn
+them from ITC/ITM/LM either.
 
 - ``vit``: the demo's ViT (``model.vision`` of the config; ``--stem`` overrides its patch embedding: the
   paper's linear patchify or the convolutional stem), its [CLS] token read out, as ITC reads it.
@@ -33,7 +34,7 @@ from torch import nn
 from blip_core.config import ConfigError, load_config
 from blip_core.data import toyweb, toyweb_scenes
 from blip_core.data.transforms import EvalTransform
-from blip_core.models.vision import ConvStem, ImageEncoder
+from blip_core.models.vision import ConvStem, ImageEncoder, conv_stem_channels
 from blip_core.seeding import make_generator
 
 ENCODERS = ("vit", "vit-max", "cnn")
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         if vision.stem != "conv":
             p.error("--stem-channels needs the conv stem (--stem conv)")
         try:  # before the data is drawn: a wrong count is a usage error, found at once
-            ConvStem(vision.patch_size, vision.width, args.stem_channels)
+            conv_stem_channels(vision.patch_size, vision.width, args.stem_channels)
         except ConfigError as e:
             p.error(str(e))
     if args.batch_size < 1 or args.steps < 1 or args.eval_every < 1:

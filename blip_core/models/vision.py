@@ -64,6 +64,20 @@ class ImageEncoder(nn.Module):
         return self.norm(x)
 
 
+def conv_stem_channels(patch_size: int, width: int, channels: Sequence[int] | None = None) -> list[int]:
+    """The stage channels of a :class:`ConvStem`: ``channels`` checked (one positive count per 2x2 pooling
+    stage), or by default ``width / patch_size``, ``2 * width / patch_size``, ... (at least 16)."""
+    stages = patch_size.bit_length() - 1
+    if patch_size < 2 or 1 << stages != patch_size:
+        raise ConfigError(f"model.vision.stem: conv needs a power-of-two patch_size >= 2, got {patch_size}")
+    if channels is None:
+        return [max(width >> (stages - i), 16) for i in range(stages)]
+    if len(channels) != stages or min(channels) < 1:
+        raise ConfigError(f"a conv stem for patch_size {patch_size} needs {stages} positive channel counts, "
+                          f"got {list(channels)}")
+    return list(channels)
+
+
 class ConvStem(nn.Module):
     """A convolutional patch embedding with the linear patchify's token grid.
 
@@ -78,16 +92,8 @@ class ConvStem(nn.Module):
 
     def __init__(self, patch_size: int, width: int, channels: Sequence[int] | None = None):
         super().__init__()
-        stages = patch_size.bit_length() - 1
-        if patch_size < 2 or 1 << stages != patch_size:
-            raise ConfigError(f"model.vision.stem: conv needs a power-of-two patch_size >= 2, got {patch_size}")
-        if channels is None:
-            channels = [max(width >> (stages - i), 16) for i in range(stages)]
-        elif len(channels) != stages or min(channels) < 1:
-            raise ConfigError(f"a conv stem for patch_size {patch_size} needs {stages} positive channel counts, "
-                              f"got {list(channels)}")
         layers, ch = [], 3
-        for out in channels:
+        for out in conv_stem_channels(patch_size, width, channels):
             layers += [nn.Conv2d(ch, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
             ch = out
         layers += [nn.Conv2d(ch, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
